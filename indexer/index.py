@@ -61,6 +61,7 @@ def build_index(
     encoder = open_encoder(settings, device)
     settings.model, settings.max_length = encoder.model_name, encoder.max_length
     settings.source = str(Path(source).resolve())
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     staging = layout.new_staging(path)
     try:
@@ -78,7 +79,7 @@ def build_index(
         manifest = layout.Manifest(settings=settings, dimension=encoder.dimension, count=len(vectors))
         version = layout.publish(path, staging, manifest, keep)
     except BaseException:
-        layout.discard(staging)
+        layout.discard(path if created else staging)
         raise
     count = len(vectors)
     return BuildReport(str(path), version, count, count, 0, 0, round(time.monotonic() - started, 3))

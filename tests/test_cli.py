@@ -1,0 +1,125 @@
+"""The ``indexer`` command, run as a real subprocess on real files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATASET, run_cli, write_jsonl
+from test_index import tree_digest
+
+CORPUS = str(DATASET / "corpus.jsonl")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working folder holding indexes/products, built by the CLI with a bare index name."""
+    cwd = tmp_path_factory.mktemp("cli")
+    result = run_cli("build", CORPUS, "--index", "products", "--json", cwd=cwd)
+    report = json.loads(result.stdout)
+    assert report == {
+        "index": "indexes/products",
+        "version": "v000001",
+        "documents": 99,
+        "encoded": 99,
+        "reused": 0,
+        "deleted": 0,
+        "seconds": report["seconds"],
+    }
+    assert (cwd / "indexes" / "products" / "CURRENT").read_text().strip() == "v000001"
+    return cwd
+
+
+def test_query_json_has_the_documented_shape(workdir, sample_queries):
+    questions = [q["query"] for q in sample_queries[:3]]
+    result = run_cli("query", "products", *questions, "-k", "3", "--json", cwd=workdir)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["query"] for line in lines] == questions
+    for line, expected in zip(lines, sample_queries):
+        assert set(line) == {"query", "hits"}
+        assert len(line["hits"]) == 3
+        for hit in line["hits"]:
+            assert set(hit) == {"id", "score", "text", "metadata"}
+            assert isinstance(hit["score"], float) and -1.0 <= hit["score"] <= 1.0
+            assert set(hit["metadata"]) == {"category", "price"}
+        assert expected["product_id"] in [h["id"] for h in line["hits"]]
+
+
+def test_query_table(workdir):
+    result = run_cli("query", "products", "make cappuccino at home", "-k", "2", cwd=workdir)
+    assert "make cappuccino at home" in result.stdout
+    assert "P0026" in result.stdout and "Espresso Machine" in result.stdout
+
+
+def test_info_json_and_text(workdir):
+    data = json.loads(run_cli("info", "products", "--json", cwd=workdir).stdout)
+    assert (data["count"], data["rows"], data["vectors"], data["dimension"]) == (99, 99, 99, 384)
+    assert data["settings"]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data["versions"] == ["v000001"]
+    text = run_cli("info", "products", cwd=workdir).stdout
+    assert "99 rows, 99 vectors of 384 dimensions" in text
+
+
+def test_embed_writes_torch_and_numpy_files(workdir, encoder):
+    texts = [json.loads(line) for line in (DATASET / "corpus.jsonl").read_text().splitlines()]
+    expected = encoder.encode_texts([f"{t['title']} {t['description']}" for t in texts])
+    run_cli("embed", CORPUS, "-o", "corpus.pt", cwd=workdir)
+    saved = torch.load(workdir / "corpus.pt")
+    assert saved["ids"] == [t["product_id"] for t in texts]
+    assert isinstance(saved["embeddings"], torch.Tensor) and saved["embeddings"].shape == (99, 384)
+    np.testing.assert_allclose(saved["embeddings"].numpy(), expected, atol=1e-5)
+    run_cli("embed", CORPUS, "-o", "corpus.npy", cwd=workdir)
+    np.testing.assert_allclose(np.load(workdir / "corpus.npy"), expected, atol=1e-5)
+    assert json.loads((workdir / "corpus.npy.ids.json").read_text()) == saved["ids"]
+
+
+@pytest.mark.parametrize("command", ["build", "query", "info", "embed"])
+def test_every_command_has_help(command):
+    result = run_cli(command, "--help")
+    assert "Usage:" in result.stdout and len(result.stdout.splitlines()) > 3
+
+
+def assert_user_error(result, code, message):
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("indexer: error: ") and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "records, code, message",
+    [
+        ('{"id": "a", "text": "ok"}\n{"id": "b", "text": \n', 3, "bad.jsonl:2: malformed JSON"),
+        ('{"id": "a", "text": "ok"}\n{"text": "no id"}\n', 3, "bad.jsonl:2: missing id field 'id'"),
+        ('{"id": "a", "text": "ok"}\n{"id": "b", "body": "x"}\n', 3, "bad.jsonl:2: missing text field 'text'"),
+        ('{"id": "a", "text": "ok"}\n{"id": "a", "text": "again"}\n', 3, "bad.jsonl:2: duplicate id 'a'"),
+        ('{"id": "a", "text": "ok"}\n{"id": "b", "text": ""}\n', 3, "bad.jsonl:2: empty text"),
+    ],
+)
+def test_bad_input_exits_with_one_line_and_leaves_index_untouched(workdir, tmp_path, records, code, message):
+    before = tree_digest(workdir / "indexes" / "products")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(records)
+    assert_user_error(run_cli("build", str(bad), "--index", "products", cwd=workdir, check=False), code, message)
+    assert tree_digest(workdir / "indexes" / "products") == before
+
+
+def test_unreadable_source_unknown_model_and_missing_index(workdir, tmp_path):
+    before = tree_digest(workdir / "indexes" / "products")
+    missing = run_cli("build", str(tmp_path / "none.jsonl"), "--index", "products", cwd=workdir, check=False)
+    assert_user_error(missing, 3, "none.jsonl: no such file")
+    fake_gzip = tmp_path / "fake.jsonl.gz"
+    fake_gzip.write_text("plain text, not gzip")
+    assert_user_error(run_cli("build", str(fake_gzip), "--index", "products", cwd=workdir, check=False), 3, "fake.jsonl.gz: cannot read")
+    source = write_jsonl(tmp_path / "ok.jsonl", [{"id": 1, "text": "fine"}])
+    unknown = run_cli("build", str(source), "--index", "products", "--model", "no-such-org/no-such-model", cwd=workdir, check=False)
+    assert_user_error(unknown, 4, "cannot load model 'no-such-org/no-such-model'")
+    assert tree_digest(workdir / "indexes" / "products") == before
+    assert_user_error(run_cli("query", "nothing-here", "x", cwd=workdir, check=False), 5, "no such index")
+
+
+def test_query_refuses_a_mismatched_model(workdir, tiny_model):
+    result = run_cli("query", "products", "boots", "--model", str(tiny_model), cwd=workdir, check=False)
+    assert_user_error(result, 4, "index was built with model 'sentence-transformers/all-MiniLM-L6-v2'")

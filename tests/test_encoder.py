@@ -1,0 +1,121 @@
+"""The encoder, against the real all-MiniLM-L6-v2 weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.encoder import Encoder, canonical_model_name, resolve_model_path
+from indexer.errors import ModelError
+from indexer.settings import DEFAULT_MODEL
+
+TEXTS = [
+    "Waterproof hiking boots with a Vibram sole.",
+    "A",
+    "An espresso machine with a steam wand for frothing milk, fifteen bar pump pressure and a removable water tank "
+    "that holds enough for a dozen cups before it needs refilling.",
+    "Noise cancelling headphones",
+    "Cast iron skillet, pre-seasoned, twelve inches across, for searing and baking.",
+]
+
+
+def hand_mean_pooling(model_path: str, texts: list[str], max_length: int) -> np.ndarray:
+    """The textbook formula, written out: one padded batch in input order."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModel.from_pretrained(model_path).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state.numpy()
+    mask = batch["attention_mask"].numpy()[:, :, None].astype(np.float32)
+    pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+def test_default_model_loads_offline_with_its_own_limit(encoder):
+    assert encoder.model_name == DEFAULT_MODEL
+    assert encoder.dimension == 384
+    assert encoder.max_length == 256  # sentence_bert_config.json's max_seq_length
+    assert encoder.device.type in ("cpu", "cuda", "mps")
+
+
+def test_vectors_are_unit_length_float32(encoder):
+    vectors = encoder.encode_texts(TEXTS)
+    assert vectors.shape == (len(TEXTS), 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_text_alone_equals_text_in_padded_batch(encoder):
+    batch = encoder.encode_texts(TEXTS, batch_size=len(TEXTS))
+    for i, text in enumerate(TEXTS):
+        alone = encoder.encode_texts([text])[0]
+        np.testing.assert_allclose(alone, batch[i], atol=1e-5)
+
+
+def test_results_come_back_in_input_order(encoder):
+    forward = encoder.encode_texts(TEXTS, batch_size=2)
+    backward = encoder.encode_texts(TEXTS[::-1], batch_size=2)
+    np.testing.assert_allclose(forward, backward[::-1], atol=1e-5)
+    assert not np.allclose(forward[0], forward[1])
+
+
+def test_mean_pooling_equals_hand_written_formula(encoder):
+    expected = hand_mean_pooling(resolve_model_path(DEFAULT_MODEL), TEXTS, 256)
+    np.testing.assert_allclose(encoder.encode_texts(TEXTS, batch_size=2), expected, atol=1e-5)
+
+
+def test_matches_sentence_transformers(encoder):
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(resolve_model_path(DEFAULT_MODEL), device="cpu")
+    expected = reference.encode(TEXTS, normalize_embeddings=True)
+    np.testing.assert_allclose(encoder.encode_texts(TEXTS), expected, atol=1e-5)
+
+
+def test_long_text_is_truncated_to_max_length(encoder):
+    long_text = " ".join(["mountain"] * 400)
+    ids = encoder.tokenize([long_text])[0]
+    assert len(ids) == 256
+    truncated = encoder.tokenizer.decode(ids[1:-1])
+    np.testing.assert_allclose(encoder.encode_texts([long_text]), encoder.encode_texts([truncated]), atol=1e-5)
+
+
+def test_cls_pooling_takes_first_token(tiny_model):
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = Encoder(str(tiny_model), pooling="cls")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModel.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        hidden = model(**tokenizer(TEXTS[:1], return_tensors="pt")).last_hidden_state[:, 0].numpy()
+    expected = hidden / np.linalg.norm(hidden, axis=1, keepdims=True)
+    np.testing.assert_allclose(encoder.encode_texts(TEXTS[:1]), expected, atol=1e-5)
+
+
+def test_local_model_folder_limits(tiny_model):
+    encoder = Encoder(str(tiny_model), max_length=100)
+    assert encoder.dimension == 32
+    assert encoder.max_length == 100
+    # No sentence_bert_config.json: the limit is the position table (128), below the tokenizer's 512.
+    assert Encoder(str(tiny_model)).max_length == 128
+    assert canonical_model_name(str(tiny_model)) == str(tiny_model.resolve())
+
+
+def test_empty_input_gives_empty_matrix(encoder):
+    assert encoder.encode_texts([]).shape == (0, 384)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"model": "no-such-org/no-such-model"}, "cannot load model 'no-such-org/no-such-model'"),
+        ({"pooling": "max"}, "unknown pooling 'max'"),
+        ({"max_length": 4096}, "max length must be between 1 and 512"),
+    ],
+)
+def test_bad_model_settings_are_user_errors(kwargs, message):
+    with pytest.raises(ModelError, match=message):
+        Encoder(**kwargs)
