@@ -14,11 +14,14 @@ from .errors import (
     ArgumentError,
     IndexCorruptError,
     IndexerError,
+    IndexLockedError,
     IndexNotFoundError,
     ModelError,
     SourceError,
 )
-from .index import BuildReport, Index, build_index, embed_source, index_info
+from .build import BuildReport, build_index, delete_documents, embed_source, rebuild_index, rollback_index, upsert_documents
+from .check import check_index
+from .index import Index, index_info
 from .query import Hit
 from .settings import DEFAULT_MODEL, IndexSettings
 from .sources import Document, DocumentSource
@@ -32,12 +35,18 @@ __all__ = [
     "Hit",
     "Index",
     "IndexCorruptError",
+    "IndexLockedError",
     "IndexNotFoundError",
     "IndexSettings",
     "IndexerError",
     "ModelError",
     "SourceError",
     "build_index",
+    "check_index",
+    "delete_documents",
     "embed_source",
     "index_info",
+    "rebuild_index",
+    "rollback_index",
+    "upsert_documents",
 ]

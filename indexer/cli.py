@@ -15,7 +15,15 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .errors import ArgumentError, IndexCorruptError, IndexerError, IndexNotFoundError, ModelError, SourceError
+from .errors import (
+    ArgumentError,
+    IndexCorruptError,
+    IndexerError,
+    IndexLockedError,
+    IndexNotFoundError,
+    ModelError,
+    SourceError,
+)
 from .settings import DEFAULT_MODEL, IndexSettings
 
 EXIT_CODES: dict[type[IndexerError], int] = {
@@ -24,6 +32,7 @@ EXIT_CODES: dict[type[IndexerError], int] = {
     ModelError: 4,
     IndexNotFoundError: 5,
     IndexCorruptError: 6,
+    IndexLockedError: 7,
 }
 
 app = typer.Typer(
@@ -45,7 +54,12 @@ TextFieldOption = Annotated[
     typer.Option("--text-field", help="Field(s) to embed, joined with a space; repeat for several (default: text, else title + description)."),
 ]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, mps... (default: the best available).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+KeepOption = Annotated[int, typer.Option(min=1, help="Versions to keep on disk (the current one always stays).")]
+WaitOption = Annotated[
+    float, typer.Option(min=0, help="Seconds to wait for another writer to finish (default: fail at once, exit 7).")
+]
+IfChangedOption = Annotated[bool, typer.Option("--if-changed", help="Publish nothing if the documents are unchanged.")]
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,6 +92,18 @@ def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False))
 
 
+def _print_report(verb: str, report: Any, as_json: bool) -> None:
+    if as_json:
+        _print_json(report.to_dict())
+    elif not report.published:
+        typer.echo(f"{report.index}: unchanged, still {report.version} ({report.documents} documents, {report.encoded} encoded)")
+    else:
+        typer.echo(
+            f"{verb} {report.index} {report.version}: {report.documents} documents, {report.encoded} encoded, "
+            f"{report.reused} reused, {report.deleted} deleted in {report.seconds:.1f}s"
+        )
+
+
 @app.command()
 @user_errors
 def build(
@@ -90,18 +116,115 @@ def build(
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
     device: DeviceOption = None,
-    keep: Annotated[int, typer.Option(help="Versions to keep on disk.")] = 3,
+    keep: KeepOption = 3,
+    wait: WaitOption = 0,
+    if_changed: IfChangedOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Embed every document of SOURCE and publish it as a new version of an index."""
-    from .index import build_index
+    from .build import build_index
 
     settings = _settings(model, pooling, max_length, batch_size, id_field, text_field)
-    report = build_index(source, index, settings, device=device, keep=keep, progress=sys.stderr.isatty())
+    report = build_index(
+        source, index, settings, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty()
+    )
+    _print_report("built", report, as_json)
+
+
+@app.command()
+@user_errors
+def rebuild(
+    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    source: Annotated[Optional[Path], typer.Option(help="Read this source instead of the one the index was built from.")] = None,
+    device: DeviceOption = None,
+    keep: KeepOption = 3,
+    wait: WaitOption = 0,
+    if_changed: IfChangedOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-read the index's source with its own settings; encode only new or changed texts; publish."""
+    from .build import rebuild_index
+
+    report = rebuild_index(index, source, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty())
+    _print_report("rebuilt", report, as_json)
+
+
+@app.command()
+@user_errors
+def upsert(
+    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    source: Annotated[Path, typer.Argument(help="Documents to add, or to replace where the id exists.")],
+    id_field: IdFieldOption = None,
+    text_field: TextFieldOption = None,
+    device: DeviceOption = None,
+    keep: KeepOption = 3,
+    wait: WaitOption = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Add or replace documents by id, publishing a new version (fields default to the index's)."""
+    from .build import upsert_documents
+
+    report = upsert_documents(
+        index, source, id_field, text_field, device=device, keep=keep, wait=wait, progress=sys.stderr.isatty()
+    )
+    _print_report("upserted into", report, as_json)
+
+
+@app.command()
+@user_errors
+def delete(
+    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    ids: Annotated[list[str], typer.Argument(help="Ids of the documents to delete.")],
+    missing_ok: Annotated[bool, typer.Option("--missing-ok", help="Skip ids that are not in the index.")] = False,
+    keep: KeepOption = 3,
+    wait: WaitOption = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete documents by id, publishing a new version."""
+    from .build import delete_documents
+
+    report = delete_documents(index, ids, missing_ok=missing_ok, keep=keep, wait=wait)
+    _print_report("deleted from", report, as_json)
+
+
+@app.command()
+@user_errors
+def rollback(
+    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    to: Annotated[Optional[str], typer.Option("--to", help="Version to make current (default: the one before).")] = None,
+    wait: WaitOption = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Make an earlier version of an index current again."""
+    from .build import rollback_index
+
+    result = rollback_index(index, to, wait=wait)
     if as_json:
-        _print_json(report.to_dict())
+        _print_json(result)
     else:
-        typer.echo(f"built {report.index} {report.version}: {report.documents} documents in {report.seconds:.1f}s")
+        typer.echo(f"{result['index']}: now serving {result['version']} (was {result['previous']})")
+
+
+@app.command()
+@user_errors
+def check(
+    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    all_versions: Annotated[bool, typer.Option("--all", help="Check every version on disk, not only the current one.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Verify an index: checksums, FAISS count equals SQLite rows, every FAISS id has its row."""
+    from .check import check_index
+
+    result = check_index(index, all_versions)
+    if as_json:
+        _print_json(result)
+    elif result["problems"]:
+        for problem in result["problems"]:
+            typer.echo(f"indexer: fault: {result['index']} {problem}", err=True)
+    else:
+        typer.echo(f"{result['index']}: ok ({', '.join(result['checked'])})")
+    if result["problems"]:
+        raise typer.Exit(EXIT_CODES[IndexCorruptError])
 
 
 @app.command()
@@ -180,7 +303,7 @@ def embed(
     device: DeviceOption = None,
 ) -> None:
     """Write the embeddings of SOURCE to a file, without building an index."""
-    from .index import embed_source
+    from .build import embed_source
 
     settings = _settings(model, pooling, max_length, batch_size, id_field, text_field)
     count = embed_source(source, output, settings, device=device, progress=sys.stderr.isatty())

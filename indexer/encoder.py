@@ -8,6 +8,8 @@ models such as all-MiniLM-L6-v2 are trained for) or the ``[CLS]`` vector.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import ModelError
-from .settings import DEFAULT_MODEL, POOLINGS
+from .settings import DEFAULT_MODEL, POOLINGS, IndexSettings
 
 MAX_LENGTH_CAP = 512
 MODEL_ALIASES = {"all-MiniLM-L6-v2": DEFAULT_MODEL}
@@ -131,6 +133,23 @@ class Encoder:
         self.dimension = int(self.model.config.hidden_size)
         self._pool = POOLERS[pooling]
         self._pad_id = self.tokenizer.pad_token_id or 0
+
+    @classmethod
+    def from_settings(cls, settings: IndexSettings, device: str | None = None) -> "Encoder":
+        """The encoder an index's settings describe."""
+        return cls(settings.model, settings.pooling, settings.max_length, device, settings.batch_size)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights and the tokenizer: it changes whenever the vectors could."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        digest.update(vocabulary.encode())
+        return digest.hexdigest()
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to ``max_length``, unpadded."""

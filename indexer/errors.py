@@ -25,5 +25,9 @@ class IndexCorruptError(IndexerError):
     """An index version is damaged: files missing or inconsistent."""
 
 
+class IndexLockedError(IndexerError):
+    """Another writer holds the index's lock."""
+
+
 class ArgumentError(IndexerError):
     """An option or argument value is out of range."""

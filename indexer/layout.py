@@ -10,9 +10,12 @@
           documents.db     SQLite: key, id, text, metadata
           vectors.faiss    FAISS index whose ids are the SQLite keys
       staging/             versions being written; never read
+      cache.db             embedding cache shared by all versions (see cache.py)
+      LOCK                 held (flock) by the one writer; names its pid
 
 A writer builds a whole version under ``staging/``, fsyncs it, renames it into
-``versions/`` and then replaces ``CURRENT`` with ``os.replace``. A reader reads
+``versions/`` and then replaces ``CURRENT`` with ``os.replace``. Writers
+serialise on ``LOCK``; readers take no lock. A reader reads
 ``CURRENT`` once and opens that folder, which never changes afterwards, so it
 always sees one complete version: never a half-written one, never FAISS from
 one version and SQLite from another.
@@ -20,6 +23,8 @@ one version and SQLite from another.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -27,11 +32,12 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .errors import IndexCorruptError, IndexNotFoundError
+from .errors import IndexCorruptError, IndexLockedError, IndexNotFoundError
 from .settings import IndexSettings
 
 FORMAT_VERSION = 1
@@ -42,6 +48,8 @@ STAGING = "staging"
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.db"
 VECTORS = "vectors.faiss"
+CACHE = "cache.db"
+LOCK = "LOCK"
 VERSION_NAME = re.compile(r"^v(\d{6,})$")
 
 
@@ -52,6 +60,9 @@ class Manifest:
     settings: IndexSettings
     dimension: int
     count: int
+    content_digest: str = ""
+    model_fingerprint: str = ""
+    cache_generation: int = 0
     version: str = ""
     created_at: str = ""
     files: dict[str, str] = field(default_factory=dict)
@@ -102,6 +113,12 @@ def list_versions(path: Path) -> list[str]:
     return sorted((p.name for p in folder.iterdir() if VERSION_NAME.match(p.name)), key=lambda n: int(n[1:]))
 
 
+def next_version_number(path: Path) -> int:
+    """The number the next published version will get."""
+    versions = list_versions(path)
+    return int(versions[-1][1:]) + 1 if versions else 1
+
+
 def read_manifest(folder: Path) -> Manifest:
     try:
         data = json.loads((folder / MANIFEST).read_text())
@@ -138,9 +155,7 @@ def publish(path: Path, staging: Path, manifest: Manifest, keep: int = 3) -> str
     the way, renames the folder into ``versions/`` and swaps ``CURRENT``. Keeps
     the newest ``keep`` versions (never fewer than the current one).
     """
-    versions = list_versions(path)
-    number = int(versions[-1][1:]) + 1 if versions else 1
-    version = f"v{number:06d}"
+    version = f"v{next_version_number(path):06d}"
     manifest.version = version
     manifest.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest.files = {p.name: file_checksum(p) for p in sorted(staging.iterdir()) if p.is_file()}
@@ -151,13 +166,18 @@ def publish(path: Path, staging: Path, manifest: Manifest, keep: int = 3) -> str
     (path / VERSIONS).mkdir(exist_ok=True)
     os.rename(staging, version_dir(path, version))
     _fsync_dir(path / VERSIONS)
+    point_to(path, version)
+    prune(path, keep)
+    return version
+
+
+def point_to(path: Path, version: str) -> None:
+    """Make ``version`` the current one: write a new pointer, then rename it over the old."""
     pointer_tmp = path / f"{POINTER}.{os.getpid()}.tmp"
     pointer_tmp.write_text(version + "\n")
     _fsync_file(pointer_tmp)
     os.replace(pointer_tmp, path / POINTER)
     _fsync_dir(path)
-    prune(path, keep)
-    return version
 
 
 def prune(path: Path, keep: int) -> list[str]:
@@ -168,6 +188,38 @@ def prune(path: Path, keep: int) -> list[str]:
     for version in doomed:
         shutil.rmtree(version_dir(path, version), ignore_errors=True)
     return doomed
+
+
+@contextmanager
+def writer_lock(path: Path, wait: float = 0.0, action: str = "write") -> Iterator[None]:
+    """Hold the index's writer lock; wait up to ``wait`` seconds for it, else fail fast.
+
+    The lock is an ``flock`` on ``INDEX/LOCK``, so the kernel releases it when
+    the holder dies, even by SIGKILL. Staging folders left by a dead writer are
+    removed once the lock is taken.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    hint = "" if wait else "; retry later or pass --wait SECONDS"
+                    raise IndexLockedError(f"{path}: locked by another writer ({holder}){hint}") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, {action} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}".encode(), 0)
+        shutil.rmtree(path / STAGING, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)
 
 
 def discard(folder: Path) -> None:

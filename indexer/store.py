@@ -9,11 +9,13 @@ take no locks at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import sqlite_utils
 
@@ -32,8 +34,7 @@ class DocumentStore:
     @classmethod
     def create(cls, path: str | Path) -> "DocumentStore":
         """A new, empty store at ``path`` (which must not exist)."""
-        db = sqlite_utils.Database(str(path))
-        db.enable_wal()
+        db = _open_writable(path)
         db[TABLE].create(
             {"key": int, "id": str, "text": str, "metadata": str},
             pk="key",
@@ -41,6 +42,12 @@ class DocumentStore:
         )
         db[TABLE].create_index(["id"], unique=True)
         return cls(db)
+
+    @classmethod
+    def copy(cls, published: str | Path, path: str | Path) -> "DocumentStore":
+        """A writable copy, at ``path``, of the published store ``published``."""
+        shutil.copyfile(published, path)
+        return cls(_open_writable(path))
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> "DocumentStore":
@@ -67,6 +74,49 @@ class DocumentStore:
             rows = self.db.execute(sql, [wanted]).fetchall()
         return {key: {"id": doc_id, "text": text, "metadata": json.loads(meta or "{}")} for key, doc_id, text, meta in rows}
 
+    def keys_for_ids(self, ids: Sequence[str]) -> dict[str, int]:
+        """``{id: key}`` for the given document ids that are present."""
+        sql = f"SELECT id, key FROM {TABLE} WHERE id IN (SELECT value FROM json_each(?))"
+        with self._lock:
+            return dict(self.db.execute(sql, [json.dumps(list(ids))]).fetchall())
+
+    def delete_keys(self, keys: Sequence[int]) -> None:
+        with self._lock, self.db.conn:
+            self.db.execute(f"DELETE FROM {TABLE} WHERE key IN (SELECT value FROM json_each(?))", [json.dumps([int(k) for k in keys])])
+
+    def next_key(self) -> int:
+        """A key above every key in use."""
+        with self._lock:
+            return (self.db.execute(f"SELECT max(key) FROM {TABLE}").fetchone()[0] or 0) + 1
+
+    def keys(self) -> list[int]:
+        with self._lock:
+            return [row[0] for row in self.db.execute(f"SELECT key FROM {TABLE} ORDER BY key")]
+
+    def texts(self, chunk: int = 10_000) -> Iterator[list[str]]:
+        """Every document's text, in chunks."""
+        cursor = self.db.execute(f"SELECT text FROM {TABLE}")
+        while rows := cursor.fetchmany(chunk):
+            yield [row[0] for row in rows]
+
+    def content_digest(self) -> str:
+        """SHA-256 of every (id, text, metadata), in id order: equal digests, equal content."""
+        digest = hashlib.sha256()
+        for row in self.db.execute(f"SELECT id, text, metadata FROM {TABLE} ORDER BY id"):
+            digest.update(json.dumps(row, ensure_ascii=False).encode())
+        return digest.hexdigest()
+
+    def count_missing_in(self, other: str | Path) -> int:
+        """How many document ids of the store file ``other`` are not in this one."""
+        uri = f"{Path(other).resolve().as_uri()}?immutable=1"
+        with self._lock:
+            self.db.execute("ATTACH DATABASE ? AS other", [uri])
+            try:
+                sql = f"SELECT count(*) FROM other.{TABLE} WHERE id NOT IN (SELECT id FROM main.{TABLE})"
+                return self.db.execute(sql).fetchone()[0]
+            finally:
+                self.db.execute("DETACH DATABASE other")
+
     def count(self) -> int:
         with self._lock:
             return self.db.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]
@@ -79,3 +129,11 @@ class DocumentStore:
             except sqlite3.OperationalError:
                 pass  # read-only (immutable) connections have no WAL to checkpoint
             self.db.conn.close()
+
+
+def _open_writable(path: str | Path) -> sqlite_utils.Database:
+    # A URI connection, so that immutable stores of other versions can be ATTACHed read-only.
+    conn = sqlite3.connect(Path(path).resolve().as_uri(), uri=True, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    db.enable_wal()
+    return db

@@ -48,6 +48,14 @@ class VectorIndex:
         """Add ``vectors`` (n x d, float32, unit length) under integer ``keys``."""
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(keys, dtype=np.int64))
 
+    def remove(self, keys: np.ndarray) -> int:
+        """Remove the vectors stored under ``keys``; returns how many were removed."""
+        return self.index.remove_ids(np.asarray(keys, dtype=np.int64))
+
+    def keys(self) -> np.ndarray:
+        """Every stored key (the id map), in storage order."""
+        return faiss.vector_to_array(self.index.id_map)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, keys) per query row; missing hits have key -1."""
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

@@ -1,0 +1,381 @@
+"""Writing an index: build, rebuild, upsert, delete, rollback.
+
+Every write takes the index's writer lock, writes a complete new version in
+``staging/`` and publishes it atomically (see ``layout``); on any error or
+crash the published version is untouched. Texts already embedded by the same
+model, pooling and max length come from the embedding cache, so only new or
+changed texts are encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from . import layout
+from .cache import EmbeddingCache, embedding_keys
+from .check import check_version
+from .encoder import Encoder
+from .errors import ArgumentError, SourceError
+from .settings import IndexSettings
+from .sources import Document, DocumentSource
+from .store import DocumentStore
+from .vectors import VectorIndex
+
+CHUNK_SIZE = 4096
+
+
+@dataclass
+class BuildReport:
+    """What a write did; ``to_dict()`` is what ``--json`` prints.
+
+    ``encoded`` texts went through the model, ``reused`` came from the cache,
+    ``deleted`` documents of the previous version are gone from this one.
+    ``published`` is false when ``if_changed`` found nothing to publish.
+    """
+
+    index: str
+    version: str
+    documents: int
+    encoded: int
+    reused: int
+    deleted: int
+    seconds: float
+    published: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CachedEncoder:
+    """An encoder in front of an index's embedding cache."""
+
+    def __init__(self, encoder: Encoder, cache: EmbeddingCache, version_number: int):
+        self.encoder = encoder
+        self.cache = cache
+        self.version_number = version_number
+        self.prefix = f"{encoder.fingerprint}|{encoder.pooling}|{encoder.max_length}|"
+        self.encoded = 0
+        self.reused = 0
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        keys = embedding_keys(self.prefix, texts)
+        cached = self.cache.get(keys)
+        missing = [i for i, key in enumerate(keys) if key not in cached]
+        out = np.empty((len(texts), self.encoder.dimension), dtype=np.float32)
+        if missing:
+            fresh = self.encoder.encode_texts([texts[i] for i in missing])
+            out[missing] = fresh
+            self.cache.put([keys[i] for i in missing], fresh, self.version_number)
+        hits = [i for i, key in enumerate(keys) if key in cached]
+        if hits:
+            out[hits] = np.stack([cached[keys[i]] for i in hits])
+        self.encoded += len(missing)
+        self.reused += len(hits)
+        return out
+
+    def remember(self, store: DocumentStore) -> None:
+        """Mark every text of the new version, inherited ones included, as used by it."""
+        for texts in store.texts():
+            self.cache.mark_used(embedding_keys(self.prefix, texts), self.version_number)
+
+    def forget_unused(self, path: Path) -> None:
+        """Drop cache entries that no version left on disk uses.
+
+        A version's texts are all marked with its ``cache_generation``: its own
+        number, or for a delete (whose texts are a subset of the version before)
+        that version's generation.
+        """
+        generations = [layout.read_manifest(layout.version_dir(path, v)).cache_generation for v in layout.list_versions(path)]
+        self.cache.prune(min(generations))
+
+
+def encoded_chunks(encoder, documents: DocumentSource, progress: bool = False) -> Iterator[tuple[list[Document], np.ndarray]]:
+    """Documents in chunks of ``CHUNK_SIZE`` with their vectors, so memory stays bounded."""
+    stream = iter(documents)
+    with tqdm(desc="indexing", unit="doc", disable=not progress, file=sys.stderr) as bar:
+        while docs := list(islice(stream, CHUNK_SIZE)):
+            yield docs, encoder.encode_texts([d.text for d in docs])
+            bar.update(len(docs))
+
+
+@contextmanager
+def new_version(path: Path, action: str, wait: float) -> Iterator[Path]:
+    """Hold the writer lock and a staging folder; clean up whatever is not published."""
+    created = not path.exists()
+    with layout.writer_lock(path, wait, action):
+        staging = layout.new_staging(path)
+        try:
+            yield staging
+        except BaseException:
+            if created:
+                layout.discard(path)
+            raise
+        finally:
+            layout.discard(staging)
+
+
+def current_manifest(path: Path) -> layout.Manifest | None:
+    if not (path / layout.POINTER).exists():
+        return None
+    return layout.read_manifest(layout.version_dir(path, layout.current_version(path)))
+
+
+def build_index(
+    source: str | Path,
+    index: str | Path,
+    settings: IndexSettings | None = None,
+    device: str | None = None,
+    keep: int = 3,
+    wait: float = 0.0,
+    if_changed: bool = False,
+    progress: bool = False,
+) -> BuildReport:
+    """Embed every document of ``source`` and publish it as a new version of ``index``.
+
+    Texts the index has embedded before with the same model settings are
+    reused from its cache. With ``if_changed``, nothing is published when the
+    documents equal the current version's.
+    """
+    settings = replace(settings or IndexSettings())
+    return _build(layout.index_path(index), source, settings, device, keep, wait, if_changed, progress, "build")
+
+
+def rebuild_index(
+    index: str | Path,
+    source: str | Path | None = None,
+    device: str | None = None,
+    keep: int = 3,
+    wait: float = 0.0,
+    if_changed: bool = False,
+    progress: bool = False,
+) -> BuildReport:
+    """Re-read the index's source (or ``source``) with its recorded settings and publish the result.
+
+    Only new or changed texts are encoded; documents that left the source are dropped.
+    """
+    path = layout.index_path(index)
+    manifest = layout.read_manifest(layout.version_dir(path, layout.current_version(path)))
+    settings = replace(manifest.settings)
+    source = source or settings.source
+    if not source:
+        raise ArgumentError(f"{path}: no source recorded; pass one")
+    return _build(path, source, settings, device, keep, wait, if_changed, progress, "rebuild")
+
+
+def _build(path, source, settings, device, keep, wait, if_changed, progress, action) -> BuildReport:
+    started = time.monotonic()
+    documents = DocumentSource(source, settings.id_field, settings.text_fields)
+    with new_version(path, action, wait) as staging:
+        previous = current_manifest(path)
+        encoder = Encoder.from_settings(settings, device)
+        settings.model, settings.max_length = encoder.model_name, encoder.max_length
+        settings.source = str(Path(source).resolve())
+        cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
+        try:
+            cached = CachedEncoder(encoder, cache, layout.next_version_number(path))
+            store = DocumentStore.create(staging / layout.DOCUMENTS)
+            vectors = VectorIndex.create(encoder.dimension)
+            for docs, embedded in encoded_chunks(cached, documents, progress):
+                keys = np.arange(len(vectors), len(vectors) + len(docs), dtype=np.int64)
+                store.add(keys, [d.id for d in docs], [d.text for d in docs], [d.metadata for d in docs])
+                vectors.add(embedded, keys)
+            if not len(vectors):
+                raise SourceError(f"{documents.path}: no documents")
+            settings.id_field, settings.text_fields = documents.id_field, documents.text_fields
+            deleted = 0
+            if previous is not None:
+                deleted = store.count_missing_in(layout.version_dir(path, previous.version) / layout.DOCUMENTS)
+            manifest = layout.Manifest(
+                settings=settings,
+                dimension=encoder.dimension,
+                count=len(vectors),
+                content_digest=store.content_digest(),
+                model_fingerprint=encoder.fingerprint,
+                cache_generation=cached.version_number,
+            )
+            unchanged = previous is not None and _same_content(previous, manifest)
+            if if_changed and unchanged:
+                store.close()
+                return BuildReport(str(path), previous.version, len(vectors), cached.encoded, cached.reused, 0,
+                                   _since(started), published=False)
+            version = _publish(path, staging, store, vectors, manifest, cached, keep)
+        finally:
+            cache.close()
+    return BuildReport(str(path), version, len(vectors), cached.encoded, cached.reused, deleted, _since(started))
+
+
+def upsert_documents(
+    index: str | Path,
+    source: str | Path,
+    id_field: str | None = None,
+    text_fields: Sequence[str] | None = None,
+    device: str | None = None,
+    keep: int = 3,
+    wait: float = 0.0,
+    progress: bool = False,
+) -> BuildReport:
+    """Add the documents of ``source`` to ``index``, replacing those whose id is already there.
+
+    Fields default to the ones the index was built with.
+    """
+    started = time.monotonic()
+    path = layout.index_path(index)
+    with new_version(path, "upsert", wait) as staging:
+        previous, store, vectors = _copy_current(path, staging)
+        settings = previous.settings
+        documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields)
+        encoder = Encoder.from_settings(settings, device)
+        cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
+        try:
+            cached = CachedEncoder(encoder, cache, layout.next_version_number(path))
+            for docs, embedded in encoded_chunks(cached, documents, progress):
+                replaced = list(store.keys_for_ids([d.id for d in docs]).values())
+                store.delete_keys(replaced)
+                vectors.remove(np.asarray(replaced, dtype=np.int64))
+                first = store.next_key()
+                keys = np.arange(first, first + len(docs), dtype=np.int64)
+                store.add(keys, [d.id for d in docs], [d.text for d in docs], [d.metadata for d in docs])
+                vectors.add(embedded, keys)
+            manifest = _manifest_after_edit(previous, store, vectors)
+            manifest.cache_generation = cached.version_number
+            version = _publish(path, staging, store, vectors, manifest, cached, keep)
+        finally:
+            cache.close()
+    return BuildReport(str(path), version, len(vectors), cached.encoded, cached.reused, 0, _since(started))
+
+
+def delete_documents(
+    index: str | Path,
+    ids: Sequence[str],
+    missing_ok: bool = False,
+    keep: int = 3,
+    wait: float = 0.0,
+) -> BuildReport:
+    """Remove the documents with these ids from ``index``.
+
+    An id that is not in the index is an error (nothing is deleted) unless ``missing_ok``.
+    """
+    started = time.monotonic()
+    path = layout.index_path(index)
+    ids = [str(i) for i in ids]
+    with new_version(path, "delete", wait) as staging:
+        previous, store, vectors = _copy_current(path, staging)
+        found = store.keys_for_ids(ids)
+        missing = [i for i in ids if i not in found]
+        if missing and not missing_ok:
+            shown = ", ".join(repr(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ArgumentError(f"{path}: no document with id {shown}; nothing deleted (use --missing-ok to skip)")
+        store.delete_keys(list(found.values()))
+        vectors.remove(np.asarray(list(found.values()), dtype=np.int64))
+        manifest = _manifest_after_edit(previous, store, vectors)
+        version = layout.publish(path, _seal(staging, store, vectors), manifest, keep)
+    return BuildReport(str(path), version, len(vectors), 0, 0, len(found), _since(started))
+
+
+def rollback_index(index: str | Path, to: str | None = None, wait: float = 0.0) -> dict[str, str]:
+    """Make an earlier version current again (by default the one before the current one)."""
+    path = layout.index_path(index)
+    with layout.writer_lock(path, wait, "rollback"):
+        current = layout.current_version(path)
+        versions = layout.list_versions(path)
+        if to is None:
+            older = [v for v in versions if int(v[1:]) < int(current[1:])]
+            if not older:
+                raise ArgumentError(f"{path}: no version older than {current} to roll back to")
+            to = older[-1]
+        if to not in versions:
+            raise ArgumentError(f"{path}: no version {to!r}; versions on disk: {', '.join(versions)}")
+        problems = check_version(path, to)
+        if problems:
+            raise ArgumentError(f"{path}: version {to} is damaged, not rolling back: {problems[0]}")
+        layout.point_to(path, to)
+    return {"index": str(path), "version": to, "previous": current}
+
+
+def embed_source(
+    source: str | Path,
+    output: str | Path,
+    settings: IndexSettings | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> int:
+    """Write the embeddings of ``source`` to ``output`` and return how many.
+
+    ``.pt``: ``torch.save({"ids": [...], "embeddings": tensor})``, the layout the
+    classic BERT-embeddings notebooks save. ``.npy``: the matrix, with the ids
+    as a JSON list beside it in ``<output>.ids.json``. Written atomically.
+    """
+    import torch
+
+    settings = settings or IndexSettings()
+    output = Path(output)
+    if output.suffix not in (".pt", ".npy"):
+        raise ArgumentError(f"{output}: output must end in .pt or .npy")
+    documents = DocumentSource(source, settings.id_field, settings.text_fields)
+    encoder = Encoder.from_settings(settings, device)
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for docs, embedded in encoded_chunks(encoder, documents, progress):
+        ids.extend(d.id for d in docs)
+        parts.append(embedded)
+    if not ids:
+        raise SourceError(f"{documents.path}: no documents")
+    matrix = np.concatenate(parts)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    if output.suffix == ".pt":
+        torch.save({"ids": ids, "embeddings": torch.from_numpy(matrix)}, tmp)
+    else:
+        with open(tmp, "wb") as f:
+            np.save(f, matrix)
+        ids_path = output.with_name(output.name + ".ids.json")
+        ids_tmp = ids_path.with_name(f".{ids_path.name}.tmp")
+        ids_tmp.write_text(json.dumps(ids, ensure_ascii=False))
+        os.replace(ids_tmp, ids_path)
+    os.replace(tmp, output)
+    return len(ids)
+
+
+def _copy_current(path: Path, staging: Path) -> tuple[layout.Manifest, DocumentStore, VectorIndex]:
+    folder = layout.version_dir(path, layout.current_version(path))
+    manifest = layout.read_manifest(folder)
+    store = DocumentStore.copy(folder / layout.DOCUMENTS, staging / layout.DOCUMENTS)
+    return manifest, store, VectorIndex.load(folder / layout.VECTORS)
+
+
+def _manifest_after_edit(previous: layout.Manifest, store: DocumentStore, vectors: VectorIndex) -> layout.Manifest:
+    return replace(previous, count=len(vectors), content_digest=store.content_digest(), files={})
+
+
+def _same_content(previous: layout.Manifest, manifest: layout.Manifest) -> bool:
+    def identity(m: layout.Manifest) -> tuple:
+        return m.content_digest, m.model_fingerprint, m.settings.pooling, m.settings.max_length
+
+    return identity(previous) == identity(manifest)
+
+
+def _seal(staging: Path, store: DocumentStore, vectors: VectorIndex) -> Path:
+    store.close()
+    vectors.save(staging / layout.VECTORS)
+    return staging
+
+
+def _publish(path, staging, store, vectors, manifest, cached: CachedEncoder, keep: int) -> str:
+    cached.remember(store)
+    version = layout.publish(path, _seal(staging, store, vectors), manifest, keep)
+    cached.forget_unused(path)
+    return version
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)

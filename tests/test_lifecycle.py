@@ -1,0 +1,293 @@
+"""Versions, incremental rebuilds, upsert/delete/rollback, the writer lock, crashes and live readers.
+
+Everything runs against real files with the real default model; writers,
+readers and crashes are real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DATASET, run_cli, write_jsonl
+
+from indexer import Index, IndexLockedError, check_index, index_info, rebuild_index
+from indexer import layout
+
+WORDS = (
+    "amber river copper falcon granite harbor lantern meadow nickel orchard pepper quartz saddle timber velvet "
+    "walnut yarrow zephyr basalt cedar dune ember fjord glacier hazel iris juniper kelp lagoon maple nectar "
+    "opal pine quill reef sage tundra umber violet willow"
+).split()
+
+
+def corpus_words(n: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.sample(WORDS, 8)) for _ in range(n)]
+
+
+def synthetic_corpus(path: Path, n: int, revision: int, seed: int = 1, shuffle: bool = False) -> Path:
+    """``n`` documents "doc I: <words of I> rev R": fixed words per id, a revision that changes every text."""
+    words = corpus_words(n, seed)
+    records = [{"id": str(i), "text": f"doc {i}: {words[i]} rev {revision}"} for i in range(n)]
+    if shuffle:
+        random.Random(revision).shuffle(records)  # new FAISS keys for every id in every version
+    return write_jsonl(path, records)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "indexer", *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_lock_holder(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Block until ``process`` has written its pid into the index's LOCK file."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lock = path / layout.LOCK
+        if lock.exists() and f"pid {process.pid}," in lock.read_text():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError("writer never took the lock")
+
+
+@pytest.fixture
+def products(tmp_path):
+    """A copy of the sample corpus, built as an index."""
+    source = tmp_path / "corpus.jsonl"
+    source.write_text((DATASET / "corpus.jsonl").read_text())
+    path = tmp_path / "products"
+    run_cli("build", str(source), "--index", str(path))
+    return path, source
+
+
+def test_unchanged_rebuild_encodes_nothing_one_change_encodes_one(products):
+    path, source = products
+    unchanged = json.loads(run_cli("rebuild", str(path), "--json").stdout)
+    assert (unchanged["encoded"], unchanged["reused"], unchanged["deleted"], unchanged["version"]) == (0, 99, 0, "v000002")
+    assert run_cli("rebuild", str(path)).stdout.startswith(f"rebuilt {path} v000003: 99 documents, 0 encoded, 99 reused")
+
+    skipped = json.loads(run_cli("rebuild", str(path), "--if-changed", "--json").stdout)
+    assert (skipped["published"], skipped["version"], skipped["encoded"]) == (False, "v000003", 0)
+    assert layout.current_version(path) == "v000003"
+
+    records = [json.loads(line) for line in source.read_text().splitlines()]
+    records[10]["description"] += " Now with a lifetime warranty."
+    del records[20:22]
+    write_jsonl(source, records)
+    changed = rebuild_index(path, if_changed=True)
+    assert (changed.encoded, changed.reused, changed.deleted, changed.documents) == (1, 96, 2, 97)
+    assert changed.published and changed.version == "v000004"
+    hit = Index(path).search("lifetime warranty", k=1)[0]
+    assert (hit.id, hit.text.endswith("Now with a lifetime warranty.")) == (records[10]["product_id"], True)
+
+
+def test_rebuild_reads_another_source_when_told(products, tmp_path):
+    path, _ = products
+    other = write_jsonl(
+        tmp_path / "other.jsonl",
+        [{"product_id": f"N{i}", "title": f"Thing {i}", "description": "A new thing."} for i in range(5)],
+    )
+    report = json.loads(run_cli("rebuild", str(path), "--source", str(other), "--json").stdout)
+    assert (report["documents"], report["encoded"], report["deleted"]) == (5, 5, 99)
+    assert index_info(path)["settings"]["source"] == str(other.resolve())
+    renamed = synthetic_corpus(tmp_path / "renamed.jsonl", 3, revision=1)
+    wrong_fields = run_cli("rebuild", str(path), "--source", str(renamed), check=False)
+    assert wrong_fields.returncode == 3 and "renamed.jsonl:1: missing id field 'product_id'" in wrong_fields.stderr
+
+
+def query_ids(path: Path, question: str, k: int = 200) -> dict[str, str]:
+    line = json.loads(run_cli("query", str(path), question, "-k", str(k), "--json").stdout)
+    return {hit["id"]: hit["text"] for hit in line["hits"]}
+
+
+def test_upsert_delete_rollback_round_trip(products, tmp_path):
+    path, _ = products
+    original = query_ids(path, "espresso")["P0026"]
+    updates = write_jsonl(
+        tmp_path / "updates.jsonl",
+        [
+            {"product_id": "P0026", "title": "Espresso Machine Mk II", "description": "Dual boiler espresso machine.", "category": "kitchen"},
+            {"product_id": "P0500", "title": "Snowshoes", "description": "Aluminium snowshoes for deep powder.", "category": "outdoors"},
+        ],
+    )
+    report = json.loads(run_cli("upsert", str(path), str(updates), "--json").stdout)
+    assert (report["version"], report["documents"], report["encoded"]) == ("v000002", 100, 2)
+    hits = query_ids(path, "espresso")
+    assert hits["P0026"] == "Espresso Machine Mk II Dual boiler espresso machine."
+    assert list(query_ids(path, "walking on deep snow", k=1)) == ["P0500"]
+
+    deleted = json.loads(run_cli("delete", str(path), "P0026", "P0500", "--json").stdout)
+    assert (deleted["version"], deleted["documents"], deleted["deleted"]) == ("v000003", 98, 2)
+    everything = query_ids(path, "espresso", k=500)
+    assert len(everything) == 98 and "P0026" not in everything and "P0500" not in everything
+
+    missing = run_cli("delete", str(path), "P0026", check=False)
+    assert missing.returncode == 2 and "no document with id 'P0026'" in missing.stderr
+
+    run_cli("rollback", str(path))
+    assert layout.current_version(path) == "v000002"
+    assert query_ids(path, "espresso")["P0026"] == "Espresso Machine Mk II Dual boiler espresso machine."
+    run_cli("rollback", str(path), "--to", "v000001")
+    assert query_ids(path, "espresso")["P0026"] == original
+    assert "P0500" not in query_ids(path, "snowshoes", k=500)
+    assert json.loads(run_cli("check", str(path), "--all", "--json").stdout)["problems"] == []
+
+
+def test_refresh_picks_up_a_new_version_without_reopening(products, tmp_path):
+    path, _ = products
+    index = Index(path)
+    assert index.refresh() is False
+    write_jsonl(tmp_path / "new.jsonl", [{"product_id": "P0777", "title": "Kayak", "description": "Sit-on-top sea kayak."}])
+    run_cli("upsert", str(path), str(tmp_path / "new.jsonl"))
+    assert index.search("sea kayak", k=1)[0].id != "P0777"
+    assert index.refresh() is True and index.version == "v000002"
+    assert index.search("sea kayak", k=1)[0].id == "P0777"
+
+
+def test_a_second_writer_fails_fast_while_the_first_holds_the_lock(tmp_path):
+    path = tmp_path / "idx"
+    source = synthetic_corpus(tmp_path / "a.jsonl", 20, revision=1)
+    run_cli("build", str(source), "--index", str(path))
+    with layout.writer_lock(path, action="test"):
+        with pytest.raises(IndexLockedError, match=r"locked by another writer \(pid \d+, test since"):
+            rebuild_index(path)
+        started = time.monotonic()
+        with pytest.raises(IndexLockedError):
+            rebuild_index(path, wait=0.5)
+        assert time.monotonic() - started >= 0.5
+    assert rebuild_index(path).version == "v000002"
+
+
+def test_overlapping_rebuilds_one_wins_the_other_exits_7(tmp_path):
+    path = tmp_path / "idx"
+    run_cli("build", str(synthetic_corpus(tmp_path / "a.jsonl", 200, revision=1)), "--index", str(path))
+    synthetic_corpus(tmp_path / "a.jsonl", 200, revision=2)
+    first = start_cli("rebuild", str(path), "--json")
+    wait_for_lock_holder(path, first)
+    second = run_cli("rebuild", str(path), check=False)
+    assert second.returncode == 7, second.stderr
+    assert "locked by another writer" in second.stderr and "Traceback" not in second.stderr
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert (json.loads(out)["version"], json.loads(out)["encoded"]) == ("v000002", 200)
+
+    synthetic_corpus(tmp_path / "a.jsonl", 200, revision=3)
+    first = start_cli("rebuild", str(path))
+    wait_for_lock_holder(path, first)
+    waited = run_cli("rebuild", str(path), "--wait", "300", "--json")
+    assert first.wait(timeout=300) == 0
+    assert (json.loads(waited.stdout)["version"], json.loads(waited.stdout)["encoded"]) == ("v000004", 0)
+    assert index_info(path)["count"] == 200
+    assert check_index(path, all_versions=True)["problems"] == []
+    assert len(Index(path).search("doc 5", k=500)) == 200
+
+
+def test_sigkill_during_rebuild_leaves_previous_version_serving(tmp_path):
+    path = tmp_path / "idx"
+    source = synthetic_corpus(tmp_path / "a.jsonl", 300, revision=0)
+    run_cli("build", str(source), "--index", str(path), "--keep", "2")
+    synthetic_corpus(source, 300, revision=1)
+    timed = time.monotonic()
+    run_cli("rebuild", str(path), "--keep", "2")
+    duration = time.monotonic() - timed
+    rng = random.Random(42)
+    served = 1
+    for revision in range(2, 8):
+        synthetic_corpus(source, 300, revision=revision)
+        before = layout.current_version(path)
+        writer = start_cli("rebuild", str(path), "--keep", "2")
+        time.sleep(rng.uniform(0.2, duration * 1.1))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        after = layout.current_version(path)
+        assert after in (before, f"v{int(before[1:]) + 1:06d}")
+        assert run_cli("check", str(path)).stdout.startswith(f"{path}: ok")
+        served = revision if after != before else served
+        hits = Index(path).search("doc 7", k=300)
+        assert len(hits) == 300 and all(h.text.endswith(f"rev {served}") for h in hits)
+    final = json.loads(run_cli("rebuild", str(path), "--keep", "2", "--json").stdout)
+    assert final["published"] and run_cli("check", str(path), "--all").returncode == 0
+    assert all(h.text.endswith("rev 7") for h in Index(path).search("doc 3", k=300))
+    assert not (path / layout.STAGING).exists() or not any((path / layout.STAGING).iterdir())
+
+
+READER = """
+import json, random, sys, time
+from pathlib import Path
+from indexer import Index
+
+path, seconds, stop = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+index = Index(path)
+rng = random.Random(0)
+queries = errors = 0
+versions, problems = set(), []
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline and not stop.exists():
+    try:
+        index.refresh()
+        version = index.version
+        versions.add(version)
+        i = rng.randrange(200)
+        hits = index.search(f"doc {i}: " + WORDS[i], k=5)
+        queries += 1
+        for hit in hits:
+            if not hit.text.startswith(f"doc {hit.id}: "):
+                problems.append(f"{version}: id {hit.id} has text {hit.text!r}")
+        top = hits[0]
+        if top.id != str(i):
+            problems.append(f"{version}: doc {i} found {top.id}")
+        expected = float(index.encoder.encode_texts([f"doc {i}: " + WORDS[i]])[0] @ index.encoder.encode_texts([top.text])[0])
+        if abs(expected - top.score) > 1e-4:
+            problems.append(f"{version}: score {top.score} but text gives {expected}")
+    except Exception as exc:
+        errors += 1
+        problems.append(repr(exc))
+print(json.dumps({"queries": queries, "errors": errors, "versions": sorted(versions), "problems": problems[:10]}))
+"""
+
+
+def test_readers_see_consistent_versions_while_rebuilds_publish(tmp_path):
+    path = tmp_path / "idx"
+    source = synthetic_corpus(tmp_path / "a.jsonl", 200, revision=0, shuffle=True)
+    run_cli("build", str(source), "--index", str(path), "--keep", "2")
+    script = tmp_path / "reader.py"
+    script.write_text(f"WORDS = {json.dumps(corpus_words(200))}\n" + READER)
+    stop = tmp_path / "stop"
+    readers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(path), "240", str(stop)],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        time.sleep(4)
+        for revision in range(1, 5):
+            synthetic_corpus(source, 200, revision=revision, shuffle=True)
+            run_cli("rebuild", str(path), "--keep", "2")
+        time.sleep(1)
+    finally:
+        stop.write_text("")
+    for reader in readers:
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0, err
+        result = json.loads(out)
+        assert result["errors"] == 0 and result["problems"] == [], result
+        assert result["queries"] > 20 and len(result["versions"]) >= 3, result
