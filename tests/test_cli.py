@@ -27,6 +27,7 @@ def workdir(tmp_path_factory):
         "reused": 0,
         "deleted": 0,
         "seconds": report["seconds"],
+        "published": True,
     }
     assert (cwd / "indexes" / "products" / "CURRENT").read_text().strip() == "v000001"
     return cwd
