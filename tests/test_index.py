@@ -16,9 +16,13 @@ from indexer import layout
 
 
 def tree_digest(path):
-    """A digest of every file under ``path``: names and contents."""
+    """A digest of what an index serves: its pointer and every file of every version.
+
+    (The writer lock's note and the embedding cache may change on a failed write.)
+    """
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    files = [path / layout.POINTER, *(p for p in (path / layout.VERSIONS).rglob("*") if p.is_file())]
+    for file in sorted(files):
         digest.update(str(file.relative_to(path)).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
