@@ -26,7 +26,7 @@ from . import layout
 from .cache import EmbeddingCache, embedding_keys
 from .check import check_version
 from .encoder import Encoder
-from .errors import ArgumentError, SourceError
+from .errors import ArgumentError, ModelError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
 from .store import DocumentStore
@@ -236,6 +236,11 @@ def upsert_documents(
         settings = previous.settings
         documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields)
         encoder = Encoder.from_settings(settings, device)
+        if previous.model_fingerprint and encoder.fingerprint != previous.model_fingerprint:
+            raise ModelError(
+                f"{path}: the weights of {settings.model!r} changed since this index was built; "
+                "run rebuild so every vector comes from the same model"
+            )
         cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             cached = CachedEncoder(encoder, cache, layout.next_version_number(path))
@@ -247,6 +252,8 @@ def upsert_documents(
                 keys = np.arange(first, first + len(docs), dtype=np.int64)
                 store.add(keys, [d.id for d in docs], [d.text for d in docs], [d.metadata for d in docs])
                 vectors.add(embedded, keys)
+            if not cached.encoded + cached.reused:
+                raise SourceError(f"{documents.path}: no documents")
             manifest = _manifest_after_edit(previous, store, vectors)
             manifest.cache_generation = cached.version_number
             version = _publish(path, staging, store, vectors, manifest, cached, keep)
