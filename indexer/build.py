@@ -64,7 +64,7 @@ class CachedEncoder:
         self.encoder = encoder
         self.cache = cache
         self.version_number = version_number
-        self.prefix = f"{encoder.fingerprint}|{encoder.pooling}|{encoder.max_length}|"
+        self.prefix = encoder.embedding_config + "|"
         self.encoded = 0
         self.reused = 0
 
@@ -366,7 +366,7 @@ def _manifest_after_edit(previous: layout.Manifest, store: DocumentStore, vector
 
 def _same_content(previous: layout.Manifest, manifest: layout.Manifest) -> bool:
     def identity(m: layout.Manifest) -> tuple:
-        return m.content_digest, m.model_fingerprint, m.settings.pooling, m.settings.max_length
+        return m.content_digest, m.model_fingerprint, m.settings.pooling, m.settings.max_length, m.settings.precision
 
     return identity(previous) == identity(manifest)
 

@@ -47,7 +47,11 @@ PoolingOption = Annotated[str, typer.Option(help="Pooling of token vectors: mean
 MaxLengthOption = Annotated[
     Optional[int], typer.Option(help="Tokens per text (default: the model's own limit, at most 512).")
 ]
-BatchSizeOption = Annotated[int, typer.Option(help="Texts per model batch.")]
+BatchSizeOption = Annotated[int, typer.Option(help="Most texts per model batch.")]
+BatchTokensOption = Annotated[
+    Optional[int], typer.Option(help="Most padded tokens per model batch (default: 1024 on CPU, 16384 on GPU).")
+]
+PrecisionOption = Annotated[str, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see README for quality cost.")]
 IdFieldOption = Annotated[Optional[str], typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
 TextFieldOption = Annotated[
     Optional[list[str]],
@@ -77,12 +81,23 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _settings(model: str, pooling: str, max_length: int | None, batch_size: int, id_field: str | None, text_field: list[str] | None) -> IndexSettings:
+def _settings(
+    model: str,
+    pooling: str,
+    max_length: int | None,
+    batch_size: int,
+    batch_tokens: int | None,
+    precision: str,
+    id_field: str | None,
+    text_field: list[str] | None,
+) -> IndexSettings:
     return IndexSettings(
         model=model,
         pooling=pooling,
         max_length=max_length,
         batch_size=batch_size,
+        batch_tokens=batch_tokens,
+        precision=precision,
         id_field=id_field,
         text_fields=list(text_field or []),
     )
@@ -113,6 +128,8 @@ def build(
     pooling: PoolingOption = "mean",
     max_length: MaxLengthOption = None,
     batch_size: BatchSizeOption = 64,
+    batch_tokens: BatchTokensOption = None,
+    precision: PrecisionOption = "fp32",
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
     device: DeviceOption = None,
@@ -124,7 +141,7 @@ def build(
     """Embed every document of SOURCE and publish it as a new version of an index."""
     from .build import build_index
 
-    settings = _settings(model, pooling, max_length, batch_size, id_field, text_field)
+    settings = _settings(model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field)
     report = build_index(
         source, index, settings, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty()
     )
@@ -298,6 +315,8 @@ def embed(
     pooling: PoolingOption = "mean",
     max_length: MaxLengthOption = None,
     batch_size: BatchSizeOption = 64,
+    batch_tokens: BatchTokensOption = None,
+    precision: PrecisionOption = "fp32",
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
     device: DeviceOption = None,
@@ -305,6 +324,6 @@ def embed(
     """Write the embeddings of SOURCE to a file, without building an index."""
     from .build import embed_source
 
-    settings = _settings(model, pooling, max_length, batch_size, id_field, text_field)
+    settings = _settings(model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field)
     count = embed_source(source, output, settings, device=device, progress=sys.stderr.isatty())
     typer.echo(f"wrote {count} embeddings to {output}")

@@ -134,7 +134,12 @@ class Index:
                 return False
             served = load_version(self.path)
             old, new = self.settings, served.manifest.settings
-            same_model = (old.model, old.pooling, old.max_length) == (new.model, new.pooling, new.max_length)
+            same_model = (old.model, old.pooling, old.max_length, old.precision) == (
+                new.model,
+                new.pooling,
+                new.max_length,
+                new.precision,
+            )
             served.encoder = self.encoder if same_model else Encoder.from_settings(new, self.device)
             self._check_dimension(served)
             # The old version's store is left to the garbage collector: searches may still be reading it.

@@ -7,6 +7,7 @@ from typing import Any
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 @dataclass
@@ -22,6 +23,8 @@ class IndexSettings:
     pooling: str = "mean"
     max_length: int | None = None
     batch_size: int = 64
+    batch_tokens: int | None = None
+    precision: str = "fp32"
     id_field: str | None = None
     text_fields: list[str] = field(default_factory=list)
     source: str | None = None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.encoder import Encoder, canonical_model_name, resolve_model_path
+from indexer.encoder import Encoder, canonical_model_name, length_batches, resolve_model_path
 from indexer.errors import ModelError
 from indexer.settings import DEFAULT_MODEL
 
@@ -49,22 +49,25 @@ def test_vectors_are_unit_length_float32(encoder):
 
 
 def test_text_alone_equals_text_in_padded_batch(encoder):
-    batch = encoder.encode_texts(TEXTS, batch_size=len(TEXTS))
+    assert encoder.batch_size >= len(TEXTS)  # all five in one batch, padded to the longest
+    batch = encoder.encode_texts(TEXTS)
     for i, text in enumerate(TEXTS):
         alone = encoder.encode_texts([text])[0]
         np.testing.assert_allclose(alone, batch[i], atol=1e-5)
 
 
-def test_results_come_back_in_input_order(encoder):
-    forward = encoder.encode_texts(TEXTS, batch_size=2)
-    backward = encoder.encode_texts(TEXTS[::-1], batch_size=2)
+def test_results_come_back_in_input_order(encoder, monkeypatch):
+    monkeypatch.setattr(encoder, "batch_size", 2)
+    forward = encoder.encode_texts(TEXTS)
+    backward = encoder.encode_texts(TEXTS[::-1])
     np.testing.assert_allclose(forward, backward[::-1], atol=1e-5)
     assert not np.allclose(forward[0], forward[1])
 
 
-def test_mean_pooling_equals_hand_written_formula(encoder):
+def test_mean_pooling_equals_hand_written_formula(encoder, monkeypatch):
     expected = hand_mean_pooling(resolve_model_path(DEFAULT_MODEL), TEXTS, 256)
-    np.testing.assert_allclose(encoder.encode_texts(TEXTS, batch_size=2), expected, atol=1e-5)
+    monkeypatch.setattr(encoder, "batch_tokens", 64)  # several batches of different widths
+    np.testing.assert_allclose(encoder.encode_texts(TEXTS), expected, atol=1e-5)
 
 
 def test_matches_sentence_transformers(encoder):
@@ -104,6 +107,25 @@ def test_local_model_folder_limits(tiny_model):
     assert canonical_model_name(str(tiny_model)) == str(tiny_model.resolve())
 
 
+def test_batches_respect_both_limits():
+    lengths = np.array([5, 300, 40, 40, 12, 7, 100])
+    order = np.argsort(-lengths, kind="stable")
+    batches = list(length_batches(order, lengths, batch_size=3, batch_tokens=256))
+    assert [b.tolist() for b in batches] == [[1], [6, 2], [3, 4, 5], [0]]
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * lengths[batch[0]] <= 256
+
+
+@pytest.mark.parametrize("precision, min_cosine", [("bf16", 0.999), ("int8", 0.8)])
+def test_reduced_precision_stays_close_to_fp32(encoder, precision, min_cosine):
+    reduced = Encoder(precision=precision)
+    assert reduced.fingerprint == encoder.fingerprint
+    assert reduced.embedding_config != encoder.embedding_config
+    cosines = (reduced.encode_texts(TEXTS) * encoder.encode_texts(TEXTS)).sum(axis=1)
+    assert cosines.min() > min_cosine
+    np.testing.assert_allclose(np.linalg.norm(reduced.encode_texts(TEXTS), axis=1), 1.0, atol=1e-5)
+
+
 def test_empty_input_gives_empty_matrix(encoder):
     assert encoder.encode_texts([]).shape == (0, 384)
 
@@ -114,6 +136,8 @@ def test_empty_input_gives_empty_matrix(encoder):
         ({"model": "no-such-org/no-such-model"}, "cannot load model 'no-such-org/no-such-model'"),
         ({"pooling": "max"}, "unknown pooling 'max'"),
         ({"max_length": 4096}, "max length must be between 1 and 512"),
+        ({"precision": "fp8"}, "unknown precision 'fp8'"),
+        ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
     ],
 )
 def test_bad_model_settings_are_user_errors(kwargs, message):
