@@ -25,12 +25,12 @@ from tqdm import tqdm
 from . import layout
 from .cache import EmbeddingCache, embedding_keys
 from .check import check_version
-from .encoder import Encoder
-from .errors import ArgumentError, ModelError, SourceError
+from .encoder import Encoder, embedding_config
+from .errors import ArgumentError, IndexCorruptError, ModelError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
 from .store import DocumentStore
-from .vectors import VectorIndex
+from .vectors import VectorIndex, VectorSpool, build_from_spool, choose_structure, parse_memory
 
 CHUNK_SIZE = 4096
 
@@ -86,7 +86,7 @@ class CachedEncoder:
 
     def remember(self, store: DocumentStore) -> None:
         """Mark every text of the new version, inherited ones included, as used by it."""
-        for texts in store.texts():
+        for _, texts in store.key_texts():
             self.cache.mark_used(embedding_keys(self.prefix, texts), self.version_number)
 
     def forget_unused(self, path: Path) -> None:
@@ -185,13 +185,17 @@ def _build(path, source, settings, device, keep, wait, if_changed, progress, act
         try:
             cached = CachedEncoder(encoder, cache, layout.next_version_number(path))
             store = DocumentStore.create(staging / layout.DOCUMENTS)
-            vectors = VectorIndex.create(encoder.dimension)
+            spool = VectorSpool(staging, encoder.dimension)
             for docs, embedded in encoded_chunks(cached, documents, progress):
-                keys = np.arange(len(vectors), len(vectors) + len(docs), dtype=np.int64)
+                keys = np.arange(spool.count, spool.count + len(docs), dtype=np.int64)
                 store.add(keys, [d.id for d in docs], [d.text for d in docs], [d.metadata for d in docs])
-                vectors.add(embedded, keys)
-            if not len(vectors):
+                spool.append(embedded, keys)
+            if not spool.count:
                 raise SourceError(f"{documents.path}: no documents")
+            spool.close()
+            structure = choose_structure(settings.index_type, spool.count, encoder.dimension, parse_memory(settings.memory))
+            vectors, tuning = build_from_spool(spool, structure)
+            spool.remove()
             settings.id_field, settings.text_fields = documents.id_field, documents.text_fields
             deleted = 0
             if previous is not None:
@@ -203,6 +207,9 @@ def _build(path, source, settings, device, keep, wait, if_changed, progress, act
                 content_digest=store.content_digest(),
                 model_fingerprint=encoder.fingerprint,
                 cache_generation=cached.version_number,
+                vector_index=structure,
+                search_params=vectors.search_params,
+                tuned_recall=tuning.get("tuned_recall"),
             )
             unchanged = previous is not None and _same_content(previous, manifest)
             if if_changed and unchanged:
@@ -247,14 +254,18 @@ def upsert_documents(
             for docs, embedded in encoded_chunks(cached, documents, progress):
                 replaced = list(store.keys_for_ids([d.id for d in docs]).values())
                 store.delete_keys(replaced)
-                vectors.remove(np.asarray(replaced, dtype=np.int64))
                 first = store.next_key()
                 keys = np.arange(first, first + len(docs), dtype=np.int64)
                 store.add(keys, [d.id for d in docs], [d.text for d in docs], [d.metadata for d in docs])
-                vectors.add(embedded, keys)
+                if vectors.can_remove:
+                    vectors.remove(np.asarray(replaced, dtype=np.int64))
+                    vectors.add(embedded, keys)
             if not cached.encoded + cached.reused:
                 raise SourceError(f"{documents.path}: no documents")
             manifest = _manifest_after_edit(previous, store, vectors)
+            if not vectors.can_remove:
+                vectors = _rebuild_vectors(staging, store, cache, cached.prefix, manifest)
+            manifest.count = len(vectors)
             manifest.cache_generation = cached.version_number
             version = _publish(path, staging, store, vectors, manifest, cached, keep)
         finally:
@@ -284,8 +295,18 @@ def delete_documents(
             shown = ", ".join(repr(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ArgumentError(f"{path}: no document with id {shown}; nothing deleted (use --missing-ok to skip)")
         store.delete_keys(list(found.values()))
-        vectors.remove(np.asarray(list(found.values()), dtype=np.int64))
         manifest = _manifest_after_edit(previous, store, vectors)
+        if vectors.can_remove:
+            vectors.remove(np.asarray(list(found.values()), dtype=np.int64))
+        else:
+            settings = previous.settings
+            prefix = embedding_config(previous.model_fingerprint, settings.pooling, settings.max_length, settings.precision)
+            cache = EmbeddingCache(path / layout.CACHE, previous.dimension)
+            try:
+                vectors = _rebuild_vectors(staging, store, cache, prefix + "|", manifest)
+            finally:
+                cache.close()
+        manifest.count = len(vectors)
         version = layout.publish(path, _seal(staging, store, vectors), manifest, keep)
     return BuildReport(str(path), version, len(vectors), 0, 0, len(found), _since(started))
 
@@ -357,11 +378,30 @@ def _copy_current(path: Path, staging: Path) -> tuple[layout.Manifest, DocumentS
     folder = layout.version_dir(path, layout.current_version(path))
     manifest = layout.read_manifest(folder)
     store = DocumentStore.copy(folder / layout.DOCUMENTS, staging / layout.DOCUMENTS)
-    return manifest, store, VectorIndex.load(folder / layout.VECTORS)
+    return manifest, store, VectorIndex.load(folder / layout.VECTORS, manifest.search_params)
+
+
+def _rebuild_vectors(staging: Path, store: DocumentStore, cache: EmbeddingCache, prefix: str, manifest: layout.Manifest) -> VectorIndex:
+    """A fresh structure of the manifest's kind over every document, vectors from the cache.
+
+    For structures that cannot remove vectors in place (HNSW); re-tunes the search defaults.
+    """
+    spool = VectorSpool(staging, manifest.dimension)
+    for keys, texts in store.key_texts():
+        wanted = embedding_keys(prefix, texts)
+        found = cache.get(wanted)
+        if len(found) < len(set(wanted)):
+            raise IndexCorruptError(f"{staging.parent.parent}: embedding cache lacks vectors of this version; run rebuild")
+        spool.append(np.stack([found[k] for k in wanted]), np.asarray(keys, dtype=np.int64))
+    spool.close()
+    vectors, tuning = build_from_spool(spool, manifest.vector_index)
+    spool.remove()
+    manifest.search_params, manifest.tuned_recall = vectors.search_params, tuning.get("tuned_recall")
+    return vectors
 
 
 def _manifest_after_edit(previous: layout.Manifest, store: DocumentStore, vectors: VectorIndex) -> layout.Manifest:
-    return replace(previous, count=len(vectors), content_digest=store.content_digest(), files={})
+    return replace(previous, count=len(vectors), content_digest=store.content_digest(), files={}, settings=replace(previous.settings))
 
 
 def _same_content(previous: layout.Manifest, manifest: layout.Manifest) -> bool:

@@ -90,6 +90,7 @@ def _settings(
     precision: str,
     id_field: str | None,
     text_field: list[str] | None,
+    **more: Any,
 ) -> IndexSettings:
     return IndexSettings(
         model=model,
@@ -100,6 +101,7 @@ def _settings(
         precision=precision,
         id_field=id_field,
         text_fields=list(text_field or []),
+        **more,
     )
 
 
@@ -132,6 +134,10 @@ def build(
     precision: PrecisionOption = "fp32",
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
+    index_type: Annotated[
+        str, typer.Option(help="flat (exact), hnsw, ivf, ivfpq, auto, or a FAISS factory string such as IVF1024,PQ32.")
+    ] = "flat",
+    memory: Annotated[Optional[str], typer.Option(help="Memory budget for --index-type auto, e.g. 2GB.")] = None,
     device: DeviceOption = None,
     keep: KeepOption = 3,
     wait: WaitOption = 0,
@@ -141,7 +147,9 @@ def build(
     """Embed every document of SOURCE and publish it as a new version of an index."""
     from .build import build_index
 
-    settings = _settings(model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field)
+    settings = _settings(
+        model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, index_type=index_type, memory=memory
+    )
     report = build_index(
         source, index, settings, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty()
     )
@@ -251,6 +259,8 @@ def query(
     questions: Annotated[list[str], typer.Argument(help="One or more questions.")],
     k: Annotated[int, typer.Option("-k", "--top-k", help="Hits per question.")] = 10,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Refuse to run unless the index uses this model.")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF cells to visit (default: tuned at build).")] = None,
+    ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default: tuned at build).")] = None,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -258,7 +268,7 @@ def query(
     from .index import Index
 
     searcher = Index(index, model=model, device=device)
-    results = searcher.search_many(questions, k)
+    results = searcher.search_many(questions, k, nprobe=nprobe, ef_search=ef_search)
     if as_json:
         for question, hits in zip(questions, results):
             _print_json({"query": question, "hits": [h.to_dict() for h in hits]})
@@ -297,7 +307,8 @@ def info(
         ("documents", f"{data['rows']} rows, {data['vectors']} vectors of {data['dimension']} dimensions"),
         ("model", settings["model"]),
         ("pooling", settings["pooling"]),
-        ("max length", settings["max_length"]),
+        ("max length", f"{settings['max_length']} tokens, {settings['precision']}"),
+        ("vectors", f"{data['vector_index']} {data['search_params'] or ''}".strip()),
         ("fields", f"id={settings['id_field']} text={'+'.join(settings['text_fields'])}"),
         ("source", settings["source"]),
         ("versions", ", ".join(data["versions"])),

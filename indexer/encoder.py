@@ -52,6 +52,11 @@ def resolve_model_path(model: str) -> str:
     return name
 
 
+def embedding_config(fingerprint: str, pooling: str, max_length: int, precision: str) -> str:
+    """What, besides the text, decides a vector (see ``Encoder.embedding_config``)."""
+    return f"{fingerprint}|{pooling}|{max_length}|{precision}"
+
+
 def choose_device(device: str | None = None) -> torch.device:
     """``device`` if given, else cuda, then mps, then cpu."""
     if device:
@@ -189,7 +194,7 @@ class Encoder:
     @property
     def embedding_config(self) -> str:
         """Everything besides the text that decides a vector: the embedding cache's key prefix."""
-        return f"{self.fingerprint}|{self.pooling}|{self.max_length}|{self.precision}"
+        return embedding_config(self.fingerprint, self.pooling, self.max_length, self.precision)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to ``max_length``, unpadded."""

@@ -43,7 +43,7 @@ def load_version(path: Path) -> ServedVersion:
             return ServedVersion(
                 version,
                 manifest,
-                VectorIndex.load(folder / layout.VECTORS),
+                VectorIndex.load(folder / layout.VECTORS, manifest.search_params),
                 DocumentStore.open_readonly(folder / layout.DOCUMENTS),
             )
         except IndexCorruptError:
@@ -118,14 +118,20 @@ class Index:
     def __len__(self) -> int:
         return len(self._served.vectors)
 
-    def search(self, query: str, k: int = 10) -> list[Hit]:
-        """The top-``k`` documents for one question, best first."""
-        return self.search_many([query], k)[0]
+    def search(self, query: str, k: int = 10, nprobe: int | None = None, ef_search: int | None = None) -> list[Hit]:
+        """The top-``k`` documents for one question, best first.
 
-    def search_many(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        ``nprobe`` (IVF indexes) and ``ef_search`` (HNSW) trade speed for
+        recall on this call; by default the values tuned at build time apply.
+        """
+        return self.search_many([query], k, nprobe, ef_search)[0]
+
+    def search_many(
+        self, queries: Sequence[str], k: int = 10, nprobe: int | None = None, ef_search: int | None = None
+    ) -> list[list[Hit]]:
         """The top-``k`` documents for each question; questions are embedded in batches."""
         served = self._served  # one version for the whole call, even if refresh() swaps it meanwhile
-        return search_texts(served.encoder, served.vectors, served.store, list(queries), k)
+        return search_texts(served.encoder, served.vectors, served.store, list(queries), k, nprobe=nprobe, efSearch=ef_search)
 
     def refresh(self) -> bool:
         """Switch to the index's current version if a newer one was published; True if it changed."""

@@ -63,6 +63,9 @@ class Manifest:
     content_digest: str = ""
     model_fingerprint: str = ""
     cache_generation: int = 0
+    vector_index: str = "Flat"
+    search_params: dict[str, int] = field(default_factory=dict)
+    tuned_recall: float | None = None
     version: str = ""
     created_at: str = ""
     files: dict[str, str] = field(default_factory=dict)

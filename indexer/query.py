@@ -32,18 +32,24 @@ def search_texts(
     store: DocumentStore,
     queries: Sequence[str],
     k: int = 10,
+    **knobs: int | None,
 ) -> list[list[Hit]]:
-    """Top-``k`` hits for each query, best first; all queries embedded in one batch."""
+    """Top-``k`` hits for each query, best first; all queries embedded in one batch.
+
+    ``knobs`` are FAISS search parameters for this call (``nprobe``, ``efSearch``).
+    """
     if k < 1:
         raise ArgumentError(f"k must be at least 1, got {k}")
     if not len(queries):
         return []
-    return search_vectors(vectors, store, encoder.encode_texts(queries), k)
+    return search_vectors(vectors, store, encoder.encode_texts(queries), k, **knobs)
 
 
-def search_vectors(vectors: VectorIndex, store: DocumentStore, embedded: np.ndarray, k: int) -> list[list[Hit]]:
+def search_vectors(
+    vectors: VectorIndex, store: DocumentStore, embedded: np.ndarray, k: int, **knobs: int | None
+) -> list[list[Hit]]:
     """Top-``k`` hits for each row of ``embedded`` (unit query vectors)."""
-    scores, keys = vectors.search(embedded, min(k, max(len(vectors), 1)))
+    scores, keys = vectors.search(embedded, min(k, max(len(vectors), 1)), **knobs)
     rows = store.fetch(np.unique(keys[keys >= 0]).tolist())
     results = []
     for row_scores, row_keys in zip(scores.tolist(), keys.tolist()):

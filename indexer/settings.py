@@ -16,7 +16,9 @@ class IndexSettings:
 
     ``max_length`` of ``None`` means the model's own limit; it is resolved when
     the index is built and the resolved value is what the manifest keeps, so a
-    query is always embedded exactly as the documents were.
+    query is always embedded exactly as the documents were. ``index_type`` is
+    flat, hnsw, ivf, ivfpq, auto (chosen by size and the ``memory`` budget,
+    e.g. "2GB") or a FAISS factory string; it is resolved again on every rebuild.
     """
 
     model: str = DEFAULT_MODEL
@@ -25,6 +27,8 @@ class IndexSettings:
     batch_size: int = 64
     batch_tokens: int | None = None
     precision: str = "fp32"
+    index_type: str = "flat"
+    memory: str | None = None
     id_field: str | None = None
     text_fields: list[str] = field(default_factory=list)
     source: str | None = None

@@ -93,11 +93,11 @@ class DocumentStore:
         with self._lock:
             return [row[0] for row in self.db.execute(f"SELECT key FROM {TABLE} ORDER BY key")]
 
-    def texts(self, chunk: int = 10_000) -> Iterator[list[str]]:
-        """Every document's text, in chunks."""
-        cursor = self.db.execute(f"SELECT text FROM {TABLE}")
+    def key_texts(self, chunk: int = 10_000) -> Iterator[tuple[list[int], list[str]]]:
+        """Every document's (key, text), in chunks of keys and texts."""
+        cursor = self.db.execute(f"SELECT key, text FROM {TABLE} ORDER BY key")
         while rows := cursor.fetchmany(chunk):
-            yield [row[0] for row in rows]
+            yield [row[0] for row in rows], [row[1] for row in rows]
 
     def content_digest(self) -> str:
         """SHA-256 of every (id, text, metadata), in id order: equal digests, equal content."""

@@ -1,39 +1,114 @@
 """The FAISS side of an index: inner-product search over unit vectors.
 
 Vectors are L2-normalised before they get here, so inner product is cosine
-similarity. The default structure is exact search (``IndexFlatIP``) behind an
-``IndexIDMap2``, so each vector carries the integer key of its SQLite row.
+similarity. Each vector carries the integer key of its SQLite row: IVF
+structures store ids themselves; the others sit behind an ``IndexIDMap2``
+(which must not wrap IVF: its removal assumes the inner ids shift down). The structure is a FAISS factory
+string: ``Flat`` (exact, the default), ``HNSW32``, ``IVF<n>,Flat``,
+``IVF<n>,SQ8``, ``IVF<n>,PQ<m>``, or any other string the user gives.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
 
-from .errors import IndexCorruptError
+from .errors import ArgumentError, IndexCorruptError
+
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "auto")
+RECALL_TARGET = 0.95
+# Tuning aims above the target so that queries unlike the tuning sample still reach it.
+TUNING_RECALL = 0.97
+TUNING_QUERIES = 256
+EXACT_UP_TO = 100_000
+HNSW_UP_TO = 2_000_000
+HNSW_LINKS = 32
+
+
+def parse_memory(text: str | None) -> int | None:
+    """Bytes in ``"512MB"``, ``"4G"``, ``"1.5GiB"``; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not match:
+        raise ArgumentError(f"memory budget {text!r} is not a size like 512MB or 4GB")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+def ivf_lists(count: int) -> int:
+    """IVF cells for ``count`` vectors: about 4 sqrt(n), a power of two, with 39+ points per cell to train on."""
+    lists = 2 ** round(math.log2(max(4 * math.sqrt(max(count, 1)), 1)))
+    return int(max(1, min(lists, count // 39 or 1)))
+
+
+def pq_subquantizers(dimension: int, bytes_per_vector: int | None = None) -> int:
+    """PQ sub-vectors: the largest divisor of ``dimension`` within the byte budget (default d/8)."""
+    target = bytes_per_vector or max(dimension // 8, 1)
+    return max(m for m in range(1, dimension + 1) if dimension % m == 0 and m <= target)
+
+
+def choose_structure(index_type: str, count: int, dimension: int, memory: int | None = None) -> str:
+    """The FAISS factory string for ``index_type`` at this size and memory budget.
+
+    ``auto`` in the spirit of autofaiss: exact search while it is small and
+    fits; HNSW while its graph fits; then IVF with 8-bit scalar quantisation;
+    then IVF with product quantisation sized to the budget.
+    """
+    kind = index_type.lower()
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return f"HNSW{HNSW_LINKS}"
+    if kind == "ivf":
+        return f"IVF{ivf_lists(count)},Flat"
+    if kind == "ivfpq":
+        return f"IVF{ivf_lists(count)},PQ{pq_subquantizers(dimension)}"
+    if kind != "auto":
+        return index_type
+    budget = memory or 2**62
+    flat_bytes = count * dimension * 4
+    if count <= EXACT_UP_TO and flat_bytes <= budget:
+        return "Flat"
+    if count <= HNSW_UP_TO and flat_bytes + count * HNSW_LINKS * 2 * 4 <= budget:
+        return f"HNSW{HNSW_LINKS}"
+    if count * (dimension + 16) <= budget:
+        return f"IVF{ivf_lists(count)},SQ8"
+    per_vector = max(budget // max(count, 1) - 16, 1)
+    return f"IVF{ivf_lists(count)},PQ{pq_subquantizers(dimension, per_vector)}"
 
 
 class VectorIndex:
     """A FAISS inner-product index whose ids are document store keys."""
 
-    def __init__(self, index: faiss.Index):
+    def __init__(self, index: faiss.Index, search_params: dict[str, int] | None = None):
         self.index = index
+        self.search_params = dict(search_params or {})
 
     @classmethod
-    def create(cls, dimension: int) -> "VectorIndex":
-        """An empty exact inner-product index for ``dimension``-d vectors."""
-        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dimension)))
+    def create(cls, dimension: int, structure: str = "Flat") -> "VectorIndex":
+        """An empty inner-product index of the given FAISS factory ``structure``."""
+        try:
+            inner = faiss.index_factory(dimension, structure, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError:
+            raise ArgumentError(f"{structure!r} is not an index type (flat, hnsw, ivf, ivfpq, auto) or FAISS factory string") from None
+        if isinstance(inner, faiss.IndexIVF):
+            return cls(inner)
+        return cls(faiss.IndexIDMap2(inner))
 
     @classmethod
-    def load(cls, path: str | Path, mmap: bool = False) -> "VectorIndex":
+    def load(cls, path: str | Path, search_params: dict[str, int] | None = None, mmap: bool = False) -> "VectorIndex":
         """Read a saved index; ``mmap`` maps it instead of reading it (for counts)."""
         path = Path(path)
         if not path.is_file():
             raise IndexCorruptError(f"{path}: vector file is missing")
         try:
-            return cls(faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0))
+            return cls(faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0), search_params)
         except RuntimeError as exc:
             raise IndexCorruptError(f"{path}: unreadable FAISS index ({str(exc).splitlines()[0]})") from None
 
@@ -41,24 +116,185 @@ class VectorIndex:
     def dimension(self) -> int:
         return self.index.d
 
+    @property
+    def inner(self) -> faiss.Index:
+        """The search structure, without its id map."""
+        index = faiss.downcast_index(self.index)
+        return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+    @property
+    def can_remove(self) -> bool:
+        """Whether vectors can be removed in place (graph indexes such as HNSW cannot)."""
+        return not isinstance(self.inner, faiss.IndexHNSW)
+
     def __len__(self) -> int:
         return self.index.ntotal
 
+    def train(self, sample: np.ndarray) -> None:
+        if not self.index.is_trained:
+            self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
     def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:
         """Add ``vectors`` (n x d, float32, unit length) under integer ``keys``."""
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(keys, dtype=np.int64))
+        if len(vectors):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(keys, dtype=np.int64))
 
     def remove(self, keys: np.ndarray) -> int:
         """Remove the vectors stored under ``keys``; returns how many were removed."""
         return self.index.remove_ids(np.asarray(keys, dtype=np.int64))
 
     def keys(self) -> np.ndarray:
-        """Every stored key (the id map), in storage order."""
-        return faiss.vector_to_array(self.index.id_map)
+        """Every stored key, in storage order."""
+        index = faiss.downcast_index(self.index)
+        if isinstance(index, faiss.IndexIVF):
+            lists = index.invlists
+            parts = [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(index.nlist)
+                if lists.list_size(i)
+            ]
+            return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        return faiss.vector_to_array(index.id_map)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (scores, keys) per query row; missing hits have key -1."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    def search(self, queries: np.ndarray, k: int, **knobs: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, keys) per query row; missing hits have key -1.
+
+        ``nprobe`` (IVF) and ``efSearch`` (HNSW) override the stored defaults for this call.
+        """
+        params = self._parameters({**self.search_params, **{k_: v for k_, v in knobs.items() if v}})
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+
+    def _parameters(self, knobs: dict[str, int]):
+        inner = self.inner
+        if isinstance(inner, faiss.IndexHNSW) and knobs.get("efSearch"):
+            return faiss.SearchParametersHNSW(efSearch=int(knobs["efSearch"]))
+        if isinstance(inner, faiss.IndexIVF) and knobs.get("nprobe"):
+            return faiss.SearchParametersIVF(nprobe=int(knobs["nprobe"]))
+        return None
+
+    def tune(self, sample: np.ndarray, vector_chunks, k: int = 10) -> dict[str, float]:
+        """Pick the cheapest nprobe / efSearch whose recall@k against exact search reaches TUNING_RECALL.
+
+        The queries are midpoints of random pairs of ``sample`` vectors (not the
+        vectors themselves, which would find themselves); exact neighbours come
+        from a brute-force pass over ``vector_chunks()``, which yields
+        (vectors, keys) chunks. Stores the choice as the default search params.
+        """
+        inner = self.inner
+        if isinstance(inner, faiss.IndexHNSW):
+            name, values = "efSearch", [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
+        elif isinstance(inner, faiss.IndexIVF):
+            name, values = "nprobe", sorted({min(2**i, inner.nlist) for i in range(0, 20)})
+        else:
+            return {}
+        queries = midpoint_queries(sample, TUNING_QUERIES)
+        k = min(k, len(self))
+        truth = exact_neighbours(queries, vector_chunks(), k)
+        tried: list[tuple[int, float]] = []
+        for value in values:
+            _, found = self.search(queries, k, **{name: value})
+            tried.append((value, recall_at_k(found, truth)))
+            if tried[-1][1] >= TUNING_RECALL:
+                break
+            # Quantised vectors (PQ) cap recall below the target: stop where more search stops helping.
+            if len(tried) >= 3 and tried[-1][1] - tried[-3][1] < 0.002:
+                break
+        best = max(recall for _, recall in tried)
+        value, recall = next((v, r) for v, r in tried if r >= min(TUNING_RECALL, best - 0.002))
+        self.search_params = {name: value}
+        return {name: value, "tuned_recall": round(recall, 4)}
 
     def save(self, path: str | Path) -> None:
         faiss.write_index(self.index, str(path))
+
+
+def midpoint_queries(sample: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors near the middle of random pairs of sample vectors, plus noise.
+
+    Real questions sit between documents rather than on them; the noise keeps
+    the tuning from favouring points that are already in the index.
+    """
+    rng = np.random.default_rng(seed)
+    a = sample[rng.integers(0, len(sample), count)]
+    b = sample[rng.integers(0, len(sample), count)]
+    noise = rng.normal(size=a.shape) / np.sqrt(a.shape[1])
+    queries = (a + b + noise).astype(np.float32)
+    queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    return queries
+
+
+def exact_neighbours(queries: np.ndarray, chunks: Iterator[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    """Keys of the exact top-``k`` inner products, streaming over (vectors, keys) chunks."""
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_keys = np.full((len(queries), k), -1, dtype=np.int64)
+    for vectors, keys in chunks:
+        scores = queries @ vectors.T
+        merged_scores = np.hstack([best_scores, scores])
+        merged_keys = np.hstack([best_keys, np.broadcast_to(keys, scores.shape)])
+        top = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
+        best_scores = np.take_along_axis(merged_scores, top, axis=1)
+        best_keys = np.take_along_axis(merged_keys, top, axis=1)
+    return best_keys
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the true top-k keys that ``found`` holds, averaged over queries."""
+    hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth))
+    return hits / max(int((truth >= 0).sum()), 1)
+
+
+class VectorSpool:
+    """Vectors and keys appended to two flat files while a build streams, read back in chunks.
+
+    Lets a build choose, train and fill its FAISS structure after it has seen
+    every document, holding only one chunk of vectors in memory at a time.
+    """
+
+    def __init__(self, folder: Path, dimension: int):
+        self.dimension = dimension
+        self.vectors_path = folder / "spool.f32"
+        self.keys_path = folder / "spool.i64"
+        self._vectors = open(self.vectors_path, "wb")
+        self._keys = open(self.keys_path, "wb")
+        self.count = 0
+
+    def append(self, vectors: np.ndarray, keys: np.ndarray) -> None:
+        self._vectors.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+        self._keys.write(np.asarray(keys, dtype=np.int64).tobytes())
+        self.count += len(keys)
+
+    def close(self) -> None:
+        self._vectors.close()
+        self._keys.close()
+
+    def chunks(self, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with open(self.vectors_path, "rb") as vf, open(self.keys_path, "rb") as kf:
+            while True:
+                keys = np.frombuffer(kf.read(size * 8), dtype=np.int64)
+                if not len(keys):
+                    return
+                vectors = np.frombuffer(vf.read(len(keys) * self.dimension * 4), dtype=np.float32)
+                yield vectors.reshape(len(keys), self.dimension), keys
+
+    def sample(self, size: int, seed: int = 0) -> np.ndarray:
+        """Up to ``size`` random vectors."""
+        rows = np.sort(np.random.default_rng(seed).choice(self.count, min(size, self.count), replace=False))
+        data = np.memmap(self.vectors_path, dtype=np.float32, mode="r", shape=(self.count, self.dimension))
+        return np.array(data[rows])
+
+    def remove(self) -> None:
+        self.close()
+        self.vectors_path.unlink(missing_ok=True)
+        self.keys_path.unlink(missing_ok=True)
+
+
+def build_from_spool(spool: VectorSpool, structure: str) -> tuple[VectorIndex, dict[str, float]]:
+    """Create, train, fill and tune a structure from every spooled vector."""
+    vectors = VectorIndex.create(spool.dimension, structure)
+    needs_training = not vectors.index.is_trained
+    sample = spool.sample(max(100_000 if needs_training else 0, TUNING_QUERIES * 2))
+    vectors.train(sample)
+    for chunk, keys in spool.chunks():
+        vectors.add(chunk, keys)
+    tuning = vectors.tune(sample, spool.chunks)
+    return vectors, tuning
