@@ -1,0 +1,77 @@
+"""What the benchmarks share: the real Debian data, peak memory, percentiles, results files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import resource
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEBIAN = HERE.parent.parent / "shared" / "data" / "debian-descriptions"
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    records = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            records.append(json.loads(line))
+            if limit is not None and len(records) == limit:
+                break
+    return records
+
+
+def debian_corpus(limit: int | None = None, folder: Path = DEBIAN) -> list[dict]:
+    """Debian package descriptions as ``{"_id", "text"}`` records, in file order."""
+    return [{"_id": r["_id"], "text": r["text"]} for r in read_jsonl(folder / "corpus.jsonl.gz", limit)]
+
+
+def debian_queries(doc_ids: set[str], limit: int, folder: Path = DEBIAN) -> list[tuple[str, str]]:
+    """(query text, relevant document id) for queries whose document is among ``doc_ids``."""
+    relevant: dict[str, str] = {}
+    with gzip.open(folder / "qrels.tsv.gz", "rt") as f:
+        next(f)
+        for line in f:
+            query_id, doc_id, _ = line.rstrip("\n").split("\t")
+            if doc_id in doc_ids:
+                relevant[query_id] = doc_id
+    pairs = []
+    for record in read_jsonl(folder / "queries.jsonl.gz"):
+        if record["_id"] in relevant:
+            pairs.append((record["text"], relevant[record["_id"]]))
+            if len(pairs) == limit:
+                break
+    return pairs
+
+
+def ndcg_at_10(ranked: list[list[str]], relevant: list[str]) -> float:
+    """Mean nDCG@10 with one relevant document per query."""
+    gains = [1.0 / np.log2(r.index(doc) + 2) if doc in r[:10] else 0.0 for r, doc in zip(ranked, relevant)]
+    return float(np.mean(gains))
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory of this process (or of its finished children), in MB."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return usage.ru_maxrss / 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+
+
+def save(name: str, data: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
+    return path
