@@ -181,6 +181,9 @@ def _build(path, source, settings, device, keep, wait, if_changed, progress, act
         encoder = Encoder.from_settings(settings, device)
         settings.model, settings.max_length = encoder.model_name, encoder.max_length
         settings.source = str(Path(source).resolve())
+        # A bad index type or memory budget fails now, not after the whole corpus is encoded.
+        memory = parse_memory(settings.memory)
+        VectorIndex.create(encoder.dimension, choose_structure(settings.index_type, 1, encoder.dimension, memory))
         cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             cached = CachedEncoder(encoder, cache, layout.next_version_number(path))
@@ -193,7 +196,7 @@ def _build(path, source, settings, device, keep, wait, if_changed, progress, act
             if not spool.count:
                 raise SourceError(f"{documents.path}: no documents")
             spool.close()
-            structure = choose_structure(settings.index_type, spool.count, encoder.dimension, parse_memory(settings.memory))
+            structure = choose_structure(settings.index_type, spool.count, encoder.dimension, memory)
             vectors, tuning = build_from_spool(spool, structure)
             spool.remove()
             settings.id_field, settings.text_fields = documents.id_field, documents.text_fields

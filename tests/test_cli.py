@@ -124,3 +124,18 @@ def test_unreadable_source_unknown_model_and_missing_index(workdir, tmp_path):
 def test_query_refuses_a_mismatched_model(workdir, tiny_model):
     result = run_cli("query", "products", "boots", "--model", str(tiny_model), cwd=workdir, check=False)
     assert_user_error(result, 4, "index was built with model 'sentence-transformers/all-MiniLM-L6-v2'")
+
+
+def test_build_with_precision_and_ann_structure(tmp_path, sample_queries):
+    index = str(tmp_path / "hnsw")
+    run_cli("build", CORPUS, "--index", index, "--precision", "bf16", "--index-type", "hnsw", "--batch-tokens", "256")
+    info = json.loads(run_cli("info", index, "--json").stdout)
+    assert (info["settings"]["precision"], info["vector_index"]) == ("bf16", "HNSW32")
+    assert info["search_params"]["efSearch"] >= 16 and info["tuned_recall"] >= 0.95
+    questions = [q["query"] for q in sample_queries]
+    lines = run_cli("query", index, *questions, "-k", "3", "--ef-search", "64", "--json").stdout.splitlines()
+    found = [q["product_id"] in [h["id"] for h in json.loads(line)["hits"]] for q, line in zip(sample_queries, lines)]
+    assert sum(found) >= len(sample_queries) - 1
+    bad = run_cli("build", CORPUS, "--index", str(tmp_path / "x"), "--index-type", "NoSuch9", check=False)
+    assert_user_error(bad, 2, "'NoSuch9' is not an index type")
+    assert not (tmp_path / "x").exists()
