@@ -21,8 +21,9 @@ from .errors import (
 )
 from .build import BuildReport, build_index, delete_documents, embed_source, rebuild_index, rollback_index, upsert_documents
 from .check import check_index
+from .evaluate import Judgement, evaluate_index, read_judgements
 from .index import Index, index_info
-from .query import Hit
+from .query import Hit, parse_condition
 from .settings import DEFAULT_MODEL, IndexSettings
 from .sources import Document, DocumentSource
 
@@ -33,6 +34,7 @@ __all__ = [
     "Document",
     "DocumentSource",
     "Hit",
+    "Judgement",
     "Index",
     "IndexCorruptError",
     "IndexLockedError",
@@ -45,7 +47,10 @@ __all__ = [
     "check_index",
     "delete_documents",
     "embed_source",
+    "evaluate_index",
     "index_info",
+    "parse_condition",
+    "read_judgements",
     "rebuild_index",
     "rollback_index",
     "upsert_documents",

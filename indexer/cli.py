@@ -259,6 +259,11 @@ def query(
     questions: Annotated[list[str], typer.Argument(help="One or more questions.")],
     k: Annotated[int, typer.Option("-k", "--top-k", help="Hits per question.")] = 10,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Refuse to run unless the index uses this model.")] = None,
+    mode: Annotated[str, typer.Option(help="dense (embeddings), keyword (BM25) or hybrid (both, fused).")] = "dense",
+    fusion: Annotated[str, typer.Option(help="How hybrid fuses: score (normalised scores) or rrf (reciprocal ranks).")] = "score",
+    where: Annotated[
+        Optional[list[str]], typer.Option(help="Filter FIELD=VALUE (also !=, <, <=, >, >=, 'FIELD in A,B'); repeatable.")
+    ] = None,
     nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF cells to visit (default: tuned at build).")] = None,
     ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default: tuned at build).")] = None,
     device: DeviceOption = None,
@@ -267,8 +272,11 @@ def query(
     """Return the top-k documents for each question (one JSON object per line with --json)."""
     from .index import Index
 
+    from .query import parse_condition
+
+    conditions = [parse_condition(w) for w in where or []]
     searcher = Index(index, model=model, device=device)
-    results = searcher.search_many(questions, k, nprobe=nprobe, ef_search=ef_search)
+    results = searcher.search_many(questions, k, mode, conditions, nprobe=nprobe, ef_search=ef_search, fusion=fusion)
     if as_json:
         for question, hits in zip(questions, results):
             _print_json({"query": question, "hits": [h.to_dict() for h in hits]})
@@ -285,6 +293,45 @@ def query(
             text = hit.text if len(hit.text) <= 120 else hit.text[:117] + "..."
             table.add_row(str(rank), f"{hit.score:.3f}", hit.id, text)
         console.print(table)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    queries: Annotated[Path, typer.Option(help="Queries: JSONL/CSV with a relevant-id field, or BEIR queries.jsonl.")],
+    qrels: Annotated[Optional[Path], typer.Option(help="BEIR qrels TSV (query-id, corpus-id, score).")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Cutoff of recall, MRR and nDCG.")] = 10,
+    mode: Annotated[
+        list[str], typer.Option(help="dense, keyword, hybrid (score fusion) or hybrid-rrf; repeat to compare.")
+    ] = ["dense"],
+    relevant_field: Annotated[Optional[str], typer.Option(help="Field naming the relevant document (default: *_id).")] = None,
+    per_query: Annotated[Optional[Path], typer.Option(help="Write each query's metrics and top hits here (JSONL).")] = None,
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure an index's retrieval quality: recall@1/k/100, MRR@k, nDCG@k."""
+    from .evaluate import evaluate_index, read_judgements
+    from .index import Index
+
+    judgements = read_judgements(queries, qrels, relevant_field)
+    searcher = Index(index, device=device)
+    results = {}
+    detail = []
+    for name in mode:
+        search_mode, _, fusion = name.partition("-")
+        results[name], rows = evaluate_index(searcher, judgements, k, search_mode, fusion=fusion or "score")
+        detail.extend({"mode": name, **row} for row in rows)
+    if per_query:
+        per_query.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in detail))
+    if as_json:
+        _print_json({"index": str(searcher.path), "queries": len(judgements), "modes": results})
+        return
+    names = list(next(iter(results.values())))
+    typer.echo(f"{len(judgements)} queries on {searcher.path}")
+    typer.echo(f"{'mode':<9}" + "".join(f"{n:>12}" for n in names))
+    for name, values in results.items():
+        typer.echo(f"{name:<9}" + "".join(f"{values[n]:>12.4f}" for n in names))
 
 
 @app.command()

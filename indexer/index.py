@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from . import layout
 from .encoder import Encoder, canonical_model_name
 from .errors import IndexCorruptError, ModelError
-from .query import Hit, search_texts
+from .query import Condition, Hit, search_texts
 from .settings import IndexSettings
 from .store import DocumentStore
 from .vectors import VectorIndex
@@ -118,20 +118,41 @@ class Index:
     def __len__(self) -> int:
         return len(self._served.vectors)
 
-    def search(self, query: str, k: int = 10, nprobe: int | None = None, ef_search: int | None = None) -> list[Hit]:
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        mode: str = "dense",
+        where: Sequence[Condition] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        fusion: str = "score",
+    ) -> list[Hit]:
         """The top-``k`` documents for one question, best first.
 
-        ``nprobe`` (IVF indexes) and ``ef_search`` (HNSW) trade speed for
-        recall on this call; by default the values tuned at build time apply.
+        ``mode`` is dense, keyword or hybrid (``fusion`` "score" or "rrf"). ``where`` holds filters such as
+        ``[("category", "=", "books"), ("price", "<", 20)]`` (see
+        ``parse_condition`` for the text form). ``nprobe`` (IVF indexes) and
+        ``ef_search`` (HNSW) trade speed for recall on this call; by default
+        the values tuned at build time apply.
         """
-        return self.search_many([query], k, nprobe, ef_search)[0]
+        return self.search_many([query], k, mode, where, nprobe, ef_search, fusion)[0]
 
     def search_many(
-        self, queries: Sequence[str], k: int = 10, nprobe: int | None = None, ef_search: int | None = None
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        mode: str = "dense",
+        where: Sequence[Condition] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        fusion: str = "score",
     ) -> list[list[Hit]]:
         """The top-``k`` documents for each question; questions are embedded in batches."""
         served = self._served  # one version for the whole call, even if refresh() swaps it meanwhile
-        return search_texts(served.encoder, served.vectors, served.store, list(queries), k, nprobe=nprobe, efSearch=ef_search)
+        return search_texts(
+            served.encoder, served.vectors, served.store, list(queries), k, mode, where, fusion, nprobe=nprobe, efSearch=ef_search
+        )
 
     def refresh(self) -> bool:
         """Switch to the index's current version if a newer one was published; True if it changed."""

@@ -2,7 +2,8 @@
 
 Table ``documents``: ``key`` (INTEGER PRIMARY KEY, equal to the vector's FAISS
 id), ``id`` (the document's own id, unique), ``text`` and ``metadata`` (the
-document's other fields as JSON). Written in WAL mode; a published version is
+document's other fields as JSON). ``documents_fts`` is an FTS5 full-text index
+of ``text`` (external content, kept in step by triggers) for keyword search. Written in WAL mode; a published version is
 never written again, so readers open it with SQLite's ``immutable`` flag and
 take no locks at all.
 """
@@ -11,17 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import sqlite_utils
 
-from .errors import IndexCorruptError
+from .errors import ArgumentError, IndexCorruptError
 
 TABLE = "documents"
+KEYWORDS = "documents_fts"
+FILTER_OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "in")
 
 
 class DocumentStore:
@@ -41,6 +46,17 @@ class DocumentStore:
             not_null={"id", "text"},
         )
         db[TABLE].create_index(["id"], unique=True)
+        db.executescript(
+            f"""
+            CREATE VIRTUAL TABLE {KEYWORDS} USING fts5(text, content='{TABLE}', content_rowid='key');
+            CREATE TRIGGER {TABLE}_ai AFTER INSERT ON {TABLE} BEGIN
+              INSERT INTO {KEYWORDS}(rowid, text) VALUES (new.key, new.text);
+            END;
+            CREATE TRIGGER {TABLE}_ad AFTER DELETE ON {TABLE} BEGIN
+              INSERT INTO {KEYWORDS}({KEYWORDS}, rowid, text) VALUES ('delete', old.key, old.text);
+            END;
+            """
+        )
         return cls(db)
 
     @classmethod
@@ -116,6 +132,51 @@ class DocumentStore:
                 return self.db.execute(sql).fetchone()[0]
             finally:
                 self.db.execute("DETACH DATABASE other")
+
+    def keyword_search(self, query: str, k: int, keys: np.ndarray | None = None) -> tuple[list[int], list[float]]:
+        """Top-``k`` keys by BM25 for the words of ``query`` (any of them), best first, with scores.
+
+        Every word is quoted, so FTS5 syntax in the query (quotes, ``*``, ``:``,
+        ``-``, ``AND``, parentheses) is matched as text, never parsed.
+        ``keys`` restricts the search to those documents.
+        """
+        words = re.findall(r"\w+", query)
+        if not words:
+            return [], []
+        match = " OR ".join('"' + word + '"' for word in words)
+        sql = f"SELECT {KEYWORDS}.rowid, bm25({KEYWORDS}) AS rank FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?"
+        params: list[Any] = [match]
+        if keys is not None:
+            sql += f" AND {KEYWORDS}.rowid IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(np.asarray(keys).tolist()))
+        sql += " ORDER BY rank LIMIT ?"
+        params.append(int(k))
+        with self._lock:
+            rows = self.db.execute(sql, params).fetchall()
+        return [row[0] for row in rows], [-row[1] for row in rows]
+
+    def filter_keys(self, conditions: Sequence[tuple[str, str, Any]]) -> np.ndarray:
+        """Keys of the documents whose fields meet every ``(field, operator, value)``.
+
+        ``field`` is ``id`` or a metadata field; operators are ``FILTER_OPERATORS``
+        (``in`` takes a list). Field paths and values are bound parameters.
+        """
+        clauses, params = [], []
+        for field_, operator, value in conditions:
+            if operator not in FILTER_OPERATORS:
+                raise ArgumentError(f"unknown filter operator {operator!r}; use one of {', '.join(FILTER_OPERATORS)}")
+            column = "id" if field_ == "id" else "json_extract(metadata, ?)"
+            if field_ != "id":
+                params.append('$."' + field_.replace('"', '""') + '"')
+            if operator == "in":
+                clauses.append(f"{column} IN (SELECT value FROM json_each(?))")
+                params.append(json.dumps(list(value)))
+            else:
+                clauses.append(f"{column} {operator} ?")
+                params.append(value)
+        sql = f"SELECT key FROM {TABLE}" + (" WHERE " + " AND ".join(clauses) if clauses else "")
+        with self._lock:
+            return np.fromiter((row[0] for row in self.db.execute(sql, params)), dtype=np.int64)
 
     def count(self) -> int:
         with self._lock:

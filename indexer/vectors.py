@@ -157,12 +157,15 @@ class VectorIndex:
             return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
         return faiss.vector_to_array(index.id_map)
 
-    def search(self, queries: np.ndarray, k: int, **knobs: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, **knobs: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, keys) per query row; missing hits have key -1.
 
-        ``nprobe`` (IVF) and ``efSearch`` (HNSW) override the stored defaults for this call.
+        ``allowed`` restricts results to those keys. ``nprobe`` (IVF) and
+        ``efSearch`` (HNSW) override the stored defaults for this call.
         """
-        params = self._parameters({**self.search_params, **{k_: v for k_, v in knobs.items() if v}})
+        params = self._parameters({**self.search_params, **{k_: v for k_, v in knobs.items() if v}}, allowed)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if len(queries) >= FEW_QUERIES:
             return self.index.search(queries, k, params=params)
@@ -174,13 +177,25 @@ class VectorIndex:
         finally:
             faiss.omp_set_num_threads(threads)
 
-    def _parameters(self, knobs: dict[str, int]):
+    def _parameters(self, knobs: dict[str, int], allowed: np.ndarray | None):
         inner = self.inner
-        if isinstance(inner, faiss.IndexHNSW) and knobs.get("efSearch"):
-            return faiss.SearchParametersHNSW(efSearch=int(knobs["efSearch"]))
-        if isinstance(inner, faiss.IndexIVF) and knobs.get("nprobe"):
-            return faiss.SearchParametersIVF(nprobe=int(knobs["nprobe"]))
-        return None
+        if isinstance(inner, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW()
+            if knobs.get("efSearch"):
+                params.efSearch = int(knobs["efSearch"])
+        elif isinstance(inner, faiss.IndexIVF):
+            params = faiss.SearchParametersIVF()
+            if knobs.get("nprobe"):
+                params.nprobe = min(int(knobs["nprobe"]), inner.nlist)
+        elif allowed is None:
+            return None
+        else:
+            params = faiss.SearchParameters()
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+            params.sel = selector
+            params._selector = selector  # keep it alive as long as the parameters
+        return params
 
     def tune(self, sample: np.ndarray, vector_chunks, k: int = 10) -> dict[str, float]:
         """Pick the cheapest nprobe / efSearch whose recall@k against exact search reaches TUNING_RECALL.
