@@ -142,3 +142,19 @@ def test_evaluate_cli_and_library(tmp_path, sample_index):
     assert "ndcg@10" in table and "dense" in table
     hybrid = run_cli("query", str(sample_index), "boots", "--mode", "hybrid", "--where", "category=outdoors", "--json").stdout
     assert all(h["metadata"]["category"] == "outdoors" for h in json.loads(hybrid)["hits"])
+
+
+def test_keyword_table_follows_upsert_and_delete(tmp_path, tiny_model):
+    from indexer import delete_documents, upsert_documents
+
+    path = tmp_path / "idx"
+    build_index(write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": "alpha beta"}, {"id": 2, "text": "gamma delta"}]), path,
+                IndexSettings(model=str(tiny_model)))
+    upsert_documents(path, write_jsonl(tmp_path / "u.jsonl", [{"id": 1, "text": "omega"}, {"id": 3, "text": "alpha again"}]))
+    index = Index(path)
+    assert [h.id for h in index.search("alpha", mode="keyword")] == ["3"]
+    assert [h.id for h in index.search("omega", mode="keyword")] == ["1"]
+    delete_documents(path, ["3"])
+    index.refresh()
+    assert index.search("alpha", mode="keyword") == []
+    assert [h.id for h in index.search("gamma", mode="keyword")] == ["2"]
