@@ -13,7 +13,6 @@ Prints a table and writes JSON to benchmarks/results/rebuild.json.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -23,20 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DEBIAN, debian_corpus
+
 HERE = Path(__file__).resolve().parent
-DEFAULT_CORPUS = HERE.parent.parent / "shared" / "data" / "debian-descriptions" / "corpus.jsonl.gz"
-
-
-def read_corpus(path: Path, n: int) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    records = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            records.append({"id": record["_id"], "text": record["text"]})
-            if len(records) == n:
-                break
-    return records
+DEFAULT_CORPUS = DEBIAN / "corpus.jsonl.gz"
 
 
 def write(path: Path, records: list[dict]) -> Path:
@@ -61,7 +50,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=5000)
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     args = parser.parse_args()
-    records = read_corpus(args.corpus, args.documents)
+    records = [{"id": r["_id"], "text": r["text"]} for r in debian_corpus(args.documents, args.corpus.parent)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

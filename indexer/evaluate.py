@@ -12,16 +12,13 @@ Two query formats:
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from .errors import SourceError
+from .sources import open_text, read_records
 
 QUERY_TEXT_FIELDS = ("query", "question", "text")
 QUERY_ID_FIELDS = ("query_id", "_id", "id", "qid")
@@ -102,7 +99,7 @@ def read_judgements(
     text_field: str | None = None,
 ) -> list[Judgement]:
     """Judged queries from either format (see the module docstring)."""
-    records = list(_records(Path(queries)))
+    records = list(read_records(Path(queries)))
     if not records:
         raise SourceError(f"{queries}: no queries")
     first = records[0][1]
@@ -133,34 +130,9 @@ def read_judgements(
     return judgements
 
 
-def _open(path: Path) -> io.TextIOBase:
-    try:
-        if path.suffix == ".gz":
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-        return open(path, encoding="utf-8", newline="")
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    with _open(path) as f:
-        if name.endswith(".csv"):
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", row
-            return
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SourceError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
-
-
 def _read_qrels(path: Path) -> dict[str, dict[str, float]]:
     grades: dict[str, dict[str, float]] = {}
-    with _open(path) as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
             if number == 1 and parts[0] == "query-id" or not line.strip():

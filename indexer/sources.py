@@ -57,16 +57,9 @@ class DocumentSource:
         self.format = "folder" if self.path.is_dir() else source_format(self.path)
 
     def __iter__(self) -> Iterator[Document]:
-        readers = {
-            "folder": _text_folder_records,
-            "jsonl": _jsonl_records,
-            "csv": _csv_records,
-            "tsv": _tsv_records,
-            "json": _json_records,
-        }
         seen: set[str] = set()
         try:
-            for where, record in readers[self.format](self.path):
+            for where, record in read_records(self.path, self.format):
                 doc = self._document(where, record)
                 if doc.id in seen:
                     raise SourceError(f"{where}: duplicate id {doc.id!r}")
@@ -116,6 +109,19 @@ class DocumentSource:
         return Document(str(doc_id), " ".join(parts), metadata)
 
 
+def read_records(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Raw records of a source with their location ("file:line"), any format."""
+    kind = kind or ("folder" if path.is_dir() else source_format(path))
+    readers = {
+        "folder": _text_folder_records,
+        "jsonl": _jsonl_records,
+        "csv": _csv_records,
+        "tsv": _tsv_records,
+        "json": _json_records,
+    }
+    return readers[kind](path)
+
+
 def source_format(path: Path) -> str:
     """The format of a source file, from its suffix (``.gz`` looked through)."""
     suffixes = [s.lower() for s in path.suffixes]
@@ -130,7 +136,8 @@ def source_format(path: Path) -> str:
     return formats[suffix]
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
+    """A UTF-8 text stream of ``path``, gunzipped if it ends in .gz."""
     try:
         if path.suffix.lower() == ".gz":
             return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
@@ -140,7 +147,7 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -153,7 +160,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _delimited_records(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
     csv.field_size_limit(sys.maxsize)
-    with _open_text(path) as f:
+    with open_text(path) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
             for row in reader:
@@ -173,7 +180,7 @@ def _tsv_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as exc:
