@@ -72,7 +72,7 @@ def main() -> None:
     for name, result in (("course-faq", faq), ("debian-descriptions", debian)):
         print(f"{name}: {result['queries']} queries")
         for mode, values in result["modes"].items():
-            print(f"  {mode:<8}" + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+            print(f"  {mode:<11}" + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
     save("quality", {"course-faq": faq, "debian-descriptions": debian})
 
 

@@ -48,7 +48,7 @@ class DocumentStore:
         db[TABLE].create_index(["id"], unique=True)
         db.executescript(
             f"""
-            CREATE VIRTUAL TABLE {KEYWORDS} USING fts5(text, content='{TABLE}', content_rowid='key');
+            CREATE VIRTUAL TABLE {KEYWORDS} USING fts5(text, content='{TABLE}', content_rowid='key', tokenize='porter unicode61');
             CREATE TRIGGER {TABLE}_ai AFTER INSERT ON {TABLE} BEGIN
               INSERT INTO {KEYWORDS}(rowid, text) VALUES (new.key, new.text);
             END;
