@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import layout
 from .cache import EmbeddingCache, embedding_keys
 from .check import check_version
-from .encoder import Encoder, embedding_config
+from .encoder import Encoder, canonical_model_name, embedding_config
 from .errors import ArgumentError, IndexCorruptError, ModelError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
@@ -125,6 +125,18 @@ def new_version(path: Path, action: str, wait: float) -> Iterator[Path]:
             layout.discard(staging)
 
 
+def reuse_or_load(settings: IndexSettings, device: str | None, encoder: Encoder | None) -> Encoder:
+    """``encoder`` if it embeds exactly as ``settings`` say (a server passes the one it queries with), else a new one."""
+    if encoder is not None and (encoder.model_name, encoder.pooling, encoder.max_length, encoder.precision) == (
+        canonical_model_name(settings.model),
+        settings.pooling,
+        settings.max_length,
+        settings.precision,
+    ):
+        return encoder
+    return Encoder.from_settings(settings, device)
+
+
 def current_manifest(path: Path) -> layout.Manifest | None:
     if not (path / layout.POINTER).exists():
         return None
@@ -159,6 +171,7 @@ def rebuild_index(
     wait: float = 0.0,
     if_changed: bool = False,
     progress: bool = False,
+    encoder: Encoder | None = None,
 ) -> BuildReport:
     """Re-read the index's source (or ``source``) with its recorded settings and publish the result.
 
@@ -170,15 +183,15 @@ def rebuild_index(
     source = source or settings.source
     if not source:
         raise ArgumentError(f"{path}: no source recorded; pass one")
-    return _build(path, source, settings, device, keep, wait, if_changed, progress, "rebuild")
+    return _build(path, source, settings, device, keep, wait, if_changed, progress, "rebuild", encoder)
 
 
-def _build(path, source, settings, device, keep, wait, if_changed, progress, action) -> BuildReport:
+def _build(path, source, settings, device, keep, wait, if_changed, progress, action, encoder=None) -> BuildReport:
     started = time.monotonic()
     documents = DocumentSource(source, settings.id_field, settings.text_fields)
     with new_version(path, action, wait) as staging:
         previous = current_manifest(path)
-        encoder = Encoder.from_settings(settings, device)
+        encoder = reuse_or_load(settings, device, encoder)
         settings.model, settings.max_length = encoder.model_name, encoder.max_length
         settings.source = str(Path(source).resolve())
         # A bad index type or memory budget fails now, not after the whole corpus is encoded.
@@ -234,10 +247,12 @@ def upsert_documents(
     keep: int = 3,
     wait: float = 0.0,
     progress: bool = False,
+    encoder: Encoder | None = None,
 ) -> BuildReport:
     """Add the documents of ``source`` to ``index``, replacing those whose id is already there.
 
-    Fields default to the ones the index was built with.
+    Fields default to the ones the index was built with. ``encoder`` is used
+    instead of loading the model when it matches the index's settings.
     """
     started = time.monotonic()
     path = layout.index_path(index)
@@ -245,7 +260,7 @@ def upsert_documents(
         previous, store, vectors = _copy_current(path, staging)
         settings = previous.settings
         documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields)
-        encoder = Encoder.from_settings(settings, device)
+        encoder = reuse_or_load(settings, device, encoder)
         if previous.model_fingerprint and encoder.fingerprint != previous.model_fingerprint:
             raise ModelError(
                 f"{path}: the weights of {settings.model!r} changed since this index was built; "

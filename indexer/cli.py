@@ -336,6 +336,23 @@ def evaluate(
 
 @app.command()
 @user_errors
+def serve(
+    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    host: Annotated[str, typer.Option(help="Address to bind; beyond loopback an API key is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    rebuild_every: Annotated[Optional[str], typer.Option(help="Rebuild from the recorded source every 30m, 6h, ...")] = None,
+) -> None:
+    """Serve an index over HTTP (FastAPI; needs the [server] extra). API key from INDEXER_API_KEY."""
+    try:
+        from .server import serve as run_server
+    except ImportError:
+        raise ArgumentError("the server needs FastAPI and uvicorn: pip install 'indexer[server]'") from None
+    run_server(index, host, port, workers, rebuild_every)
+
+
+@app.command()
+@user_errors
 def info(
     index: Annotated[str, typer.Argument(help="Index folder or name.")],
     as_json: JsonOption = False,

@@ -1,0 +1,272 @@
+"""The HTTP service: one index served to search backends over JSON (FastAPI).
+
+Searches read whichever version is current when they start (each request
+checks ``CURRENT``, so versions published by any process are picked up
+without a restart); writes go through the library and its one-writer lock, so
+a write that finds another in progress answers 409. Write endpoints need
+``Authorization: Bearer <key>`` with the key from ``INDEXER_API_KEY`` (or the
+file named by ``INDEXER_API_KEY_FILE``); with no key configured they answer
+403. Bound beyond loopback, every endpoint needs the key and the server will
+not start without one.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from .build import delete_documents, rebuild_index, upsert_documents
+from .errors import ArgumentError, IndexerError, IndexLockedError, IndexNotFoundError, SourceError
+from .index import Index
+from .query import MODES, parse_condition
+
+MAX_K = 1000
+MAX_QUERIES = 256
+MAX_QUERY_CHARS = 2000
+MAX_DOCUMENTS = 10_000
+MAX_BODY_BYTES = 16 * 2**20
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+access_log = logging.getLogger("indexer.access")
+
+
+def api_key_from_environment() -> str | None:
+    """The API key: ``INDEXER_API_KEY``, else the contents of the file ``INDEXER_API_KEY_FILE``."""
+    if os.environ.get("INDEXER_API_KEY"):
+        return os.environ["INDEXER_API_KEY"]
+    key_file = os.environ.get("INDEXER_API_KEY_FILE")
+    if key_file:
+        try:
+            return Path(key_file).read_text().strip() or None
+        except OSError as exc:
+            raise ArgumentError(f"{key_file}: cannot read the API key file ({exc.strerror})") from None
+    return None
+
+
+class SearchRequest(BaseModel):
+    query: Optional[str] = Field(None, max_length=MAX_QUERY_CHARS)
+    queries: Optional[list[str]] = Field(None, max_length=MAX_QUERIES)
+    k: int = Field(10, ge=1, le=MAX_K)
+    mode: str = "dense"
+    fusion: str = "score"
+    where: list[str] = Field(default_factory=list, max_length=32)
+
+
+class UpsertRequest(BaseModel):
+    documents: list[dict[str, Any]] = Field(..., min_length=1, max_length=MAX_DOCUMENTS)
+
+
+class Metrics:
+    """Request counts, a latency histogram and index gauges, as Prometheus text."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: Counter = Counter()
+        self.buckets: Counter = Counter()
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(route, method, status)] += 1
+            self.latency_sum += seconds
+            self.latency_count += 1
+            for bound in LATENCY_BUCKETS:
+                if seconds <= bound:
+                    self.buckets[bound] += 1
+
+    def render(self, version: str, documents: int) -> str:
+        lines = ["# TYPE indexer_requests_total counter"]
+        with self.lock:
+            for (route, method, status), count in sorted(self.requests.items()):
+                lines.append(f'indexer_requests_total{{route="{route}",method="{method}",status="{status}"}} {count}')
+            lines.append("# TYPE indexer_request_seconds histogram")
+            for bound in LATENCY_BUCKETS:
+                lines.append(f'indexer_request_seconds_bucket{{le="{bound}"}} {self.buckets[bound]}')
+            lines.append(f'indexer_request_seconds_bucket{{le="+Inf"}} {self.latency_count}')
+            lines.append(f"indexer_request_seconds_sum {self.latency_sum:.6f}")
+            lines.append(f"indexer_request_seconds_count {self.latency_count}")
+        lines += [
+            "# TYPE indexer_index_version gauge",
+            f"indexer_index_version {int(version[1:])}",
+            "# TYPE indexer_documents gauge",
+            f"indexer_documents {documents}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(index: str | Path, api_key: str | None = None, public: bool = False) -> FastAPI:
+    """The FastAPI application serving ``index``; ``public`` means bound beyond loopback."""
+    if public and not api_key:
+        raise ArgumentError("refusing to listen beyond loopback without an API key (set INDEXER_API_KEY)")
+    searcher = Index(index)
+    path = searcher.path
+    metrics = Metrics()
+    app = FastAPI(title="indexer", description="Semantic search over one index.", version="1")
+
+    def authorised(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        return bool(api_key) and hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode())
+
+    def require_writer(request: Request) -> None:
+        if not api_key:
+            raise HTTPException(403, "writes are disabled: the server has no API key (set INDEXER_API_KEY)")
+        if not authorised(request):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)")
+
+    @app.middleware("http")
+    async def guard_and_measure(request: Request, call_next):
+        started = time.perf_counter()
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            response = JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        elif public and not authorised(request):
+            response = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401)
+        else:
+            response = await call_next(request)
+        seconds = time.perf_counter() - started
+        route = request.scope.get("route")
+        metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code, seconds)
+        access_log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
+                                    "ms": round(seconds * 1000, 2), "client": request.client.host if request.client else None}))
+        return response
+
+    @app.exception_handler(IndexerError)
+    async def user_error(request: Request, exc: IndexerError):
+        status = 409 if isinstance(exc, IndexLockedError) else 404 if isinstance(exc, IndexNotFoundError) else 400
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    def current() -> Index:
+        searcher.refresh()
+        return searcher
+
+    @app.post("/search")
+    def search(body: SearchRequest) -> dict[str, Any]:
+        """Top-k hits for `query` (one answer) or `queries` (a list), with the `query --json` hit shape."""
+        if (body.query is None) == (body.queries is None):
+            raise HTTPException(422, "give exactly one of query or queries")
+        if body.mode not in MODES:
+            raise HTTPException(422, f"mode must be one of {', '.join(MODES)}")
+        if body.queries and any(len(q) > MAX_QUERY_CHARS for q in body.queries):
+            raise HTTPException(422, f"queries are limited to {MAX_QUERY_CHARS} characters")
+        questions = [body.query] if body.query is not None else body.queries
+        conditions = [parse_condition(w) for w in body.where]
+        index = current()
+        results = index.search_many(questions, body.k, body.mode, conditions, fusion=body.fusion)
+        answers = [{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(questions, results)]
+        payload = answers[0] if body.query is not None else {"results": answers}
+        return {"version": index.version, **payload}
+
+    @app.get("/documents/{doc_id}")
+    def get_document(doc_id: str) -> dict[str, Any]:
+        """One document by its id."""
+        index = current()
+        store = index._served.store
+        keys = store.keys_for_ids([doc_id])
+        if not keys:
+            raise HTTPException(404, f"no document with id {doc_id!r}")
+        return {"id": doc_id, **{k: v for k, v in store.fetch(keys.values())[keys[doc_id]].items() if k != "id"}}
+
+    @app.post("/documents", dependencies=[Depends(require_writer)])
+    def upsert(body: UpsertRequest) -> dict[str, Any]:
+        """Add or replace documents (fields as the index was built with); publishes a new version."""
+        with tempfile.TemporaryDirectory() as tmp:
+            source = Path(tmp) / "documents.jsonl"
+            source.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in body.documents))
+            try:
+                report = upsert_documents(path, source, encoder=current().encoder)
+            except SourceError as exc:
+                raise HTTPException(400, str(exc).replace(str(source), "documents")) from None
+        return report.to_dict()
+
+    @app.delete("/documents/{doc_id}", dependencies=[Depends(require_writer)])
+    def delete(doc_id: str) -> dict[str, Any]:
+        """Delete one document; publishes a new version."""
+        try:
+            return delete_documents(path, [doc_id]).to_dict()
+        except ArgumentError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.post("/rebuild", dependencies=[Depends(require_writer)])
+    def rebuild() -> dict[str, Any]:
+        """Rebuild from the recorded source, encoding only what changed."""
+        return rebuild_index(path, if_changed=True, encoder=current().encoder).to_dict()
+
+    @app.get("/info")
+    def info() -> dict[str, Any]:
+        """Version, counts, model and settings of the version being served."""
+        return current().info()
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        index = current()
+        return {"status": "ok", "version": index.version, "documents": len(index)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> str:
+        index = current()
+        return metrics.render(index.version, len(index))
+
+    return app
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90s"``, ``"30m"``, ``"6h"``, ``"1d"``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise ArgumentError(f"duration {text!r} is not like 90s, 30m, 6h or 1d")
+    return seconds
+
+
+def rebuild_periodically(index: str | Path, every: float, stop: threading.Event) -> None:
+    """Rebuild from the recorded source every ``every`` seconds; log, never raise."""
+    log = logging.getLogger("indexer.rebuild")
+    while not stop.wait(every):
+        try:
+            report = rebuild_index(index, if_changed=True)
+            log.info(json.dumps({"event": "scheduled rebuild", **report.to_dict()}))
+        except Exception as exc:  # a failed rebuild must never stop the service
+            log.error(json.dumps({"event": "scheduled rebuild failed", "error": str(exc)}))
+
+
+def serve(
+    index: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, rebuild_every: str | None = None
+) -> None:
+    """Run the service with uvicorn until interrupted (graceful shutdown on SIGTERM/SIGINT)."""
+    import uvicorn
+
+    public = host not in LOOPBACK
+    api_key = api_key_from_environment()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if rebuild_every:
+        stop = threading.Event()
+        threading.Thread(target=rebuild_periodically, args=(index, parse_duration(rebuild_every), stop), daemon=True).start()
+    if workers > 1:
+        os.environ["INDEXER_SERVE_INDEX"] = str(index)
+        os.environ["INDEXER_SERVE_PUBLIC"] = "1" if public else ""
+        if public and not api_key:
+            raise ArgumentError("refusing to listen beyond loopback without an API key (set INDEXER_API_KEY)")
+        uvicorn.run("indexer.server:app_from_environment", factory=True, host=host, port=port, workers=workers, access_log=False)
+    else:
+        uvicorn.run(create_app(index, api_key, public), host=host, port=port, access_log=False)
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for uvicorn worker processes (``serve --workers N``)."""
+    return create_app(os.environ["INDEXER_SERVE_INDEX"], api_key_from_environment(), bool(os.environ.get("INDEXER_SERVE_PUBLIC")))
