@@ -174,3 +174,58 @@ def test_real_server_over_http(products):
     # uvicorn finishes its graceful shutdown, then re-raises the SIGTERM it caught.
     assert server.returncode in (0, -15) and "Application shutdown complete" in output, output
     assert '"path": "/search"' in output  # structured access log
+
+
+def test_scheduled_rebuilds_publish_and_survive_failures(tmp_path, caplog):
+    import logging
+    import threading
+
+    from indexer import layout
+    from indexer.server import rebuild_periodically
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text((DATASET / "corpus.jsonl").read_text())
+    path = tmp_path / "idx"
+    build_index(source, path)
+    source.write_text(source.read_text() + json.dumps({"product_id": "P0950", "title": "Sled", "description": "Wooden sled."}) + "\n")
+    stop = threading.Event()
+    caplog.set_level(logging.INFO, logger="indexer.rebuild")
+    worker = threading.Thread(target=rebuild_periodically, args=(path, 0.2, stop))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while layout.current_version(path) == "v000001" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert layout.current_version(path) == "v000002"
+        source.write_text("{broken\n")  # the next rebuilds fail; the thread must keep going
+        while "scheduled rebuild failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert "scheduled rebuild failed" in caplog.text and "malformed JSON" in caplog.text
+    assert layout.current_version(path) == "v000002" and not worker.is_alive()
+
+
+def test_api_key_from_environment_or_file(tmp_path, monkeypatch):
+    from indexer.server import api_key_from_environment
+
+    monkeypatch.delenv("INDEXER_API_KEY", raising=False)
+    monkeypatch.delenv("INDEXER_API_KEY_FILE", raising=False)
+    assert api_key_from_environment() is None
+    (tmp_path / "key").write_text("from-file\n")
+    monkeypatch.setenv("INDEXER_API_KEY_FILE", str(tmp_path / "key"))
+    assert api_key_from_environment() == "from-file"
+    monkeypatch.setenv("INDEXER_API_KEY", "from-env")
+    assert api_key_from_environment() == "from-env"
+    monkeypatch.delenv("INDEXER_API_KEY")
+    monkeypatch.setenv("INDEXER_API_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ArgumentError, match="cannot read the API key file"):
+        api_key_from_environment()
+
+
+def test_serve_refuses_a_public_address_without_a_key(products):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INDEXER_API_KEY")}
+    result = subprocess.run([sys.executable, "-m", "indexer", "serve", str(products), "--host", "0.0.0.0", "--port", str(free_port())],
+                            env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "beyond loopback without an API key" in result.stderr and "Traceback" not in result.stderr
