@@ -173,6 +173,12 @@ class Index:
             self._served = served
             return True
 
+    def get_document(self, doc_id: str) -> dict[str, Any] | None:
+        """``{"id", "text", "metadata"}`` of one document by its own id, or None."""
+        store = self._served.store
+        keys = store.keys_for_ids([doc_id])
+        return store.fetch(keys.values()).get(keys[doc_id]) if keys else None
+
     def info(self) -> dict[str, Any]:
         """The manifest of the version this object serves, with live counts."""
         served = self._served

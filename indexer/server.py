@@ -172,12 +172,10 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
     @app.get("/documents/{doc_id}")
     def get_document(doc_id: str) -> dict[str, Any]:
         """One document by its id."""
-        index = current()
-        store = index._served.store
-        keys = store.keys_for_ids([doc_id])
-        if not keys:
+        document = current().get_document(doc_id)
+        if document is None:
             raise HTTPException(404, f"no document with id {doc_id!r}")
-        return {"id": doc_id, **{k: v for k, v in store.fetch(keys.values())[keys[doc_id]].items() if k != "id"}}
+        return document
 
     @app.post("/documents", dependencies=[Depends(require_writer)])
     def upsert(body: UpsertRequest) -> dict[str, Any]:
