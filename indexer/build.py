@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import layout
 from .cache import EmbeddingCache, embedding_keys
 from .check import check_version
-from .encoder import Encoder, canonical_model_name, embedding_config
+from .encoder import Encoder, embedding_config
 from .errors import ArgumentError, IndexCorruptError, ModelError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
@@ -125,18 +125,6 @@ def new_version(path: Path, action: str, wait: float) -> Iterator[Path]:
             layout.discard(staging)
 
 
-def reuse_or_load(settings: IndexSettings, device: str | None, encoder: Encoder | None) -> Encoder:
-    """``encoder`` if it embeds exactly as ``settings`` say (a server passes the one it queries with), else a new one."""
-    if encoder is not None and (encoder.model_name, encoder.pooling, encoder.max_length, encoder.precision) == (
-        canonical_model_name(settings.model),
-        settings.pooling,
-        settings.max_length,
-        settings.precision,
-    ):
-        return encoder
-    return Encoder.from_settings(settings, device)
-
-
 def current_manifest(path: Path) -> layout.Manifest | None:
     if not (path / layout.POINTER).exists():
         return None
@@ -191,7 +179,7 @@ def _build(path, source, settings, device, keep, wait, if_changed, progress, act
     documents = DocumentSource(source, settings.id_field, settings.text_fields)
     with new_version(path, action, wait) as staging:
         previous = current_manifest(path)
-        encoder = reuse_or_load(settings, device, encoder)
+        encoder = Encoder.from_settings(settings, device, reuse=encoder)
         settings.model, settings.max_length = encoder.model_name, encoder.max_length
         settings.source = str(Path(source).resolve())
         # A bad index type or memory budget fails now, not after the whole corpus is encoded.
@@ -260,7 +248,7 @@ def upsert_documents(
         previous, store, vectors = _copy_current(path, staging)
         settings = previous.settings
         documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields)
-        encoder = reuse_or_load(settings, device, encoder)
+        encoder = Encoder.from_settings(settings, device, reuse=encoder)
         if previous.model_fingerprint and encoder.fingerprint != previous.model_fingerprint:
             raise ModelError(
                 f"{path}: the weights of {settings.model!r} changed since this index was built; "

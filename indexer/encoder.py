@@ -166,8 +166,10 @@ class Encoder:
             self._forward = self._traced_forward() or self._eager_forward
 
     @classmethod
-    def from_settings(cls, settings: IndexSettings, device: str | None = None) -> "Encoder":
-        """The encoder an index's settings describe."""
+    def from_settings(cls, settings: IndexSettings, device: str | None = None, reuse: "Encoder | None" = None) -> "Encoder":
+        """The encoder an index's settings describe: ``reuse`` if it already embeds that way, else a new one."""
+        if reuse is not None and reuse.embeds_as(settings):
+            return reuse
         return cls(
             settings.model,
             settings.pooling,
@@ -175,6 +177,15 @@ class Encoder:
             device,
             settings.batch_size,
             settings.batch_tokens,
+            settings.precision,
+        )
+
+    def embeds_as(self, settings: IndexSettings) -> bool:
+        """Whether this encoder embeds texts exactly as ``settings`` describe."""
+        return (self.model_name, self.pooling, self.max_length, self.precision) == (
+            canonical_model_name(settings.model),
+            settings.pooling,
+            settings.max_length,
             settings.precision,
         )
 

@@ -160,14 +160,7 @@ class Index:
             if layout.current_version(self.path) == self._served.version:
                 return False
             served = load_version(self.path)
-            old, new = self.settings, served.manifest.settings
-            same_model = (old.model, old.pooling, old.max_length, old.precision) == (
-                new.model,
-                new.pooling,
-                new.max_length,
-                new.precision,
-            )
-            served.encoder = self.encoder if same_model else Encoder.from_settings(new, self.device)
+            served.encoder = Encoder.from_settings(served.manifest.settings, self.device, reuse=self.encoder)
             self._check_dimension(served)
             # The old version's store is left to the garbage collector: searches may still be reading it.
             self._served = served
