@@ -143,3 +143,20 @@ def test_empty_input_gives_empty_matrix(encoder):
 def test_bad_model_settings_are_user_errors(kwargs, message):
     with pytest.raises(ModelError, match=message):
         Encoder(**kwargs)
+
+
+def test_packed_kernels_are_checked_against_eager(tiny_model, monkeypatch):
+    """On CPU the linear layers run prepacked oneDNN kernels; a kernel that disagrees with eager is not used."""
+    from indexer import encoder as module
+
+    expected = hand_mean_pooling(str(tiny_model), TEXTS, 128)
+    packed = Encoder(str(tiny_model))
+    assert any(isinstance(m, module._PackedLinear) for m in packed.model.modules())
+    np.testing.assert_allclose(packed.encode_texts(TEXTS), expected, atol=1e-5)
+
+    exact = module._PackedLinear.forward
+    monkeypatch.setattr(module._PackedLinear, "forward", lambda self, x: exact(self, x) * 1.01)
+    fallback = Encoder(str(tiny_model))
+    assert not any(isinstance(m, module._PackedLinear) for m in fallback.model.modules())
+    np.testing.assert_allclose(fallback.encode_texts(TEXTS), expected, atol=1e-5)
+    assert fallback.fingerprint == packed.fingerprint
