@@ -24,6 +24,7 @@ from .check import check_index
 from .evaluate import Judgement, evaluate_index, read_judgements
 from .index import Index, index_info
 from .query import Hit, parse_condition
+from .ray_engine import RayOptions
 from .settings import DEFAULT_MODEL, IndexSettings
 from .sources import Document, DocumentSource
 
@@ -42,6 +43,7 @@ __all__ = [
     "IndexSettings",
     "IndexerError",
     "ModelError",
+    "RayOptions",
     "SourceError",
     "build_index",
     "check_index",

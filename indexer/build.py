@@ -30,7 +30,8 @@ from .errors import ArgumentError, IndexCorruptError, ModelError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
 from .store import DocumentStore
-from .vectors import VectorIndex, VectorSpool, build_from_spool, choose_structure, parse_memory
+from .ray_engine import RayOptions
+from .vectors import ONDISK_SUFFIX, VectorIndex, VectorSpool, build_from_shards, build_from_spool, choose_structure, ivf_bytes, parse_memory
 
 CHUNK_SIZE = 4096
 
@@ -100,11 +101,17 @@ class CachedEncoder:
         self.cache.prune(min(generations))
 
 
-def encoded_chunks(encoder, documents: DocumentSource, progress: bool = False) -> Iterator[tuple[list[Document], np.ndarray]]:
-    """Documents in chunks of ``CHUNK_SIZE`` with their vectors, so memory stays bounded."""
+def document_chunks(documents: DocumentSource) -> Iterator[list[Document]]:
+    """Documents in lists of ``CHUNK_SIZE``, so memory stays bounded."""
     stream = iter(documents)
+    while docs := list(islice(stream, CHUNK_SIZE)):
+        yield docs
+
+
+def encoded_chunks(encoder, documents: DocumentSource, progress: bool = False) -> Iterator[tuple[list[Document], np.ndarray]]:
+    """Documents in chunks of ``CHUNK_SIZE`` with their vectors."""
     with tqdm(desc="indexing", unit="doc", disable=not progress, file=sys.stderr) as bar:
-        while docs := list(islice(stream, CHUNK_SIZE)):
+        for docs in document_chunks(documents):
             yield docs, encoder.encode_texts([d.text for d in docs])
             bar.update(len(docs))
 
@@ -140,15 +147,17 @@ def build_index(
     wait: float = 0.0,
     if_changed: bool = False,
     progress: bool = False,
+    ray: RayOptions | None = None,
 ) -> BuildReport:
     """Embed every document of ``source`` and publish it as a new version of ``index``.
 
     Texts the index has embedded before with the same model settings are
     reused from its cache. With ``if_changed``, nothing is published when the
-    documents equal the current version's.
+    documents equal the current version's. With ``ray``, the texts to encode
+    go through a pool of encoder replicas on a Ray cluster (see ``ray_engine``).
     """
     settings = replace(settings or IndexSettings())
-    return _build(layout.index_path(index), source, settings, device, keep, wait, if_changed, progress, "build")
+    return _build(layout.index_path(index), source, settings, device, keep, wait, if_changed, progress, "build", ray=ray)
 
 
 def rebuild_index(
@@ -160,10 +169,11 @@ def rebuild_index(
     if_changed: bool = False,
     progress: bool = False,
     encoder: Encoder | None = None,
+    ray: RayOptions | None = None,
 ) -> BuildReport:
     """Re-read the index's source (or ``source``) with its recorded settings and publish the result.
 
-    Only new or changed texts are encoded; documents that left the source are dropped.
+    Only new or changed texts are encoded (on Ray with ``ray``); documents that left the source are dropped.
     """
     path = layout.index_path(index)
     manifest = layout.read_manifest(layout.version_dir(path, layout.current_version(path)))
@@ -171,10 +181,10 @@ def rebuild_index(
     source = source or settings.source
     if not source:
         raise ArgumentError(f"{path}: no source recorded; pass one")
-    return _build(path, source, settings, device, keep, wait, if_changed, progress, "rebuild", encoder)
+    return _build(path, source, settings, device, keep, wait, if_changed, progress, "rebuild", encoder, ray)
 
 
-def _build(path, source, settings, device, keep, wait, if_changed, progress, action, encoder=None) -> BuildReport:
+def _build(path, source, settings, device, keep, wait, if_changed, progress, action, encoder=None, ray=None) -> BuildReport:
     started = time.monotonic()
     documents = DocumentSource(source, settings.id_field, settings.text_fields)
     with new_version(path, action, wait) as staging:
@@ -189,17 +199,10 @@ def _build(path, source, settings, device, keep, wait, if_changed, progress, act
         try:
             cached = CachedEncoder(encoder, cache, layout.next_version_number(path))
             store = DocumentStore.create(staging / layout.DOCUMENTS)
-            spool = VectorSpool(staging, encoder.dimension)
-            for docs, embedded in encoded_chunks(cached, documents, progress):
-                keys = np.arange(spool.count, spool.count + len(docs), dtype=np.int64)
-                store.add(keys, [d.id for d in docs], [d.text for d in docs], [d.metadata for d in docs])
-                spool.append(embedded, keys)
-            if not spool.count:
-                raise SourceError(f"{documents.path}: no documents")
-            spool.close()
-            structure = choose_structure(settings.index_type, spool.count, encoder.dimension, memory)
-            vectors, tuning = build_from_spool(spool, structure)
-            spool.remove()
+            if ray is None:
+                vectors, tuning, structure = _embed_locally(cached, documents, store, staging, settings, memory, progress)
+            else:
+                vectors, tuning, structure = _embed_on_ray(cached, documents, store, staging, settings, memory, ray)
             settings.id_field, settings.text_fields = documents.id_field, documents.text_fields
             deleted = 0
             if previous is not None:
@@ -224,6 +227,87 @@ def _build(path, source, settings, device, keep, wait, if_changed, progress, act
         finally:
             cache.close()
     return BuildReport(str(path), version, len(vectors), cached.encoded, cached.reused, deleted, _since(started))
+
+
+def _embed_locally(cached: CachedEncoder, documents: DocumentSource, store: DocumentStore, staging: Path,
+                   settings: IndexSettings, memory: int | None, progress: bool):
+    """Store and embed the documents in this process; returns (vectors, tuning, structure)."""
+    spool = VectorSpool(staging, cached.encoder.dimension)
+    for docs, embedded in encoded_chunks(cached, documents, progress):
+        keys = np.arange(spool.count, spool.count + len(docs), dtype=np.int64)
+        store.add(keys, [d.id for d in docs], [d.text for d in docs], [d.metadata for d in docs])
+        spool.append(embedded, keys)
+    if not spool.count:
+        raise SourceError(f"{documents.path}: no documents")
+    spool.close()
+    structure = choose_structure(settings.index_type, spool.count, cached.encoder.dimension, memory)
+    vectors, tuning = build_from_spool(spool, structure)
+    spool.remove()
+    return vectors, tuning, structure
+
+
+def _embed_on_ray(cached: CachedEncoder, documents: DocumentSource, store: DocumentStore, staging: Path,
+                  settings: IndexSettings, memory: int | None, options: RayOptions):
+    """Store the documents here, encode the uncached ones on Ray, assemble from the shards.
+
+    This process reads the source (so errors name the file and line as
+    always), loads SQLite as the single writer with keys 0..n-1, writes the
+    texts to encode as document shards and the cached vectors as vector
+    shards; Ray's encoder actors add their vector shards; the FAISS structure
+    is assembled from all vector shards, and the new vectors enter the cache.
+    """
+    from .ray_engine import encode_shards
+    from .shards import ShardWriter, vector_shards
+
+    work = Path(options.work_dir) / f"{staging.parent.parent.name}-{staging.name}" if options.work_dir else staging / "shards"
+    shards = ShardWriter(work)
+    dimension = cached.encoder.dimension
+    count = 0
+    try:
+        for docs in document_chunks(documents):
+            keys = np.arange(count, count + len(docs), dtype=np.int64)
+            ids, texts = [d.id for d in docs], [d.text for d in docs]
+            store.add(keys, ids, texts, [d.metadata for d in docs])
+            wanted = embedding_keys(cached.prefix, texts)
+            known = cached.cache.get(wanted)
+            hit = np.fromiter((w in known for w in wanted), dtype=bool, count=len(wanted))
+            if hit.any():
+                rows = np.flatnonzero(hit)
+                shards.write_vectors(keys[rows], [ids[i] for i in rows], np.stack([known[wanted[i]] for i in rows]))
+            rows = np.flatnonzero(~hit)
+            shards.write_documents(keys[rows], [ids[i] for i in rows], [texts[i] for i in rows], [docs[i].metadata for i in rows])
+            cached.reused += int(hit.sum())
+            cached.encoded += len(rows)
+            count += len(docs)
+        if not count:
+            raise SourceError(f"{documents.path}: no documents")
+        if shards.documents_written:
+            encode_shards(shards.documents_dir, shards.vectors_dir, settings, options)
+            _cache_new_vectors(cached, store, shards.vectors_dir)
+        structure = choose_structure(settings.index_type, count, dimension, memory)
+        # An IVF structure over the memory budget keeps its lists on disk.
+        spills = memory is not None and (ivf_bytes(structure, count, dimension) or 0) > memory
+        ondisk = staging / Path(layout.VECTORS).with_suffix(ONDISK_SUFFIX) if spills else None
+        vectors, tuning = build_from_shards(vector_shards(shards.vectors_dir), dimension, count, structure, ondisk)
+    finally:
+        layout.discard(work)
+    return vectors, tuning, structure
+
+
+def _cache_new_vectors(cached: CachedEncoder, store: DocumentStore, folder: Path) -> None:
+    """Put the vectors Ray's workers wrote into the embedding cache, so later builds reuse them."""
+    import pyarrow.parquet as pq
+
+    from .shards import vectors_of
+
+    for path in sorted(folder.glob("*.parquet")):
+        if path.name.startswith("known-"):
+            continue
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_SIZE, columns=["key", "vector"]):
+            keys = batch.column("key").to_numpy()
+            rows = store.fetch(keys)
+            texts = [rows[int(k)]["text"] for k in keys]
+            cached.cache.put(embedding_keys(cached.prefix, texts), vectors_of(batch), cached.version_number)
 
 
 def upsert_documents(

@@ -64,6 +64,15 @@ WaitOption = Annotated[
     float, typer.Option(min=0, help="Seconds to wait for another writer to finish (default: fail at once, exit 7).")
 ]
 IfChangedOption = Annotated[bool, typer.Option("--if-changed", help="Publish nothing if the documents are unchanged.")]
+EngineOption = Annotated[str, typer.Option(help="Where texts are encoded: local (this process) or ray (a Ray cluster; the ray extra).")]
+RayAddressOption = Annotated[
+    Optional[str], typer.Option(help="Ray cluster to use with --engine ray (auto, ray://host:10001); default: start Ray here.")
+]
+ReplicasOption = Annotated[Optional[int], typer.Option(help="Encoder replicas on Ray (default: one per node, or per --gpus-per-replica GPUs).")]
+GpusOption = Annotated[float, typer.Option(min=0, help="GPUs each Ray encoder replica takes (0: CPU replicas).")]
+RayWorkDirOption = Annotated[
+    Optional[str], typer.Option(help="Folder for the Parquet shards of a Ray build; on several nodes, storage all of them reach.")
+]
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,6 +114,20 @@ def _settings(
     )
 
 
+def _ray_options(engine: str, address: str | None, replicas: int | None, gpus: float, work_dir: str | None):
+    from .ray_engine import ENGINES, RayOptions
+
+    if engine not in ENGINES:
+        raise ArgumentError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    ray_only = {"--ray-address": address, "--replicas": replicas, "--gpus-per-replica": gpus, "--ray-work-dir": work_dir}
+    given = [name for name, value in ray_only.items() if value]
+    if engine == "local":
+        if given:
+            raise ArgumentError(f"{given[0]} needs --engine ray")
+        return None
+    return RayOptions(address, replicas, gpus, work_dir)
+
+
 def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False))
 
@@ -142,6 +165,11 @@ def build(
     keep: KeepOption = 3,
     wait: WaitOption = 0,
     if_changed: IfChangedOption = False,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    replicas: ReplicasOption = None,
+    gpus_per_replica: GpusOption = 0,
+    ray_work_dir: RayWorkDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Embed every document of SOURCE and publish it as a new version of an index."""
@@ -150,8 +178,9 @@ def build(
     settings = _settings(
         model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, index_type=index_type, memory=memory
     )
+    ray = _ray_options(engine, ray_address, replicas, gpus_per_replica, ray_work_dir)
     report = build_index(
-        source, index, settings, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty()
+        source, index, settings, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty(), ray=ray
     )
     _print_report("built", report, as_json)
 
@@ -165,12 +194,20 @@ def rebuild(
     keep: KeepOption = 3,
     wait: WaitOption = 0,
     if_changed: IfChangedOption = False,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    replicas: ReplicasOption = None,
+    gpus_per_replica: GpusOption = 0,
+    ray_work_dir: RayWorkDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Re-read the index's source with its own settings; encode only new or changed texts; publish."""
     from .build import rebuild_index
 
-    report = rebuild_index(index, source, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty())
+    ray = _ray_options(engine, ray_address, replicas, gpus_per_replica, ray_work_dir)
+    report = rebuild_index(
+        index, source, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty(), ray=ray
+    )
     _print_report("rebuilt", report, as_json)
 
 

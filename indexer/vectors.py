@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import faiss
 import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
 
 from .errors import ArgumentError, IndexCorruptError
 
@@ -29,6 +31,7 @@ EXACT_UP_TO = 100_000
 HNSW_UP_TO = 2_000_000
 HNSW_LINKS = 32
 FEW_QUERIES = 8
+ONDISK_SUFFIX = ".ivfdata"
 
 
 def parse_memory(text: str | None) -> int | None:
@@ -84,6 +87,14 @@ def choose_structure(index_type: str, count: int, dimension: int, memory: int | 
     return f"IVF{ivf_lists(count)},PQ{pq_subquantizers(dimension, per_vector)}"
 
 
+def ivf_bytes(structure: str, count: int, dimension: int) -> int | None:
+    """Memory the inverted lists of an IVF ``structure`` take for ``count`` vectors (codes and ids); None if not IVF."""
+    inner = VectorIndex.create(dimension, structure).inner
+    if not isinstance(inner, faiss.IndexIVF):
+        return None
+    return count * (inner.code_size + 8)
+
+
 class VectorIndex:
     """A FAISS inner-product index whose ids are document store keys."""
 
@@ -108,8 +119,12 @@ class VectorIndex:
         path = Path(path)
         if not path.is_file():
             raise IndexCorruptError(f"{path}: vector file is missing")
+        flags = faiss.IO_FLAG_MMAP if mmap else 0
+        if path.with_suffix(ONDISK_SUFFIX).exists():
+            # Inverted lists kept on disk (a merged distributed build); FAISS finds them beside the index.
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
         try:
-            return cls(faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0), search_params)
+            return cls(faiss.read_index(str(path), flags), search_params)
         except RuntimeError as exc:
             raise IndexCorruptError(f"{path}: unreadable FAISS index ({str(exc).splitlines()[0]})") from None
 
@@ -125,8 +140,11 @@ class VectorIndex:
 
     @property
     def can_remove(self) -> bool:
-        """Whether vectors can be removed in place (graph indexes such as HNSW cannot)."""
-        return not isinstance(self.inner, faiss.IndexHNSW)
+        """Whether vectors can be removed in place (not graph indexes such as HNSW, nor lists kept on disk)."""
+        inner = self.inner
+        if isinstance(inner, faiss.IndexIVF):
+            return not isinstance(faiss.downcast_InvertedLists(inner.invlists), faiss.OnDiskInvertedLists)
+        return not isinstance(inner, faiss.IndexHNSW)
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -323,3 +341,64 @@ def build_from_spool(spool: VectorSpool, structure: str) -> tuple[VectorIndex, d
         vectors.add(chunk, keys)
     tuning = vectors.tune(sample, spool.chunks)
     return vectors, tuning
+
+
+def sample_from_shards(shards, count: int, size: int, seed: int = 0) -> np.ndarray:
+    """Up to ``size`` random vectors out of ``count`` spread over ``shards`` (callables yielding (vectors, keys))."""
+    rng = np.random.default_rng(seed)
+    keep = size / max(count, 1)
+    parts = []
+    for shard in shards:
+        for vectors, _ in shard():
+            parts.append(vectors[rng.random(len(vectors)) < keep])
+    sample = np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+    return np.ascontiguousarray(sample[:size])
+
+
+def build_from_shards(shards, dimension: int, count: int, structure: str, ondisk: Path | None = None,
+                      threads: int = 2) -> tuple[VectorIndex, dict[str, float]]:
+    """Create, train, fill and tune a structure from vector shards (callables yielding (vectors, keys)).
+
+    Flat and graph structures take the shards one after another. IVF
+    structures are trained once on a sample; each shard fills its own copy of
+    the trained index (``threads`` at a time) and the copies are merged: in
+    memory, or with ``ondisk`` (a file path) into inverted lists kept in that
+    file, which ``VectorIndex.load`` opens from the same folder.
+    """
+    vectors = VectorIndex.create(dimension, structure)
+    needs_training = not vectors.index.is_trained
+    sample = sample_from_shards(shards, count, max(100_000 if needs_training else 0, TUNING_QUERIES * 2))
+    vectors.train(sample)
+
+    def all_chunks():
+        for shard in shards:
+            yield from shard()
+
+    if not isinstance(vectors.inner, faiss.IndexIVF):
+        for chunk, keys in all_chunks():
+            vectors.add(chunk, keys)
+        return vectors, vectors.tune(sample, all_chunks)
+
+    trained = faiss.clone_index(vectors.index)  # empty: the merged index grows while later shards fill copies
+
+    def fill(shard) -> faiss.Index:
+        part = faiss.clone_index(trained)
+        for chunk, keys in shard():
+            part.add_with_ids(np.ascontiguousarray(chunk, dtype=np.float32), np.asarray(keys, dtype=np.int64))
+        return part
+
+    threads = max(1, threads)
+    files: list[str] = []
+    with ThreadPoolExecutor(threads) as pool:
+        for first in range(0, len(shards), threads):  # a wave at a time, so memory holds `threads` parts at most
+            for part in pool.map(fill, shards[first : first + threads]):
+                if ondisk is None:
+                    vectors.index.merge_from(part, 0)
+                else:
+                    files.append(str(ondisk.with_name(f"{ondisk.stem}.shard{len(files)}.faiss")))
+                    faiss.write_index(part, files[-1])
+    if ondisk is not None:
+        merge_ondisk(vectors.index, files, str(ondisk))
+        for name in files:
+            Path(name).unlink()
+    return vectors, vectors.tune(sample, all_chunks)

@@ -1,0 +1,131 @@
+"""Ray engine: a build on Ray (local mode) equals the embedded build; sharded IVF assembly equals one piece."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+from conftest import DATASET, run_cli, write_jsonl
+
+from indexer import Index, IndexSettings, build_index
+from indexer.ray_engine import RayOptions, pool_size
+from indexer.vectors import VectorIndex, build_from_shards, sample_from_shards
+
+ray = pytest.importorskip("ray")
+
+
+def three_views(tmp_path):
+    """About 300 real documents: each product's title, its description, and both with its category."""
+    products = [json.loads(line) for line in (DATASET / "corpus.jsonl").read_text().splitlines()]
+    records = []
+    for p in products:
+        records.append({"id": f"{p['product_id']}-t", "text": p["title"], "kind": "title"})
+        records.append({"id": f"{p['product_id']}-d", "text": p["description"], "kind": "description"})
+        records.append({"id": f"{p['product_id']}-a", "text": f"{p['title']}. {p['description']} ({p['category']})", "kind": "all"})
+    path = tmp_path / "views.jsonl"
+    write_jsonl(path, records)
+    return path
+
+
+def vectors_by_id(index: Index) -> dict[str, np.ndarray]:
+    served = index._served
+    keys = served.vectors.keys()
+    rows = served.store.fetch(keys)
+    inner = served.vectors.index
+    return {rows[int(k)]["id"]: inner.reconstruct(int(k)) for k in keys}
+
+
+def test_ray_build_equals_the_embedded_build(tmp_path):
+    source = three_views(tmp_path)
+    build_index(source, tmp_path / "local", IndexSettings(index_type="flat"))
+    result = run_cli("build", str(source), "--index", str(tmp_path / "on-ray"), "--engine", "ray", "--replicas", "2", "--json")
+    report = json.loads(result.stdout)
+    assert report["documents"] == 297 and report["encoded"] == 297
+    assert "Traceback" not in result.stderr
+
+    queries = [json.loads(line)["query"] for line in (DATASET / "queries.jsonl").read_text().splitlines()]
+    with Index(tmp_path / "local") as local, Index(tmp_path / "on-ray") as on_ray:
+        expected, got = vectors_by_id(local), vectors_by_id(on_ray)
+        assert sorted(got) == sorted(expected) and len(got) == 297
+        difference = max(float(np.abs(got[i] - expected[i]).max()) for i in expected)
+        assert difference < 1e-5
+        for question in queries:
+            assert [h.id for h in on_ray.search(question, k=10)] == [h.id for h in local.search(question, k=10)]
+        assert on_ray.get_document("P0001-t")["metadata"]["kind"] == "title"
+    assert "ok" in run_cli("check", str(tmp_path / "on-ray")).stdout.lower()
+
+    # A rebuild on Ray reuses every cached vector and encodes only the changed text.
+    lines = source.read_text().splitlines()
+    changed = json.loads(lines[0])
+    changed["text"] = "Waterproof boots for muddy trails, resoled"
+    source.write_text("\n".join([json.dumps(changed)] + lines[1:]) + "\n")
+    report = json.loads(run_cli("rebuild", str(tmp_path / "on-ray"), "--engine", "ray", "--json").stdout)
+    assert (report["encoded"], report["reused"]) == (1, 296)
+    run_cli("check", str(tmp_path / "on-ray"))
+
+
+def clustered_vectors(n: int, dimension: int, seed: int) -> np.ndarray:
+    centres = np.random.default_rng(dimension).normal(size=(64, dimension))
+    rng = np.random.default_rng(seed)
+    vectors = (centres[rng.integers(0, 64, n)] + 0.5 * rng.normal(size=(n, dimension))).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_merged_ivf_shards_search_like_one_piece(tmp_path, on_disk):
+    from indexer.shards import ShardWriter, vector_shards
+
+    dimension, count = 32, 12_000
+    vectors = clustered_vectors(count, dimension, seed=1)
+    keys = np.arange(count, dtype=np.int64)
+    writer = ShardWriter(tmp_path / "shards")
+    for first in range(0, count, 2500):  # five shards of uneven size
+        rows = slice(first, first + 2500)
+        writer.write_vectors(keys[rows], [str(k) for k in keys[rows]], vectors[rows])
+    shards = vector_shards(writer.vectors_dir)
+    assert len(shards) == 5
+
+    ondisk = tmp_path / "merged.ivfdata" if on_disk else None
+    merged, _ = build_from_shards(shards, dimension, count, "IVF64,Flat", ondisk)
+    merged.save(tmp_path / "merged.faiss")
+    if on_disk:
+        merged = VectorIndex.load(tmp_path / "merged.faiss")
+        assert isinstance(faiss.downcast_InvertedLists(merged.inner.invlists), faiss.OnDiskInvertedLists)
+        assert not merged.can_remove
+
+    whole = VectorIndex.create(dimension, "IVF64,Flat")
+    whole.train(sample_from_shards(shards, count, 100_000))
+    whole.add(vectors, keys)
+
+    queries = clustered_vectors(200, dimension, seed=2)
+    for index in (merged.index, whole.index):
+        index.nprobe = 8
+    found = merged.index.search(queries, 10)
+    expected = whole.index.search(queries, 10)
+    assert np.array_equal(found[1], expected[1])
+    assert np.array_equal(found[0], expected[0])
+    assert merged.index.ntotal == count
+
+
+def test_pool_leaves_cpus_for_ray_reads():
+    one_small_box = pool_size([{"CPU": 2.0}], RayOptions())
+    assert one_small_box.replicas == 1 and one_small_box.cpus_per_replica == 1.0 and one_small_box.threads_per_replica == 2
+    two_replicas = pool_size([{"CPU": 2.0}], RayOptions(replicas=2))
+    assert two_replicas.cpus_per_replica == 0.5 and two_replicas.threads_per_replica == 1
+    cluster = pool_size([{"CPU": 16.0}, {"CPU": 16.0}], RayOptions())
+    assert cluster.replicas == 2 and cluster.cpus_per_replica == 15.0
+    gpus = pool_size([{"CPU": 8.0, "GPU": 4.0}], RayOptions(gpus_per_replica=1))
+    assert gpus.replicas == 4 and gpus.cpus_per_replica == 0.25
+
+
+def test_ray_flags_need_the_ray_engine(tmp_path):
+    source = DATASET / "corpus.jsonl"
+    result = run_cli("build", str(source), "--index", str(tmp_path / "x"), "--replicas", "2", check=False)
+    assert result.returncode != 0 and "--replicas needs --engine ray" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
+    result = run_cli("build", str(source), "--index", str(tmp_path / "x"), "--engine", "spark", check=False)
+    assert result.returncode != 0 and "unknown engine 'spark'" in result.stderr
+    too_many = run_cli("build", str(source), "--index", str(tmp_path / "x"), "--engine", "ray", "--gpus-per-replica", "1", check=False)
+    assert too_many.returncode != 0 and "GPUs" in too_many.stderr and "Traceback" not in too_many.stderr
