@@ -10,8 +10,12 @@ string: ``Flat`` (exact, the default), ``HNSW32``, ``IVF<n>,Flat``,
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -119,12 +123,14 @@ class VectorIndex:
         path = Path(path)
         if not path.is_file():
             raise IndexCorruptError(f"{path}: vector file is missing")
-        flags = faiss.IO_FLAG_MMAP if mmap else 0
+        flags, quiet = (faiss.IO_FLAG_MMAP if mmap else 0), contextlib.nullcontext()
         if path.with_suffix(ONDISK_SUFFIX).exists():
-            # Inverted lists kept on disk (a merged distributed build); FAISS finds them beside the index.
-            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+            # Inverted lists kept on disk (a merged distributed build); FAISS finds them beside the index
+            # and printf's that it did so, which would corrupt a command's JSON on stdout.
+            flags, quiet = faiss.IO_FLAG_ONDISK_SAME_DIR, stdout_silenced()
         try:
-            return cls(faiss.read_index(str(path), flags), search_params)
+            with quiet:
+                return cls(faiss.read_index(str(path), flags), search_params)
         except RuntimeError as exc:
             raise IndexCorruptError(f"{path}: unreadable FAISS index ({str(exc).splitlines()[0]})") from None
 
@@ -249,6 +255,24 @@ class VectorIndex:
 
     def save(self, path: str | Path) -> None:
         faiss.write_index(self.index, str(path))
+
+
+@contextlib.contextmanager
+def stdout_silenced() -> Iterator[None]:
+    """Send what C code writes to file descriptor 1 to /dev/null for the duration (Python's own output is flushed first)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def midpoint_queries(sample: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
@@ -398,7 +422,8 @@ def build_from_shards(shards, dimension: int, count: int, structure: str, ondisk
                     files.append(str(ondisk.with_name(f"{ondisk.stem}.shard{len(files)}.faiss")))
                     faiss.write_index(part, files[-1])
     if ondisk is not None:
-        merge_ondisk(vectors.index, files, str(ondisk))
+        with stdout_silenced():  # FAISS printf's each resize of the lists file
+            merge_ondisk(vectors.index, files, str(ondisk))
         for name in files:
             Path(name).unlink()
     return vectors, vectors.tune(sample, all_chunks)

@@ -66,6 +66,32 @@ def test_ray_build_equals_the_embedded_build(tmp_path):
     run_cli("check", str(tmp_path / "on-ray"))
 
 
+def test_ray_build_over_the_memory_budget_keeps_ivf_lists_on_disk(tmp_path, tiny_model):
+    words = "river stone lamp garden engine violin harbour pepper cloud market silver ladder".split()
+    rng = np.random.default_rng(3)
+    records = [{"id": f"d{i}", "text": " ".join(rng.choice(words, 6))} for i in range(3000)]
+    source = write_jsonl(tmp_path / "docs.jsonl", records)
+    index = tmp_path / "big"
+    built = run_cli("build", str(source), "--index", str(index), "--model", str(tiny_model), "--index-type", "IVF16,Flat",
+                    "--memory", "100KB", "--engine", "ray", "--json")
+    assert json.loads(built.stdout)["documents"] == 3000
+    version = next((index / "versions").iterdir())
+    assert (version / "vectors.ivfdata").stat().st_size > 3000 * 32 * 4
+    assert "vectors.ivfdata" in json.loads((version / "manifest.json").read_text())["files"]
+    assert not list((index / "staging").iterdir())
+    run_cli("check", str(index))
+    hits = json.loads(run_cli("query", str(index), records[7]["text"], "-k", "3", "--json").stdout)["hits"]
+    assert hits[0]["text"] == records[7]["text"] and hits[0]["score"] > 0.999
+
+    # Edits of an on-disk index rebuild the structure from the cache, in memory.
+    write_jsonl(tmp_path / "new.jsonl", [{"id": "d7", "text": "violin violin violin"}])
+    run_cli("upsert", str(index), str(tmp_path / "new.jsonl"))
+    run_cli("delete", str(index), "d8")
+    run_cli("check", str(index), "--all")
+    with Index(index) as opened:
+        assert len(opened) == 2999 and opened.get_document("d7")["text"] == "violin violin violin"
+
+
 def clustered_vectors(n: int, dimension: int, seed: int) -> np.ndarray:
     centres = np.random.default_rng(dimension).normal(size=(64, dimension))
     rng = np.random.default_rng(seed)
