@@ -80,7 +80,7 @@ def pool_size(nodes: list[dict[str, float]], options: RayOptions) -> PoolSize:
 class EncodeBatch:
     """A Ray Data actor: one encoder replica turning (key, id, text) batches into (key, id, vector) tables."""
 
-    def __init__(self, settings: dict, device: str | None, threads: int):
+    def __init__(self, settings: dict, device: str, threads: int):
         import torch
 
         torch.set_num_threads(threads)
@@ -106,7 +106,7 @@ def encode_shards(documents_dir: Path, vectors_dir: Path, settings: IndexSetting
         context.enable_progress_bars = False
         for name in ("ray", "ray.data"):  # Ray's notices would bury the build's one-line report
             logging.getLogger(name).setLevel(logging.ERROR)
-        documents = ray.data.read_parquet(str(documents_dir), columns=["key", "id", "text"])
+        documents = ray.data.read_parquet(str(documents_dir)).select_columns(["key", "id", "text"])
         vectors = documents.map_batches(
             EncodeBatch,
             batch_format="pyarrow",
@@ -114,7 +114,6 @@ def encode_shards(documents_dir: Path, vectors_dir: Path, settings: IndexSetting
             compute=ray.data.ActorPoolStrategy(size=size.replicas),
             num_cpus=size.cpus_per_replica,
             num_gpus=options.gpus_per_replica or None,
-            max_restarts=0,  # a replica that dies fails the build (the version is not published) rather than retrying
             fn_constructor_kwargs={
                 "settings": settings.to_dict(),
                 "device": "cuda" if options.gpus_per_replica else "cpu",

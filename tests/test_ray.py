@@ -66,6 +66,24 @@ def test_ray_build_equals_the_embedded_build(tmp_path):
     run_cli("check", str(tmp_path / "on-ray"))
 
 
+def test_worker_shards_hold_plain_fixed_size_lists(tmp_path, encoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from indexer.ray_engine import encode_shards
+    from indexer.shards import ShardWriter, vectors_of
+
+    texts = ["a lamp by the river", "pepper and salt", "violin lessons for beginners"]
+    writer = ShardWriter(tmp_path / "work")
+    writer.write_documents(np.arange(3), ["x", "y", "z"], texts, [{}, {}, {}])
+    encode_shards(writer.documents_dir, writer.vectors_dir, IndexSettings(), RayOptions(replicas=1))
+    tables = [pq.read_table(path) for path in sorted(writer.vectors_dir.rglob("*.parquet"))]
+    assert tables and all(t.schema.field("vector").type == pa.list_(pa.float32(), 384) for t in tables)
+    table = pa.concat_tables(tables).sort_by("key")
+    assert table.column("id").to_pylist() == ["x", "y", "z"]
+    assert np.abs(vectors_of(table) - encoder.encode_texts(texts)).max() < 1e-5
+
+
 def test_ray_build_over_the_memory_budget_keeps_ivf_lists_on_disk(tmp_path, tiny_model):
     words = "river stone lamp garden engine violin harbour pepper cloud market silver ladder".split()
     rng = np.random.default_rng(3)
