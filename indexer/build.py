@@ -69,20 +69,29 @@ class CachedEncoder:
         self.encoded = 0
         self.reused = 0
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def lookup(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Cache keys of ``texts``, a mask of those the cache holds, and their vectors (counted as reused)."""
         keys = embedding_keys(self.prefix, texts)
         cached = self.cache.get(keys)
-        missing = [i for i, key in enumerate(keys) if key not in cached]
+        hit = np.fromiter((key in cached for key in keys), dtype=bool, count=len(keys))
+        known = [cached[key] for key in keys if key in cached]
+        self.reused += len(known)
+        return keys, hit, np.stack(known) if known else np.empty((0, self.encoder.dimension), dtype=np.float32)
+
+    def remember_vectors(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Put freshly encoded vectors of ``texts`` into the cache for this version."""
+        self.cache.put(embedding_keys(self.prefix, texts), vectors, self.version_number)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        _, hit, known = self.lookup(texts)
         out = np.empty((len(texts), self.encoder.dimension), dtype=np.float32)
-        if missing:
-            fresh = self.encoder.encode_texts([texts[i] for i in missing])
-            out[missing] = fresh
-            self.cache.put([keys[i] for i in missing], fresh, self.version_number)
-        hits = [i for i, key in enumerate(keys) if key in cached]
-        if hits:
-            out[hits] = np.stack([cached[keys[i]] for i in hits])
+        out[hit] = known
+        missing = np.flatnonzero(~hit)
+        if len(missing):
+            fresh = [texts[i] for i in missing]
+            out[missing] = self.encoder.encode_texts(fresh)
+            self.remember_vectors(fresh, out[missing])
         self.encoded += len(missing)
-        self.reused += len(hits)
         return out
 
     def remember(self, store: DocumentStore) -> None:
@@ -268,15 +277,10 @@ def _embed_on_ray(cached: CachedEncoder, documents: DocumentSource, store: Docum
             keys = np.arange(count, count + len(docs), dtype=np.int64)
             ids, texts = [d.id for d in docs], [d.text for d in docs]
             store.add(keys, ids, texts, [d.metadata for d in docs])
-            wanted = embedding_keys(cached.prefix, texts)
-            known = cached.cache.get(wanted)
-            hit = np.fromiter((w in known for w in wanted), dtype=bool, count=len(wanted))
-            if hit.any():
-                rows = np.flatnonzero(hit)
-                shards.write_vectors(keys[rows], [ids[i] for i in rows], np.stack([known[wanted[i]] for i in rows]))
+            _, hit, known = cached.lookup(texts)
+            shards.write_vectors(keys[hit], [ids[i] for i in np.flatnonzero(hit)], known)
             rows = np.flatnonzero(~hit)
             shards.write_documents(keys[rows], [ids[i] for i in rows], [texts[i] for i in rows], [docs[i].metadata for i in rows])
-            cached.reused += int(hit.sum())
             cached.encoded += len(rows)
             count += len(docs)
         if not count:
@@ -296,18 +300,12 @@ def _embed_on_ray(cached: CachedEncoder, documents: DocumentSource, store: Docum
 
 def _cache_new_vectors(cached: CachedEncoder, store: DocumentStore, folder: Path) -> None:
     """Put the vectors Ray's workers wrote into the embedding cache, so later builds reuse them."""
-    import pyarrow.parquet as pq
+    from .shards import vector_shards
 
-    from .shards import vectors_of
-
-    for path in sorted(folder.glob("*.parquet")):
-        if path.name.startswith("known-"):
-            continue
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_SIZE, columns=["key", "vector"]):
-            keys = batch.column("key").to_numpy()
+    for shard in vector_shards(folder, CHUNK_SIZE, known=False):
+        for vectors, keys in shard():
             rows = store.fetch(keys)
-            texts = [rows[int(k)]["text"] for k in keys]
-            cached.cache.put(embedding_keys(cached.prefix, texts), vectors_of(batch), cached.version_number)
+            cached.remember_vectors([rows[int(k)]["text"] for k in keys], vectors)
 
 
 def upsert_documents(

@@ -18,6 +18,7 @@ import numpy as np
 
 DOCUMENTS = "documents"
 VECTORS = "vectors"
+KNOWN = "known-"  # vector shards the build already had (from its cache), not written by workers
 
 
 def vector_table(keys: np.ndarray, ids: Sequence[str], vectors: np.ndarray):
@@ -78,7 +79,7 @@ class ShardWriter:
 
         if not len(keys):
             return
-        pq.write_table(vector_table(keys, ids, vectors), self.vectors_dir / f"known-{self._vectors:05d}.parquet")
+        pq.write_table(vector_table(keys, ids, vectors), self.vectors_dir / f"{KNOWN}{self._vectors:05d}.parquet")
         self._vectors += 1
 
     @property
@@ -86,8 +87,8 @@ class ShardWriter:
         return self._documents
 
 
-def vector_shards(folder: Path, batch_rows: int = 65536) -> list[Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]]:
-    """One callable per vector shard file, each yielding (vectors, keys) batches when called."""
+def vector_shards(folder: Path, batch_rows: int = 65536, known: bool = True) -> list[Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]]:
+    """One callable per vector shard file (without ``known``: only those workers wrote), each yielding (vectors, keys) batches."""
     import pyarrow.parquet as pq
 
     def reader(path: Path) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
@@ -97,4 +98,4 @@ def vector_shards(folder: Path, batch_rows: int = 65536) -> list[Callable[[], It
 
         return batches
 
-    return [reader(path) for path in sorted(Path(folder).rglob("*.parquet"))]
+    return [reader(path) for path in sorted(Path(folder).rglob("*.parquet")) if known or not path.name.startswith(KNOWN)]

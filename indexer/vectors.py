@@ -31,6 +31,7 @@ RECALL_TARGET = 0.95
 # Tuning aims above the target so that queries unlike the tuning sample still reach it.
 TUNING_RECALL = 0.97
 TUNING_QUERIES = 256
+TRAINING_SAMPLE = 100_000
 EXACT_UP_TO = 100_000
 HNSW_UP_TO = 2_000_000
 HNSW_LINKS = 32
@@ -355,11 +356,17 @@ class VectorSpool:
         self.keys_path.unlink(missing_ok=True)
 
 
+def sample_size(vectors: VectorIndex) -> int:
+    """Vectors to sample before filling: enough to train an untrained structure and to tune an approximate one; none for exact search."""
+    if not vectors.index.is_trained:
+        return max(TRAINING_SAMPLE, TUNING_QUERIES * 2)
+    return TUNING_QUERIES * 2 if isinstance(vectors.inner, (faiss.IndexHNSW, faiss.IndexIVF)) else 0
+
+
 def build_from_spool(spool: VectorSpool, structure: str) -> tuple[VectorIndex, dict[str, float]]:
     """Create, train, fill and tune a structure from every spooled vector."""
     vectors = VectorIndex.create(spool.dimension, structure)
-    needs_training = not vectors.index.is_trained
-    sample = spool.sample(max(100_000 if needs_training else 0, TUNING_QUERIES * 2))
+    sample = spool.sample(sample_size(vectors))
     vectors.train(sample)
     for chunk, keys in spool.chunks():
         vectors.add(chunk, keys)
@@ -390,8 +397,8 @@ def build_from_shards(shards, dimension: int, count: int, structure: str, ondisk
     file, which ``VectorIndex.load`` opens from the same folder.
     """
     vectors = VectorIndex.create(dimension, structure)
-    needs_training = not vectors.index.is_trained
-    sample = sample_from_shards(shards, count, max(100_000 if needs_training else 0, TUNING_QUERIES * 2))
+    size = sample_size(vectors)  # exact search needs none: no pass over the shards for it
+    sample = sample_from_shards(shards, count, size) if size else np.empty((0, dimension), dtype=np.float32)
     vectors.train(sample)
 
     def all_chunks():
@@ -406,10 +413,10 @@ def build_from_shards(shards, dimension: int, count: int, structure: str, ondisk
     trained = faiss.clone_index(vectors.index)  # empty: the merged index grows while later shards fill copies
 
     def fill(shard) -> faiss.Index:
-        part = faiss.clone_index(trained)
+        part = VectorIndex(faiss.clone_index(trained))
         for chunk, keys in shard():
-            part.add_with_ids(np.ascontiguousarray(chunk, dtype=np.float32), np.asarray(keys, dtype=np.int64))
-        return part
+            part.add(chunk, keys)
+        return part.index
 
     threads = max(1, threads)
     files: list[str] = []
