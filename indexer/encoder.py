@@ -288,8 +288,9 @@ class Encoder:
             if self.device.type == "cpu" and torch.backends.mkldnn.is_available():
                 try:
                     pack_linears(self.model)
-                    if matches(_HiddenStates(self.model)):
-                        return _HiddenStates(self.model)
+                    packed = _HiddenStates(self.model)
+                    if matches(packed):
+                        return packed
                 except Exception:  # a model or torch build without these kernels runs the next option
                     pass
                 self.tokenizer, self._weights = _load(self.model_name, self._path)
