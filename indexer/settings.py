@@ -8,6 +8,9 @@ from typing import Any
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# A document's text is refused above this size: beyond the model's few hundred
+# tokens only the stored text grows, and a 50 MB "document" is usually a mistake.
+MAX_DOCUMENT_BYTES = 10 * 2**20
 
 
 @dataclass
@@ -32,6 +35,7 @@ class IndexSettings:
     id_field: str | None = None
     text_fields: list[str] = field(default_factory=list)
     source: str | None = None
+    max_document_bytes: int = MAX_DOCUMENT_BYTES
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

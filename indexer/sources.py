@@ -30,13 +30,24 @@ TEXT_FIELDS = ("text",)
 TITLE_FIELDS = ("title", "description")
 
 
+ORIGINS = ("source", "upsert")
+
+
 @dataclass
 class Document:
-    """One document: its own id, the text to embed, the other fields."""
+    """One document: its own id, the text to embed, the other fields.
+
+    ``fields`` holds the record's text fields as written (``text`` is them
+    joined), so a document reads back as it came in. ``origin`` is "source"
+    for documents read from the index's source by build or rebuild, "upsert"
+    for documents added by upsert (kept across rebuilds, see build.py).
+    """
 
     id: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+    origin: str = "source"
 
 
 class DocumentSource:
