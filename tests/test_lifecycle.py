@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATASET, run_cli, write_jsonl
+from helpers import DATASET, run_cli, write_jsonl
 
 from indexer import Index, IndexLockedError, check_index, index_info, rebuild_index
 from indexer import layout

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import DATASET, run_cli, write_jsonl
+from helpers import DATASET, run_cli, write_jsonl
 
 from indexer import Index, IndexSettings, build_index, evaluate_index, parse_condition, read_judgements
 from indexer.errors import ArgumentError, SourceError

@@ -7,7 +7,7 @@ import json
 import faiss
 import numpy as np
 import pytest
-from conftest import DATASET, run_cli, write_jsonl
+from helpers import DATASET, run_cli, write_jsonl
 
 from indexer import Index, IndexSettings, build_index
 from indexer.ray_engine import RayOptions, pool_size

@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import DATASET, run_cli
+from helpers import DATASET, run_cli
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import pytest
-from conftest import DATASET, write_jsonl
+from helpers import DATASET, write_jsonl
 
 from indexer.errors import SourceError
 from indexer.sources import DocumentSource

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from indexer import Index, IndexSettings, build_index, check_index, delete_documents, index_info, upsert_documents
 from indexer.errors import ArgumentError

@@ -1,0 +1,49 @@
+"""Helpers shared by the tests: paths, running the CLI in a subprocess, writing sources, digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from indexer import layout
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASET = ROOT / "dataset"
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m indexer ARGS`` in a real subprocess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "indexer", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"indexer {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def tree_digest(path):
+    """A digest of what an index serves: its pointer and every file of every version.
+
+    (The writer lock's note and the embedding cache may change on a failed write.)
+    """
+    digest = hashlib.sha256()
+    files = [path / layout.POINTER, *(p for p in (path / layout.VERSIONS).rglob("*") if p.is_file())]
+    for file in sorted(files):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
