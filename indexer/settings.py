@@ -8,6 +8,13 @@ from typing import Any
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# Most tokens per text an index may be built with (``max_length``).
+MAX_LENGTH_CAP = 512
+# Search modes and hybrid fusions (``indexer.query``), build engines (``indexer.ray_engine``):
+# kept here, free of heavy imports, so the command line can offer them as choices.
+MODES = ("dense", "keyword", "hybrid")
+FUSIONS = ("score", "rrf")
+ENGINES = ("local", "ray")
 # A document's text is refused above this size: beyond the model's few hundred
 # tokens only the stored text grows, and a 50 MB "document" is usually a mistake.
 MAX_DOCUMENT_BYTES = 10 * 2**20
@@ -44,3 +51,8 @@ class IndexSettings:
     def from_dict(cls, data: dict[str, Any]) -> "IndexSettings":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def embedding_config(fingerprint: str, pooling: str, max_length: int, precision: str) -> str:
+    """What, besides the text, decides a vector (see ``Encoder.embedding_config``)."""
+    return f"{fingerprint}|{pooling}|{max_length}|{precision}"

@@ -10,6 +10,31 @@ Field defaults: the id is ``id``, else ``_id``, else the first field ending in
 ``_id``; the text is ``text``, else ``title`` and ``description`` joined with a
 space. Defaults are settled on the first record and then hold for every record.
 Every other field is kept as metadata.
+
+Every text format is read as UTF-8 with an optional byte-order mark (what
+spreadsheets export), gzipped or not. Repeated keys in a JSON object are
+refused (a repeated top-level key of a ``.json`` object is a duplicate id), as
+json would silently keep the last.
+
+Text field values: a string; a number or boolean, written as JSON writes it
+(``12.5``, ``true``); or a list of those, joined with a space (paragraphs,
+tags). An object, or a list holding anything else, is refused. A document's
+``fields`` keeps the text fields as written (a list stays a list). A text over
+``max_document_bytes`` UTF-8 bytes is refused: only the model's first few
+hundred tokens are embedded, and a 50 MB "document" is usually a mistake.
+
+Metadata may nest lists and objects at most ``MAX_NESTING`` levels deep, so
+that nothing downstream (JSON encoding, filters) recurses without bound.
+
+CSV and TSV values are all text, so each metadata column gets a type from a
+first pass over the file, as ``sqlite-utils insert --csv --detect-types``
+does: integer if every non-empty value is ``-?(0|[1-9][0-9]*)``, float if every
+non-empty value is a finite plain decimal (optional minus, digits, one dot,
+optional exponent; no ``nan``/``inf``), else text. "007" or "+5" keeps a
+column text, so codes keep their leading zeros, and so does a value of more
+than 18 integer digits (a code: it would not fit 64 bits, a float would round
+it). Empty cells of a numeric column become null; of a text column they stay
+"". The id and text fields are never converted.
 """
 
 from __future__ import annotations
@@ -17,17 +42,30 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import SourceError
+from .settings import MAX_DOCUMENT_BYTES
 
 ID_FIELDS = ("id", "_id")
 TEXT_FIELDS = ("text",)
 TITLE_FIELDS = ("title", "description")
+# Deepest nesting of lists and objects allowed in a metadata value (a flat list is 1).
+MAX_NESTING = 64
+# CSV/TSV type detection (see the module docstring). At most 18 integer digits, so
+# integers fit 64 bits (SQLite's) and no long code becomes a rounded float.
+INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
+DECIMAL = re.compile(r"-?(?:(?:0|[1-9][0-9]{0,17})(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+TYPE_CHUNK_ROWS = 10_000  # rows whose values are checked at once, column by column
+# The keys of a record in the document shape GET /documents/{id} returns.
+DOCUMENT_KEYS = frozenset({"id", "text", "metadata", "fields"})
 
 
 ORIGINS = ("source", "upsert")
@@ -55,23 +93,63 @@ class DocumentSource:
 
     Iterating yields :class:`Document` objects and raises :class:`SourceError`
     naming the file and line on malformed input, a missing id or text field, an
-    empty text or a duplicate id. After the first record, ``id_field`` and
-    ``text_fields`` hold the fields actually used.
+    empty or oversized text, too deep metadata or a duplicate id. After the
+    first record, ``id_field`` and ``text_fields`` hold the fields actually used.
     """
 
-    def __init__(self, path: str | Path, id_field: str | None = None, text_fields: Iterable[str] | None = None):
-        self.path = Path(path)
+    def __init__(
+        self,
+        path: str | Path,
+        id_field: str | None = None,
+        text_fields: Iterable[str] | None = None,
+        *,
+        max_document_bytes: int = MAX_DOCUMENT_BYTES,
+    ):
+        self.path: Path | str = Path(path)
         self.id_field = id_field
         self.text_fields = list(text_fields or [])
+        self.max_document_bytes = max_document_bytes
+        self._records: list[Any] | None = None
         if not self.path.exists():
             raise SourceError(f"{self.path}: no such file or folder")
         self.format = "folder" if self.path.is_dir() else source_format(self.path)
 
+    @classmethod
+    def from_records(
+        cls,
+        records: list[Any],
+        *,
+        name: str = "documents",
+        id_field: str | None = None,
+        text_fields: Iterable[str] | None = None,
+        max_document_bytes: int = MAX_DOCUMENT_BYTES,
+    ) -> "DocumentSource":
+        """The documents of in-memory JSON objects (an HTTP request's), located as "NAME: record N".
+
+        A record is either in the source's own shape (id and text fields as
+        named, the rest metadata) or in the shape a stored document reads back
+        as: ``{"id", "text", "metadata", "fields"}`` (see ``_stored_document``).
+        ``path`` is ``name``, for messages.
+        """
+        source = cls.__new__(cls)
+        source.path = name
+        source.id_field = id_field
+        source.text_fields = list(text_fields or [])
+        source.max_document_bytes = max_document_bytes
+        source._records = list(records)
+        source.format = "records"
+        return source
+
     def __iter__(self) -> Iterator[Document]:
         seen: set[str] = set()
+        if self._records is not None:
+            records = ((f"{self.path}: record {n}", r) for n, r in enumerate(self._records, 1))
+        else:
+            records = read_records(self.path, self.format)
         try:
-            for where, record in read_records(self.path, self.format):
-                doc = self._document(where, record)
+            types = _column_types(self.path, DELIMITERS[self.format]) if self.format in DELIMITERS else {}
+            for where, record in records:
+                doc = self._document(where, record, types)
                 if doc.id in seen:
                     raise SourceError(f"{where}: duplicate id {doc.id!r}")
                 seen.add(doc.id)
@@ -96,28 +174,171 @@ class DocumentSource:
             if not self.text_fields:
                 raise SourceError(f"{where}: no text field (looked for text, title, description); name one with --text-field")
 
-    def _document(self, where: str, record: Any) -> Document:
+    def _document(self, where: str, record: Any, types: dict[str, type] | None = None) -> Document:
         if not isinstance(record, dict):
             raise SourceError(f"{where}: expected an object with fields, got {type(record).__name__}")
+        if self._records is not None and _is_stored_document(record):
+            return self._stored_document(where, record)
         if self.id_field is None or not self.text_fields:
             self._settle(where, record)
-        doc_id = record.get(self.id_field)
-        if doc_id is None or doc_id == "":
-            raise SourceError(f"{where}: missing id field {self.id_field!r}")
-        if isinstance(doc_id, (dict, list)):
-            raise SourceError(f"{where}: id field {self.id_field!r} must be a string or number")
+        doc_id = _document_id(where, record.get(self.id_field), self.id_field)
         parts = []
         for name in self.text_fields:
             if name not in record:
                 raise SourceError(f"{where}: missing text field {name!r}")
-            value = record[name]
-            if value is not None and str(value).strip():
-                parts.append(str(value).strip())
+            if part := text_value(where, name, record[name]):
+                parts.append(part)
         if not parts:
             raise SourceError(f"{where}: empty text in field(s) {', '.join(self.text_fields)}")
         used = {self.id_field, *self.text_fields}
         metadata = {k: v for k, v in record.items() if k not in used}
-        return Document(str(doc_id), " ".join(parts), metadata)
+        for name, kind in (types or {}).items():
+            if name in metadata:
+                value = metadata[name]
+                try:
+                    metadata[name] = kind(value) if value else None
+                except ValueError:  # only if the file changed between the typing pass and this one
+                    raise SourceError(f"{where}: {name!r} is {value!r}, not a number; did the file change while read?") from None
+        self._check(where, " ".join(parts), metadata)
+        fields = {name: record[name] for name in self.text_fields}
+        return Document(doc_id, " ".join(parts), metadata, fields)
+
+    def _stored_document(self, where: str, record: dict[str, Any]) -> Document:
+        """A record in the shape GET /documents/{id} returns: ``{"id", "text", "metadata", "fields"}``.
+
+        Without "text", the text is the fields' values joined as a source's
+        text fields are, in the index's text-field order where those are named.
+        """
+        doc_id = _document_id(where, record.get("id"), "id")
+        fields = record.get("fields") or {}
+        parts = {name: text_value(where, name, value) for name, value in fields.items()}
+        if "text" in record:
+            text = text_value(where, "text", record["text"])
+        else:
+            order = [n for n in self.text_fields if n in parts] + [n for n in parts if n not in self.text_fields]
+            text = " ".join(parts[n] for n in order if parts[n])
+        if not text:
+            raise SourceError(f"{where}: empty text")
+        metadata = record.get("metadata") or {}
+        self._check(where, text, metadata)
+        return Document(doc_id, text, dict(metadata), dict(fields))
+
+    def _check(self, where: str, text: str, metadata: dict[str, Any]) -> None:
+        """Refuse a text over ``max_document_bytes`` and metadata nested over ``MAX_NESTING`` levels."""
+        limit = self.max_document_bytes
+        if len(text) * 4 > limit:  # at most 4 UTF-8 bytes a character: encode only texts that may be over
+            size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise SourceError(f"{where}: text is {size} bytes, over the limit of {limit} (--max-document-bytes)")
+        for name, value in metadata.items():
+            if isinstance(value, (dict, list)):
+                _check_nesting(where, name, value)
+
+
+def text_value(where: str, name: str, value: Any) -> str:
+    """The text a text field's value contributes, stripped ("" for null): see the module docstring."""
+    if isinstance(value, str):
+        return value.strip()
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        if all(isinstance(v, str) for v in value):
+            return " ".join(s for s in map(str.strip, value) if s)
+        if all(_is_scalar(v) for v in value):
+            return " ".join(s for s in (_scalar_text(v) for v in value) if s)
+        got = next(_json_type(v) for v in value if not _is_scalar(v))
+        raise SourceError(f"{where}: text field {name!r} must be a string or a list of strings, got a list holding {got}")
+    if _is_scalar(value):
+        return _scalar_text(value)
+    raise SourceError(f"{where}: text field {name!r} must be a string or a list of strings, got {_json_type(value)}")
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float))  # bool is an int
+
+
+def _scalar_text(value: str | int | float) -> str:
+    # As JSON writes it: true/false, not Python's True/False.
+    if isinstance(value, str):
+        return value.strip()
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "object", list: "list"}.get(type(value), type(value).__name__)
+
+
+def _document_id(where: str, value: Any, name: str) -> str:
+    if value is None or value == "":
+        raise SourceError(f"{where}: missing id field {name!r}")
+    if isinstance(value, (dict, list)):
+        raise SourceError(f"{where}: id field {name!r} must be a string or number")
+    return str(value)
+
+
+def _is_stored_document(record: dict[str, Any]) -> bool:
+    """Whether ``record`` is in the shape GET /documents/{id} returns (see ``DocumentSource.from_records``)."""
+    return (
+        "id" in record
+        and ("text" in record or "fields" in record)
+        and record.keys() <= DOCUMENT_KEYS
+        and isinstance(record.get("metadata", {}), dict)
+        and isinstance(record.get("fields", {}), dict)
+    )
+
+
+def _check_nesting(where: str, name: str, value: dict | list) -> None:
+    """Refuse a metadata value nested over ``MAX_NESTING`` levels or holding an object with a repeated key.
+
+    Walked with a stack, not recursion; only lists and objects are visited.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise SourceError(f"{where}: field {name!r} is nested more than {MAX_NESTING} levels deep")
+        if isinstance(item, _Repeated):
+            raise SourceError(f"{where}: duplicate field {item.key!r} in field {name!r}")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+class _Repeated(dict):
+    """A JSON object that repeated a key; ``key`` is the first repeat (json would keep the last value)."""
+
+    key: str
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a dict, or a ``_Repeated`` one where a key came twice."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    repeated = _Repeated(obj)
+    seen: set[str] = set()
+    repeated.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return repeated
+
+
+def _refuse_repeats(where: str, record: Any) -> None:
+    if isinstance(record, _Repeated):
+        raise SourceError(f"{where}: duplicate field {record.key!r}")
+
+
+def _deep_line(text: str) -> int:
+    """The line on which ``text`` (JSON) first nests over ``MAX_NESTING`` levels, for messages (1 if it never does)."""
+    depth = 0
+    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_NESTING:
+                return text.count("\n", 0, match.start()) + 1
+        elif token in ("]", "}"):
+            depth -= 1
+    return 1
 
 
 def read_records(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
@@ -148,11 +369,11 @@ def source_format(path: Path) -> str:
 
 
 def open_text(path: Path) -> io.TextIOBase:
-    """A UTF-8 text stream of ``path``, gunzipped if it ends in .gz."""
+    """A UTF-8 text stream of ``path`` (a leading byte-order mark dropped), gunzipped if it ends in .gz."""
     try:
         if path.suffix.lower() == ".gz":
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-        return open(path, encoding="utf-8", newline="")
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+        return open(path, encoding="utf-8-sig", newline="")
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -163,9 +384,14 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_json_object)
             except json.JSONDecodeError as exc:
                 raise SourceError(f"{path}:{number}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+            except RecursionError:
+                raise SourceError(f"{path}:{number}: JSON nested too deeply") from None
+            except ValueError as exc:  # an integer over Python's 4300 digits
+                raise SourceError(f"{path}:{number}: malformed JSON ({exc})") from None
+            _refuse_repeats(f"{path}:{number}", record)
             yield f"{path}:{number}", record
 
 
@@ -174,6 +400,10 @@ def _delimited_records(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
     with open_text(path) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
+            header = reader.fieldnames or []
+            if len(set(header)) < len(header):
+                repeated = next(name for i, name in enumerate(header) if name in header[:i])
+                raise SourceError(f"{path}:1: duplicate field {repeated!r} in the header")
             for row in reader:
                 if None in row:
                     raise SourceError(f"{path}:{reader.line_num}: more values than header fields")
@@ -190,18 +420,62 @@ def _tsv_records(path: Path) -> Iterator[tuple[str, Any]]:
     return _delimited_records(path, "\t")
 
 
+DELIMITERS = {"csv": ",", "tsv": "\t"}
+
+
+def _column_types(path: Path, delimiter: str) -> dict[str, type]:
+    """The numeric columns of a CSV/TSV file, each int or float (see the module docstring); others are text.
+
+    One pass over the file, ``TYPE_CHUNK_ROWS`` rows at a time, checking each
+    column's distinct values at once; a column drops out at its first text value.
+    """
+    csv.field_size_limit(sys.maxsize)
+    with open_text(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader, [])
+            kinds: dict[int, type] = dict.fromkeys(range(len(header)), int)
+            filled: set[int] = set()  # columns with a non-empty value: an all-empty column stays text
+            while kinds and (rows := list(itertools.islice(reader, TYPE_CHUNK_ROWS))):
+                columns = list(itertools.zip_longest(*rows, fillvalue=""))
+                for i in [i for i in kinds if i < len(columns)]:
+                    values = set(columns[i]) - {""}
+                    if not values:
+                        continue
+                    filled.add(i)
+                    if kinds[i] is int and all(map(INTEGER.fullmatch, values)):
+                        continue
+                    if all(map(DECIMAL.fullmatch, values)) and all(map(math.isfinite, map(float, values))):
+                        kinds[i] = float
+                    else:
+                        del kinds[i]
+        except csv.Error as exc:
+            raise SourceError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    return {header[i]: kind for i, kind in kinds.items() if i in filled}
+
+
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     with open_text(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+        text = f.read()
+    try:
+        data = json.loads(text, object_pairs_hook=_json_object)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+    except RecursionError:
+        raise SourceError(f"{path}:{_deep_line(text)}: JSON nested too deeply") from None
+    except ValueError as exc:  # an integer over Python's 4300 digits
+        raise SourceError(f"{path}: malformed JSON ({exc})") from None
+    del text
     if isinstance(data, list):
         for number, record in enumerate(data, 1):
+            _refuse_repeats(f"{path}: record {number}", record)
             yield f"{path}: record {number}", record
     elif isinstance(data, dict):
-        # An {id: text} map (a label file) or an {id: record} map.
+        # An {id: text} map (a label file) or an {id: record} map; a repeated key is a repeated id.
+        if isinstance(data, _Repeated):
+            raise SourceError(f"{path}: duplicate id {data.key!r}")
         for key, value in data.items():
+            _refuse_repeats(f"{path}: key {key!r}", value)
             record = dict(value) if isinstance(value, dict) else {"text": value}
             record.setdefault("id", key)
             yield f"{path}: key {key!r}", record
@@ -216,7 +490,7 @@ def _text_folder_records(path: Path) -> Iterator[tuple[str, Any]]:
     for file in files:
         relative = file.relative_to(path).as_posix()
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             raise SourceError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except OSError as exc:

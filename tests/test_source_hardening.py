@@ -1,0 +1,302 @@
+"""Sources against real-world files: byte-order marks, repeated keys, CSV types, deep nesting,
+list text fields, in-memory records and huge documents (and the encoder's bounded tokenising)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import write_jsonl
+
+from indexer.errors import SourceError
+from indexer.settings import MAX_DOCUMENT_BYTES
+from indexer.sources import MAX_NESTING, Document, DocumentSource, read_records
+
+BOM = "\ufeff"
+
+
+def read(path, **kwargs):
+    return list(DocumentSource(path, **kwargs))
+
+
+def write_bytes(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+# 1. Byte-order marks, in every text format.
+
+
+@pytest.mark.parametrize("id_header", ["id", "product_id"])
+def test_csv_with_bom_and_crlf_reads_its_first_header(tmp_path, id_header):
+    path = write_bytes(tmp_path / "sheet.csv", f"{BOM}{id_header},text,colour\r\nA1,first,red\r\nA2,\"two\r\nlines\",blue\r\n")
+    source = DocumentSource(path)
+    docs = list(source)
+    assert source.id_field == id_header
+    assert [(d.id, d.text, d.metadata) for d in docs] == [("A1", "first", {"colour": "red"}), ("A2", "two\r\nlines", {"colour": "blue"})]
+
+
+def test_bom_in_tsv_jsonl_json_gzip_and_txt(tmp_path):
+    with gzip.open(tmp_path / "d.tsv.gz", "wb") as f:
+        f.write(f"{BOM}id\ttext\n1\tzipped tab\n".encode())
+    write_bytes(tmp_path / "d.jsonl", BOM + json.dumps({"id": 1, "text": "line"}) + "\r\n")
+    write_bytes(tmp_path / "d.json", BOM + json.dumps([{"id": 1, "text": "list"}]))
+    (tmp_path / "docs").mkdir()
+    write_bytes(tmp_path / "docs" / "a.txt", BOM + "plain text")
+    assert [d.text for d in read(tmp_path / "d.tsv.gz")] == ["zipped tab"]
+    assert [d.text for d in read(tmp_path / "d.jsonl")] == ["line"]
+    assert [d.text for d in read(tmp_path / "d.json")] == ["list"]
+    (doc,) = read(tmp_path / "docs")
+    assert doc.text == "plain text" and doc.fields == {"text": "plain text"}
+    # Query files for evaluate are read the same way.
+    write_bytes(tmp_path / "queries.csv", f"{BOM}query,document\r\nhow?,d1\r\n")
+    assert [r for _, r in read_records(tmp_path / "queries.csv")] == [{"query": "how?", "document": "d1"}]
+
+
+# 2. Repeated keys are refused, not silently resolved to the last.
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("map.json", '{"doc1": "a", "doc2": "b", "doc1": "c"}', r"map\.json: duplicate id 'doc1'"),
+        ("d.jsonl", '{"id": 1, "text": "a"}\n{"id": 2, "text": "a", "text": "b"}\n', r"d\.jsonl:2: duplicate field 'text'"),
+        ("d.json", '[{"id": 1, "text": "a", "id": 2}]', r"d\.json: record 1: duplicate field 'id'"),
+        ("map.json", '{"doc1": {"text": "a", "text": "b"}}', r"map\.json: key 'doc1': duplicate field 'text'"),
+        ("d.jsonl", '{"id": 1, "text": "a", "m": [{"k": 1, "k": 2}]}\n', r"d\.jsonl:1: duplicate field 'k' in field 'm'"),
+        ("d.csv", "id,text,text\n1,a,b\n", r"d\.csv:1: duplicate field 'text' in the header"),
+    ],
+)
+def test_repeated_keys_are_refused(tmp_path, name, content, message):
+    path = write_bytes(tmp_path / name, content)
+    with pytest.raises(SourceError, match=message):
+        read(path)
+
+
+# 3. CSV and TSV columns get types, as sqlite-utils --detect-types gives them.
+
+TYPED_CSV = (
+    "id,text,price,stock,sku,plus,mixed,missing,empty,special,huge\n"
+    "0012,first,5,5,007,+5,10,3,,nan,1e999\n"
+    "13,second,12.5,0,010,6,x,,,inf,2\n"
+    "14,third,30,-3,100,7,20,7,,1.5,3\n"
+    "15,fourth,150,150,200,8,30,,,2,4\n"
+    "16,42,29.99,1,300,9,40,1,,3,5\n"
+)
+
+
+def test_csv_numeric_columns_become_numbers(tmp_path):
+    path = write_bytes(tmp_path / "d.csv", TYPED_CSV)
+    docs = read(path)
+    first, second = docs[0].metadata, docs[1].metadata
+    assert [d.metadata["price"] for d in docs] == [5.0, 12.5, 30.0, 150.0, 29.99]
+    assert all(type(d.metadata["price"]) is float for d in docs)
+    assert [d.metadata["stock"] for d in docs] == [5, 0, -3, 150, 1]
+    assert all(type(d.metadata["stock"]) is int for d in docs)
+    # Leading zeros, a plus sign, one word, nan/inf and overflow keep a column text.
+    assert (first["sku"], first["plus"], first["mixed"], first["special"], first["huge"]) == ("007", "+5", "10", "nan", "1e999")
+    # Empty cells: null in a numeric column, "" in a text one.
+    assert (first["missing"], second["missing"], first["empty"]) == (3, None, "")
+    # The id and text fields keep their exact strings.
+    assert (docs[0].id, docs[4].text, docs[4].fields) == ("0012", "42", {"text": "42"})
+
+
+def test_gzipped_tsv_is_typed_and_raw_records_stay_text(tmp_path):
+    path = tmp_path / "d.tsv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("id\ttext\tscore\tcode\n1\ta\t-2.5e3\t12345678901234567890\n2\tb\t7\t1\n")
+    # A 20-digit value is a code, not a number: it would not fit 64 bits, and a float would round it.
+    assert [d.metadata for d in read(path)] == [{"score": -2500.0, "code": "12345678901234567890"}, {"score": 7.0, "code": "1"}]
+    assert [r["score"] for _, r in read_records(path)] == ["-2.5e3", "7"]
+
+
+def test_numeric_csv_filter_compares_numbers(tmp_path, tiny_model):
+    from indexer import Index, IndexSettings, build_index
+
+    path = write_bytes(tmp_path / "d.csv", TYPED_CSV)
+    build_index(path, tmp_path / "index", IndexSettings(model=str(tiny_model)))
+    hits = Index(tmp_path / "index").search("first", k=10, where=[("price", "<", 30)])
+    assert sorted(h.id for h in hits) == ["0012", "13", "16"]
+
+
+# 4. Deep nesting is a user error, not a RecursionError.
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "1" + "]" * levels
+
+
+def test_json_nested_past_the_parser_names_file_and_line(tmp_path):
+    jsonl = write_bytes(tmp_path / "d.jsonl", '{"id": 1, "text": "a"}\n' + f'{{"id": 2, "text": "x", "m": {deep(10_000)}}}\n')
+    with pytest.raises(SourceError, match=r"d\.jsonl:2: JSON nested too deeply"):
+        read(jsonl)
+    whole = write_bytes(tmp_path / "d.json", '[\n{"id": 1, "text": "a"},\n' + f'{{"id": 2, "text": "x", "m": {deep(10_000)}}}]')
+    with pytest.raises(SourceError, match=r"d\.json:3: JSON nested too deeply"):
+        read(whole)
+
+
+def test_json_number_over_pythons_digit_limit_is_a_user_error(tmp_path):
+    path = write_bytes(tmp_path / "d.jsonl", '{"id": 1, "text": "x", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(SourceError, match=r"d\.jsonl:1: malformed JSON \(Exceeds the limit"):
+        read(path)
+
+
+def test_metadata_nesting_is_capped(tmp_path):
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"id": 1, "text": "x", "m": json.loads(deep(MAX_NESTING))}])
+    assert json.dumps(read(ok)[0].metadata["m"]) == deep(MAX_NESTING)
+    records = [{"id": 1, "text": "x"}, {"id": 2, "text": "x", "m": {"a": [{"b": json.loads(deep(MAX_NESTING - 2))}]}}]
+    too_deep = write_jsonl(tmp_path / "deep.jsonl", records)
+    with pytest.raises(SourceError, match=rf"deep\.jsonl:2: field 'm' is nested more than {MAX_NESTING} levels deep"):
+        read(too_deep)
+
+
+# 5 and 6. Text field values and Document.fields.
+
+
+def test_list_number_and_boolean_text_fields(tmp_path):
+    records = [
+        {"id": 1, "title": ["First paragraph.", " ", "Second paragraph."], "description": "tail", "tags": ["a"]},
+        {"id": 2, "title": True, "description": 12.5},
+        {"id": 3, "title": ["n", 7, False], "description": None},
+    ]
+    docs = read(write_jsonl(tmp_path / "d.jsonl", records))
+    assert [d.text for d in docs] == ["First paragraph. Second paragraph. tail", "true 12.5", "n 7 false"]
+    # fields are the text fields as written, so each record is rebuilt from id, fields and metadata.
+    assert [d.fields for d in docs] == [{k: r[k] for k in ("title", "description")} for r in records]
+    assert [{"id": int(d.id), **d.fields, **d.metadata} for d in docs] == records
+    assert {d.origin for d in docs} == {"source"}
+
+
+@pytest.mark.parametrize(
+    "value, got",
+    [({"a": 1}, "got object"), (["text", {"a": 1}], "got a list holding object"), (["a", ["b"]], "got a list holding list"),
+     (["a", None], "got a list holding null")],
+)
+def test_objects_and_nested_lists_are_not_text(tmp_path, value, got):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": "ok"}, {"id": 2, "text": value}])
+    with pytest.raises(SourceError, match=rf"d\.jsonl:2: text field 'text' must be a string or a list of strings, {got}"):
+        read(path)
+
+
+def test_fields_for_csv_and_json_label_maps(tmp_path):
+    csv_doc = read(write_bytes(tmp_path / "d.csv", "sku,title,description,price\n07,Lamp,Bright,3\n"), id_field="sku")[0]
+    assert (csv_doc.id, csv_doc.fields, csv_doc.metadata) == ("07", {"title": "Lamp", "description": "Bright"}, {"price": 3})
+    labels = read(write_bytes(tmp_path / "labels.json", '{"0": "World"}'))
+    assert [(d.id, d.fields) for d in labels] == [("0", {"text": "World"})]
+
+
+# 7. In-memory records (the HTTP API's), in either shape.
+
+INDEX_FIELDS = {"id_field": "product_id", "text_fields": ["title", "description"]}
+
+
+def test_records_in_the_source_shape_and_the_stored_document_shape():
+    stored = {"id": "p2", "text": "Kept text", "metadata": {"price": 4}, "fields": {"title": "Kept", "description": "text"}}
+    records = [
+        {"product_id": "p1", "title": "Lamp", "description": ["Bright", "and warm"], "price": 3},
+        stored,
+        {"id": "p3", "fields": {"description": "second", "title": "first"}},
+        {"id": "p4", "text": "only text"},
+    ]
+    source = DocumentSource.from_records(records, **INDEX_FIELDS)
+    docs = list(source)
+    assert source.path == "documents"
+    assert docs[0] == Document("p1", "Lamp Bright and warm", {"price": 3}, {"title": "Lamp", "description": ["Bright", "and warm"]})
+    assert docs[1] == Document("p2", "Kept text", {"price": 4}, stored["fields"])
+    assert docs[2] == Document("p3", "first second", {}, {"description": "second", "title": "first"})
+    assert docs[3] == Document("p4", "only text", {}, {})
+    # What GET /documents/{id} returns reads back as the same document.
+    as_returned = [{k: getattr(d, k) for k in ("id", "text", "metadata", "fields")} for d in docs]
+    assert list(DocumentSource.from_records(as_returned, **INDEX_FIELDS)) == docs
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}], r"^documents: record 3: duplicate id 'a'$"),
+        ([{"product_id": "a", "title": "x"}], r"^documents: record 1: missing text field 'description'$"),
+        ([{"id": "a", "fields": {"title": " "}}], r"^documents: record 1: empty text$"),
+        ([{"text": "x", "metadata": {}}], r"^documents: record 1: missing id field 'product_id'$"),
+        ([{"id": "a", "text": "x", "metadata": {"m": json.loads(deep(MAX_NESTING + 1))}}], r"^documents: record 1: field 'm' is nested"),
+        ([{"id": "a", "fields": {"title": {"b": 1}}}], r"^documents: record 1: text field 'title' must be a string"),
+        (["just text"], r"^documents: record 1: expected an object"),
+    ],
+)
+def test_bad_records_name_the_record(records, message):
+    with pytest.raises(SourceError, match=message):
+        list(DocumentSource.from_records(records, **INDEX_FIELDS))
+
+
+def test_records_over_the_size_limit_and_a_custom_name():
+    source = DocumentSource.from_records([{"id": "a", "text": "x" * 101}], name="batch", max_document_bytes=100)
+    with pytest.raises(SourceError, match=r"^batch: record 1: text is 101 bytes, over the limit of 100 \(--max-document-bytes\)$"):
+        list(source)
+
+
+# 8a. Oversized documents are refused, counted in UTF-8 bytes.
+
+
+def test_text_over_the_byte_limit_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": "é" * 400}, {"id": 2, "text": "é" * 600}])
+    with pytest.raises(SourceError, match=r"d\.jsonl:2: text is 1200 bytes, over the limit of 1000 \(--max-document-bytes\)"):
+        read(path, max_document_bytes=1000)
+    assert DocumentSource(path).max_document_bytes == MAX_DOCUMENT_BYTES
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "big.txt").write_text("a" * (MAX_DOCUMENT_BYTES + 1))
+    with pytest.raises(SourceError, match=rf"big\.txt: text is {MAX_DOCUMENT_BYTES + 1} bytes, over the limit"):
+        read(tmp_path / "docs")
+
+
+# 8b. The encoder tokenises a bounded prefix of a huge text, with the same result.
+
+
+def whole_ids(encoder, text: str) -> list[int]:
+    """Token ids the slow way: the tokenizer over the whole text, then truncation."""
+    return encoder.tokenizer(text, truncation=True, max_length=encoder.max_length)["input_ids"]
+
+
+def test_huge_text_embeds_as_its_beginning(encoder):
+    sentence = "The quick brown fox jumps over the lazy dog near the riverbank. "
+    text = sentence * (20_000_000 // len(sentence))
+    (ids,) = encoder.tokenize([text])
+    assert ids == whole_ids(encoder, text[:200_000]) and len(ids) == encoder.max_length
+    np.testing.assert_array_equal(encoder.encode_texts([text, "short"])[:1], encoder.encode_texts([text[:200_000]]))
+
+
+def test_huge_text_is_tokenised_in_bounded_memory(tiny_model):
+    # Peak memory of a fresh process (ru_maxrss, KiB) across tokenising a 20 MB text: the tokenizer
+    # run over the whole text takes gigabytes, over a prefix almost nothing.
+    script = f"""
+import resource
+from indexer.encoder import Encoder
+encoder = Encoder({str(tiny_model)!r})
+text = "The quick brown fox jumps over the lazy dog. " * 450_000
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+(ids,) = encoder.tokenize([text])
+assert len(ids) == encoder.max_length
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, check=True)
+    assert int(result.stdout) < 200 * 1024
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " ".join(f"word{i}" for i in range(200)).replace(" ", " " * 10_000),  # every prefix cut lands in spaces
+        "start " + "x" * 1_000_000 + " end of it all " * 300,  # a word far longer than the first prefix
+        "y" * 500_000,  # no space at all: only the whole text is safe
+        "a" * 4090 + " ab" * 3000,  # the first prefix ends inside a word that holds the last needed tokens
+        ("naïve café " * 20 + "\n\t") * 2000,  # accents and other whitespace
+        "日本語のテキスト" * 10_000 + " tail",  # CJK without spaces
+    ],
+)
+def test_prefix_tokenising_equals_whole_text(encoder, text):
+    assert encoder.tokenize([text, "short"]) == [whole_ids(encoder, text), whole_ids(encoder, "short")]
