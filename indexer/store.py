@@ -1,8 +1,10 @@
 """The SQLite side of an index: one row per document, keyed by its FAISS id.
 
 Table ``documents``: ``key`` (INTEGER PRIMARY KEY, equal to the vector's FAISS
-id), ``id`` (the document's own id, unique), ``text`` and ``metadata`` (the
-document's other fields as JSON). ``documents_fts`` is an FTS5 full-text index
+id), ``id`` (the document's own id, unique), ``text``, ``metadata`` (the
+document's other fields as JSON), ``fields`` (its text fields as written, JSON)
+and ``origin`` ("source" or "upsert": where the document came from; stores
+written before these two columns existed read as fields ``{}``, origin "source"). ``documents_fts`` is an FTS5 full-text index
 of ``text`` (external content, kept in step by triggers) for keyword search. Written in WAL mode; a published version is
 never written again, so readers open it with SQLite's ``immutable`` flag and
 take no locks at all.
@@ -10,6 +12,7 @@ take no locks at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -27,6 +30,13 @@ from .errors import ArgumentError, IndexCorruptError
 TABLE = "documents"
 KEYWORDS = "documents_fts"
 FILTER_OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "in")
+# A field name with a double quote cannot be quoted in an SQLite JSON path; control characters are never meant.
+FIELD_NAME_FORBIDDEN = re.compile(r'["\x00-\x1f\x7f-\x9f]')
+# json_each/json_type's names for JSON types, and the kinds filters and field_types() speak of.
+JSON_KINDS = {"integer": "number", "real": "number", "text": "text", "true": "boolean", "false": "boolean",
+              "null": "null", "array": "array", "object": "object"}
+KIND_SQL_TYPES = {"number": "'integer', 'real'", "text": "'text'", "boolean": "'true', 'false'"}
+COLUMNS = ("key", "id", "text", "metadata", "fields", "origin")
 
 
 class DocumentStore:
@@ -41,9 +51,10 @@ class DocumentStore:
         """A new, empty store at ``path`` (which must not exist)."""
         db = _open_writable(path)
         db[TABLE].create(
-            {"key": int, "id": str, "text": str, "metadata": str},
+            {"key": int, "id": str, "text": str, "metadata": str, "fields": str, "origin": str},
             pk="key",
-            not_null={"id", "text"},
+            not_null={"id", "text", "origin"},
+            defaults={"origin": "source"},
         )
         db[TABLE].create_index(["id"], unique=True)
         db.executescript(
@@ -63,7 +74,10 @@ class DocumentStore:
     def copy(cls, published: str | Path, path: str | Path) -> "DocumentStore":
         """A writable copy, at ``path``, of the published store ``published``."""
         shutil.copyfile(published, path)
-        return cls(_open_writable(path))
+        db = _open_writable(path)
+        for column in set(COLUMNS) - set(db[TABLE].columns_dict):
+            db.execute(f"ALTER TABLE {TABLE} ADD COLUMN {column} TEXT" + (" NOT NULL DEFAULT 'source'" if column == "origin" else ""))
+        return cls(db)
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> "DocumentStore":
@@ -74,21 +88,39 @@ class DocumentStore:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False)
         return cls(sqlite_utils.Database(conn))
 
-    def add(self, keys: Sequence[int], ids: Sequence[str], texts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> None:
-        """Insert documents; ``keys[i]`` is the FAISS id of document ``ids[i]``."""
+    def add(self, keys: Sequence[int], documents: Sequence[Any]) -> None:
+        """Insert documents (objects with ``id``, ``text``, ``metadata``, ``fields``, ``origin``); ``keys[i]`` is the FAISS id of ``documents[i]``."""
         rows = (
-            {"key": int(k), "id": i, "text": t, "metadata": json.dumps(m, ensure_ascii=False)}
-            for k, i, t, m in zip(keys, ids, texts, metadata)
+            (int(k), d.id, d.text, json.dumps(d.metadata, ensure_ascii=False), json.dumps(d.fields, ensure_ascii=False), d.origin)
+            for k, d in zip(keys, documents)
         )
-        self.db[TABLE].insert_all(rows, batch_size=1000)
+        with self._lock, self.db.conn:
+            self.db.conn.executemany(f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def fetch(self, keys: Iterable[int]) -> dict[int, dict[str, Any]]:
-        """Rows for ``keys`` as ``{key: {"id", "text", "metadata"}}``, in one query."""
+        """Rows for ``keys`` as ``{key: {"id", "text", "metadata", "fields", "origin"}}``, in one query."""
         wanted = json.dumps([int(k) for k in keys])
-        sql = f"SELECT key, id, text, metadata FROM {TABLE} WHERE key IN (SELECT value FROM json_each(?))"
+        sql = f"SELECT {self._columns} FROM {TABLE} WHERE key IN (SELECT value FROM json_each(?))"
         with self._lock:
             rows = self.db.execute(sql, [wanted]).fetchall()
-        return {key: {"id": doc_id, "text": text, "metadata": json.loads(meta or "{}")} for key, doc_id, text, meta in rows}
+        return {row[0]: _row(row) for row in rows}
+
+    def rows_of_origin(self, origin: str, chunk: int = 4096) -> Iterator[list[dict[str, Any]]]:
+        """Every document written by ``origin`` ("source" or "upsert"), as rows in chunks, in key order."""
+        cursor = self.db.execute(f"SELECT {self._columns} FROM {TABLE} WHERE origin = ? ORDER BY key", [origin])
+        while rows := cursor.fetchmany(chunk):
+            yield [_row(row) for row in rows]
+
+    def count_of_origin(self, origin: str) -> int:
+        with self._lock:
+            return self.db.execute(f"SELECT count(*) FROM {TABLE} WHERE origin = ?", [origin]).fetchone()[0]
+
+    @functools.cached_property
+    def _columns(self) -> str:
+        # Stores written before fields/origin existed are read with their defaults.
+        present = set(self.db[TABLE].columns_dict)
+        defaults = {"fields": "'{}'", "origin": "'source'"}
+        return ", ".join(c if c in present else f"{defaults[c]} AS {c}" for c in COLUMNS)
 
     def keys_for_ids(self, ids: Sequence[str]) -> dict[str, int]:
         """``{id: key}`` for the given document ids that are present."""
@@ -116,15 +148,16 @@ class DocumentStore:
             yield [row[0] for row in rows], [row[1] for row in rows]
 
     def content_digest(self) -> str:
-        """SHA-256 of every (id, text, metadata), in id order: equal digests, equal content."""
+        """SHA-256 of every (id, text, metadata, fields, origin), in id order: equal digests, equal content."""
         digest = hashlib.sha256()
-        for row in self.db.execute(f"SELECT id, text, metadata FROM {TABLE} ORDER BY id"):
+        for row in self.db.execute(f"SELECT id, text, metadata, fields, origin FROM {TABLE} ORDER BY id"):
             digest.update(json.dumps(row, ensure_ascii=False).encode())
         return digest.hexdigest()
 
     def count_missing_in(self, other: str | Path) -> int:
         """How many document ids of the store file ``other`` are not in this one."""
-        uri = f"{Path(other).resolve().as_uri()}?immutable=1"
+        # mode=ro: ATTACH must never create the file of a damaged version.
+        uri = f"{Path(other).resolve().as_uri()}?mode=ro&immutable=1"
         with self._lock:
             self.db.execute("ATTACH DATABASE ? AS other", [uri])
             try:
@@ -155,28 +188,104 @@ class DocumentStore:
             rows = self.db.execute(sql, params).fetchall()
         return [row[0] for row in rows], [-row[1] for row in rows]
 
+    def field_types(self) -> dict[str, set[str]]:
+        """Each top-level metadata field, with the kinds of JSON value it holds across the documents.
+
+        Kinds: ``number``, ``text``, ``boolean``, ``null``, ``array``,
+        ``object``; ``id`` (a column, always text) is not listed. One SQL
+        statement over every document's metadata, remembered until the store
+        changes: a published (immutable) store never does, and a writable one
+        is read again after any write, by this connection or another.
+        """
+        with self._lock:
+            # data_version moves with other connections' commits, total_changes with this one's writes.
+            state = (self.db.execute("PRAGMA data_version").fetchone()[0], self.db.conn.total_changes)
+            cached = getattr(self, "_field_types", None)
+            if cached is None or cached[0] != state:
+                sql = (f"SELECT field.key, field.type FROM {TABLE}, json_each({TABLE}.metadata) AS field "
+                       "WHERE field.key IS NOT NULL GROUP BY field.key, field.type")
+                found: dict[str, set[str]] = {}
+                for name, json_type in self.db.execute(sql):
+                    found.setdefault(str(name), set()).add(JSON_KINDS[json_type])
+                cached = self._field_types = (state, found)
+        return {name: set(kinds) for name, kinds in cached[1].items()}
+
     def filter_keys(self, conditions: Sequence[tuple[str, str, Any]]) -> np.ndarray:
         """Keys of the documents whose fields meet every ``(field, operator, value)``.
 
-        ``field`` is ``id`` or a metadata field; operators are ``FILTER_OPERATORS``
-        (``in`` takes a list). Field paths and values are bound parameters.
+        ``field`` is ``id`` or a top-level metadata field; operators are
+        ``FILTER_OPERATORS`` (``in`` takes a list). Values are typed: a number
+        (int or float) compares only with fields holding JSON numbers, a str
+        only with text, a bool only with true/false, so nothing matches across
+        types; a document without the field meets no condition, ``!=``
+        included (SQL's NULL). Integers beyond 64 bits compare as floats.
+        Field paths and values are bound parameters. ``query.typed_conditions``
+        checks fields and types against ``field_types()`` before this runs.
         """
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         for field_, operator, value in conditions:
             if operator not in FILTER_OPERATORS:
                 raise ArgumentError(f"unknown filter operator {operator!r}; use one of {', '.join(FILTER_OPERATORS)}")
-            column = "id" if field_ == "id" else "json_extract(metadata, ?)"
-            if field_ != "id":
-                params.append('$."' + field_.replace('"', '""') + '"')
-            if operator == "in":
-                clauses.append(f"{column} IN (SELECT value FROM json_each(?))")
-                params.append(json.dumps(list(value)))
-            else:
-                clauses.append(f"{column} {operator} ?")
-                params.append(value)
+            if operator == "in" and (isinstance(value, (str, bytes)) or not isinstance(value, Iterable)):
+                raise ArgumentError(f"filter on {field_!r}: 'in' takes a list of values")
+            by_kind: dict[str, list[Any]] = {}
+            for item in value if operator == "in" else [value]:
+                kind, bound = self._filter_value(field_, item)
+                by_kind.setdefault(kind, []).append(bound)
+            path = None if field_ == "id" else self._json_path(field_)
+            alternatives = []
+            for kind, values in by_kind.items():
+                if path is None:
+                    if kind != "text":
+                        continue  # ids are text
+                    alternative, column = "", "id"
+                else:
+                    alternative, column = f"json_type(metadata, ?) IN ({KIND_SQL_TYPES[kind]}) AND ", "json_extract(metadata, ?)"
+                    params += [path, path]
+                if operator == "in":
+                    alternatives.append(f"({alternative}{column} IN (SELECT value FROM json_each(?)))")
+                    params.append(self._json_list(values))
+                else:
+                    alternatives.append(f"({alternative}{column} {operator} ?)")
+                    params.append(values[0])
+            clauses.append("(" + " OR ".join(alternatives) + ")" if alternatives else "0")
         sql = f"SELECT key FROM {TABLE}" + (" WHERE " + " AND ".join(clauses) if clauses else "")
         with self._lock:
             return np.fromiter((row[0] for row in self.db.execute(sql, params)), dtype=np.int64)
+
+    @staticmethod
+    def _json_path(field_: Any) -> str:
+        """The SQLite JSON path of a top-level field: ``$."name"`` (SQLite reads no escapes inside the quotes)."""
+        if not isinstance(field_, str) or not field_ or FIELD_NAME_FORBIDDEN.search(field_):
+            raise ArgumentError(f"filter field {field_!r} cannot be filtered on (empty, or holds a double quote or a control character)")
+        return '$."' + field_ + '"'
+
+    @staticmethod
+    def _filter_value(field_: str, value: Any) -> tuple[str, Any]:
+        """(kind, value to bind) of one filter value: integers beyond SQLite's 64 bits become floats."""
+        if isinstance(value, (bool, np.bool_)):
+            return "boolean", int(value)
+        if isinstance(value, (int, np.integer)):
+            value = int(value)
+            if -(2**63) <= value < 2**63:
+                return "number", value
+            try:
+                return "number", float(value)
+            except OverflowError:
+                return "number", float("inf") if value > 0 else float("-inf")
+        if isinstance(value, (float, np.floating)):
+            if value != value:
+                raise ArgumentError(f"filter on {field_!r}: NaN compares with nothing")
+            return "number", float(value)
+        if isinstance(value, str):
+            return "text", value
+        raise ArgumentError(f"filter on {field_!r}: values are numbers, text or booleans, not {type(value).__name__}")
+
+    @staticmethod
+    def _json_list(values: Sequence[Any]) -> str:
+        """``values`` as a JSON array for json_each; infinities as 9e999, which SQLite reads as such."""
+        return "[" + ",".join("9e999" if v == float("inf") else "-9e999" if v == float("-inf") else json.dumps(v) for v in values) + "]"
 
     def count(self) -> int:
         with self._lock:
@@ -190,6 +299,11 @@ class DocumentStore:
             except sqlite3.OperationalError:
                 pass  # read-only (immutable) connections have no WAL to checkpoint
             self.db.conn.close()
+
+
+def _row(row: Sequence[Any]) -> dict[str, Any]:
+    _, doc_id, text, metadata, fields, origin = row
+    return {"id": doc_id, "text": text, "metadata": json.loads(metadata or "{}"), "fields": json.loads(fields or "{}"), "origin": origin}
 
 
 def _open_writable(path: str | Path) -> sqlite_utils.Database:
