@@ -5,20 +5,34 @@ The key is the hex SHA-256 of (model fingerprint, pooling, max length, text), so
 vector is reused only when the very same model would embed the very same text
 the very same way. ``used`` is the number of the newest version that holds the
 text; entries no kept version uses are pruned after each publish.
+
+The cache is disposable: nothing published depends on it. A file SQLite calls
+damaged or not a database is set aside as ``cache.db.broken`` and started
+afresh (the texts are then encoded again); a cache that cannot be read or
+written at all (an I/O error, a full disk under it) is left alone for the rest
+of the write, which goes on without it; a cached vector that is not of unit
+length is ignored. Each of these adds one line to ``warnings``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import sqlite_utils
 
 TABLE = "embeddings"
+BROKEN_SUFFIX = ".broken"
+# SQLite's result codes for a damaged file and for a file that is no database at all.
+DAMAGED_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+# ... and for a file that cannot be read or written just now.
+UNUSABLE_CODES = {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM}
+UNIT_TOLERANCE = 1e-3
 
 
 def embedding_keys(prefix: str, texts: Sequence[str]) -> list[str]:
@@ -33,50 +47,111 @@ def embedding_keys(prefix: str, texts: Sequence[str]) -> list[str]:
 
 
 class EmbeddingCache:
-    """Unit vectors by embedding key, in one SQLite file written only under the writer lock."""
+    """Unit vectors by embedding key, in one SQLite file written only under the writer lock.
+
+    ``warnings`` collects one line for each time the file had to be set aside.
+    """
 
     def __init__(self, path: str | Path, dimension: int):
+        self.path = Path(path)
         self.dimension = dimension
-        self.db = sqlite_utils.Database(str(path))
+        self.warnings: list[str] = []
+        self.usable = True
+        self._safely(None, self._open)
+
+    def _open(self) -> None:
+        self.db = sqlite_utils.Database(str(self.path))
         self.db.enable_wal()
         if TABLE not in self.db.table_names():
             self.db[TABLE].create({"key": str, "vector": bytes, "used": int}, pk="key")
             self.db[TABLE].create_index(["used"])
 
+    def _safely(self, default: Any, operation: Callable[[], Any]) -> Any:
+        """Run ``operation``. A damaged file is set aside and the operation run again on a new one;
+        an unusable one ends the cache's use for this write. Either way ``default`` stands in for a lost answer."""
+        if not self.usable:
+            return default
+        try:
+            return operation()
+        except sqlite3.DatabaseError as exc:
+            code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+            if code in DAMAGED_CODES and self._set_aside(exc):
+                return self._safely(default, operation)
+            if code in DAMAGED_CODES | UNUSABLE_CODES:
+                self._give_up(exc)
+                return default
+            raise
+
+    def _set_aside(self, exc: sqlite3.DatabaseError) -> bool:
+        """Move a damaged file out of the way and open a new one; False if that fails too."""
+        if hasattr(self, "db"):
+            self.db.conn.close()
+        aside = self.path.with_name(self.path.name + BROKEN_SUFFIX)
+        try:
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            self._open()
+        except (OSError, sqlite3.DatabaseError):
+            return False
+        self.warnings.append(f"{self.path}: embedding cache unreadable ({exc}); set aside as {aside.name}, started a new one")
+        return True
+
+    def _give_up(self, exc: Exception) -> None:
+        self.usable = False
+        self.warnings.append(f"{self.path}: embedding cache unusable ({exc}); this write goes on without it")
+
     def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """The cached vectors among ``keys``, in one query."""
+        """The cached vectors among ``keys``, in one query (only well-formed unit vectors)."""
         if not keys:
             return {}
         wanted = json.dumps(list(keys))
-        rows = self.db.execute(
-            f"SELECT key, vector FROM {TABLE} WHERE key IN (SELECT value FROM json_each(?))", [wanted]
-        ).fetchall()
-        return {key: np.frombuffer(vector, dtype=np.float32) for key, vector in rows if len(vector) == 4 * self.dimension}
+        sql = f"SELECT key, vector FROM {TABLE} WHERE key IN (SELECT value FROM json_each(?))"
+        rows = self._safely([], lambda: self.db.execute(sql, [wanted]).fetchall())
+        found = {key: np.frombuffer(vector, dtype=np.float32) for key, vector in rows if len(vector) == 4 * self.dimension}
+        if found:
+            norms = np.linalg.norm(np.stack(list(found.values())), axis=1)
+            found = {key: v for (key, v), norm in zip(found.items(), norms) if abs(norm - 1.0) <= UNIT_TOLERANCE}
+        return found
 
     def put(self, keys: Sequence[str], vectors: np.ndarray, used: int) -> None:
         rows = [(k, np.ascontiguousarray(v, dtype=np.float32).tobytes(), used) for k, v in zip(keys, vectors)]
-        with self.db.conn:
-            self.db.conn.executemany(f"INSERT OR REPLACE INTO {TABLE} (key, vector, used) VALUES (?, ?, ?)", rows)
+
+        def insert() -> None:
+            with self.db.conn:
+                self.db.conn.executemany(f"INSERT OR REPLACE INTO {TABLE} (key, vector, used) VALUES (?, ?, ?)", rows)
+
+        self._safely(None, insert)
 
     def mark_used(self, keys: Sequence[str], used: int) -> None:
         """Record that version number ``used`` holds these texts."""
-        with self.db.conn:
-            self.db.execute(
-                f"UPDATE {TABLE} SET used = max(used, ?) WHERE key IN (SELECT value FROM json_each(?))",
-                [used, json.dumps(list(keys))],
-            )
+
+        def update() -> None:
+            with self.db.conn:
+                self.db.execute(
+                    f"UPDATE {TABLE} SET used = max(used, ?) WHERE key IN (SELECT value FROM json_each(?))",
+                    [used, json.dumps(list(keys))],
+                )
+
+        self._safely(None, update)
 
     def prune(self, oldest_kept: int) -> int:
         """Drop entries that no version numbered ``oldest_kept`` or later uses."""
-        with self.db.conn:
-            return self.db.execute(f"DELETE FROM {TABLE} WHERE used < ?", [oldest_kept]).rowcount
+
+        def delete() -> int:
+            with self.db.conn:
+                return self.db.execute(f"DELETE FROM {TABLE} WHERE used < ?", [oldest_kept]).rowcount
+
+        return self._safely(0, delete)
 
     def __len__(self) -> int:
-        return self.db.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]
+        return self._safely(0, lambda: self.db.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0])
 
     def close(self) -> None:
+        if not hasattr(self, "db"):
+            return
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.OperationalError:
+        except sqlite3.DatabaseError:
             pass
         self.db.conn.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
-from .errors import IndexerError
+from .errors import IndexCorruptError, IndexerError
 from .store import DocumentStore
 from .vectors import VectorIndex
 
@@ -19,14 +19,8 @@ def check_version(path: Path, version: str) -> list[str]:
         manifest = layout.read_manifest(folder)
     except IndexerError as exc:
         return [str(exc)]
-    problems = []
-    for name in (layout.DOCUMENTS, layout.VECTORS):
-        if name not in manifest.files:
-            problems.append(f"{version}: manifest has no checksum for {name}")
-        elif not (folder / name).is_file():
-            problems.append(f"{version}: {name} is missing")
-        elif layout.file_checksum(folder / name) != manifest.files[name]:
-            problems.append(f"{version}: {name} does not match its checksum")
+    names = {layout.DOCUMENTS, layout.VECTORS, *manifest.files}
+    problems = [f"{version}: {problem}" for problem in layout.damaged_files(folder, manifest, sorted(names))]
     if problems:
         return problems
     try:
@@ -59,10 +53,19 @@ def check_index(index: str | Path, all_versions: bool = False) -> dict:
     """Check the current version (or every version on disk) of an index.
 
     Returns ``{"index", "current", "checked": [...], "problems": [...]}``; the
-    index is sound when ``problems`` is empty.
+    index is sound when ``problems`` is empty. A ``CURRENT`` that points to a
+    missing version is a problem, not an exception, so ``all_versions`` still
+    reports which versions on disk are sound enough to roll back to.
     """
     path = layout.index_path(index)
-    current = layout.current_version(path)
-    versions = layout.list_versions(path) if all_versions else [current]
-    problems = [p for version in versions for p in check_version(path, version)]
+    problems = []
+    try:
+        current = layout.current_version(path)
+    except IndexCorruptError as exc:
+        current, problems = layout.read_pointer(path), [str(exc)]
+    if all_versions:
+        versions = layout.list_versions(path)
+    else:
+        versions = [current] if not problems else []
+    problems += [p for version in versions for p in check_version(path, version)]
     return {"index": str(path), "current": current, "checked": versions, "problems": problems}

@@ -7,16 +7,24 @@ traceback.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
+from typer.core import TyperGroup
+
+try:
+    from typer._click.exceptions import ClickException
+except ImportError:  # typer before it carried its own copy of click
+    from click.exceptions import ClickException
 
 from .errors import (
     ArgumentError,
+    DiskFullError,
     IndexCorruptError,
     IndexerError,
     IndexLockedError,
@@ -24,7 +32,7 @@ from .errors import (
     ModelError,
     SourceError,
 )
-from .settings import DEFAULT_MODEL, IndexSettings
+from .settings import DEFAULT_MODEL, ENGINES, FUSIONS, MAX_DOCUMENT_BYTES, MAX_LENGTH_CAP, MODES, POOLINGS, PRECISIONS, IndexSettings
 
 EXIT_CODES: dict[type[IndexerError], int] = {
     ArgumentError: 2,
@@ -33,9 +41,65 @@ EXIT_CODES: dict[type[IndexerError], int] = {
     IndexNotFoundError: 5,
     IndexCorruptError: 6,
     IndexLockedError: 7,
+    DiskFullError: 8,
 }
 
+
+class Commands(TyperGroup):
+    """The ``indexer`` command group: a usage error is one line too, ``indexer: error: ...``, exit 2.
+
+    Click and typer would print the usage and a boxed message; everything else
+    (help, exit codes of the commands) is theirs.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``indexer``: the help, as typer shows it
+                if exc.format_message():
+                    exc.show()
+            else:
+                typer.echo(f"indexer: error: {_usage_message(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("indexer: error: aborted", err=True)
+            sys.exit(1)
+        # Without standalone mode a command's typer.Exit comes back as its exit code.
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(exc: ClickException) -> str:
+    """Click's message on one line, in the style of our own: lower case, no full stop, where to get help."""
+    message = " ".join(exc.format_message().replace("Value error, ", "").split()).rstrip(".")
+    if message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
+
+
+def _choice(name: str, values: Sequence[str]) -> Any:
+    """An Enum of ``values``: --help lists them and typer refuses any other before a command runs."""
+    return enum.Enum(name, [(value, value) for value in values], type=str)
+
+
+def _value(choice: Any) -> Any:
+    return getattr(choice, "value", choice)
+
+
+Pooling = _choice("Pooling", POOLINGS)
+Precision = _choice("Precision", PRECISIONS)
+Engine = _choice("Engine", ENGINES)
+Mode = _choice("Mode", MODES)
+Fusion = _choice("Fusion", FUSIONS)
+# evaluate compares modes side by side, hybrid with either fusion: hybrid-score is hybrid.
+EvaluateMode = _choice("EvaluateMode", (*MODES, *(f"hybrid-{fusion}" for fusion in FUSIONS)))
+
 app = typer.Typer(
+    cls=Commands,
     help="Build and search semantic indexes: BERT embeddings in FAISS beside SQLite.",
     no_args_is_help=True,
     add_completion=False,
@@ -43,19 +107,23 @@ app = typer.Typer(
 )
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hugging Face model name or local folder.")]
-PoolingOption = Annotated[str, typer.Option(help="Pooling of token vectors: mean or cls.")]
+PoolingOption = Annotated[Pooling, typer.Option(help="Pooling of token vectors: mean or cls.")]
 MaxLengthOption = Annotated[
-    Optional[int], typer.Option(help="Tokens per text (default: the model's own limit, at most 512).")
+    Optional[int],
+    typer.Option(min=1, max=MAX_LENGTH_CAP, help=f"Tokens per text (default: the model's own limit, at most {MAX_LENGTH_CAP})."),
 ]
-BatchSizeOption = Annotated[int, typer.Option(help="Most texts per model batch.")]
+BatchSizeOption = Annotated[int, typer.Option(min=1, help="Most texts per model batch.")]
 BatchTokensOption = Annotated[
-    Optional[int], typer.Option(help="Most padded tokens per model batch (default: 1024 on CPU, 16384 on GPU).")
+    Optional[int], typer.Option(min=1, help="Most padded tokens per model batch (default: 1024 on CPU, 16384 on GPU).")
 ]
-PrecisionOption = Annotated[str, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see README for quality cost.")]
+PrecisionOption = Annotated[Precision, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see README for quality cost.")]
 IdFieldOption = Annotated[Optional[str], typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
 TextFieldOption = Annotated[
     Optional[list[str]],
     typer.Option("--text-field", help="Field(s) to embed, joined with a space; repeat for several (default: text, else title + description)."),
+]
+MaxDocumentBytesOption = Annotated[
+    int, typer.Option(min=1, help="Refuse a document whose text is over this many UTF-8 bytes (recorded for later upserts).")
 ]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, mps... (default: the best available).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
@@ -64,11 +132,11 @@ WaitOption = Annotated[
     float, typer.Option(min=0, help="Seconds to wait for another writer to finish (default: fail at once, exit 7).")
 ]
 IfChangedOption = Annotated[bool, typer.Option("--if-changed", help="Publish nothing if the documents are unchanged.")]
-EngineOption = Annotated[str, typer.Option(help="Where texts are encoded: local (this process) or ray (a Ray cluster; the ray extra).")]
+EngineOption = Annotated[Engine, typer.Option(help="Where texts are encoded: local (this process) or ray (a Ray cluster; the ray extra).")]
 RayAddressOption = Annotated[
     Optional[str], typer.Option(help="Ray cluster to use with --engine ray (auto, ray://host:10001); default: start Ray here.")
 ]
-ReplicasOption = Annotated[Optional[int], typer.Option(help="Encoder replicas on Ray (default: one per node, or per --gpus-per-replica GPUs).")]
+ReplicasOption = Annotated[Optional[int], typer.Option(min=1, help="Encoder replicas on Ray (default: one per node, or per --gpus-per-replica GPUs).")]
 GpusOption = Annotated[float, typer.Option(min=0, help="GPUs each Ray encoder replica takes (0: CPU replicas).")]
 RayWorkDirOption = Annotated[
     Optional[str], typer.Option(help="Folder for the Parquet shards of a Ray build; on several nodes, storage all of them reach.")
@@ -103,28 +171,26 @@ def _settings(
 ) -> IndexSettings:
     return IndexSettings(
         model=model,
-        pooling=pooling,
+        pooling=_value(pooling),
         max_length=max_length,
         batch_size=batch_size,
         batch_tokens=batch_tokens,
-        precision=precision,
+        precision=_value(precision),
         id_field=id_field,
         text_fields=list(text_field or []),
         **more,
     )
 
 
-def _ray_options(engine: str, address: str | None, replicas: int | None, gpus: float, work_dir: str | None):
-    from .ray_engine import ENGINES, RayOptions
-
-    if engine not in ENGINES:
-        raise ArgumentError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+def _ray_options(engine: Any, address: str | None, replicas: int | None, gpus: float, work_dir: str | None):
     ray_only = {"--ray-address": address, "--replicas": replicas, "--gpus-per-replica": gpus, "--ray-work-dir": work_dir}
     given = [name for name, value in ray_only.items() if value]
-    if engine == "local":
+    if _value(engine) == "local":
         if given:
             raise ArgumentError(f"{given[0]} needs --engine ray")
         return None
+    from .ray_engine import RayOptions
+
     return RayOptions(address, replicas, gpus, work_dir)
 
 
@@ -133,6 +199,8 @@ def _print_json(data: Any) -> None:
 
 
 def _print_report(verb: str, report: Any, as_json: bool) -> None:
+    for warning in report.warnings:
+        typer.echo(f"indexer: warning: {warning}", err=True)
     if as_json:
         _print_json(report.to_dict())
     elif not report.published:
@@ -140,15 +208,19 @@ def _print_report(verb: str, report: Any, as_json: bool) -> None:
     else:
         typer.echo(
             f"{verb} {report.index} {report.version}: {report.documents} documents, {report.encoded} encoded, "
-            f"{report.reused} reused, {report.deleted} deleted in {report.seconds:.1f}s"
+            f"{report.reused} reused, {report.deleted} deleted"
+            + (f", {report.kept_upserts} upserts kept" if report.kept_upserts else "")
+            + f" in {report.seconds:.1f}s"
         )
 
 
 @app.command()
 @user_errors
 def build(
-    source: Annotated[Path, typer.Argument(help="JSONL, CSV, TSV or JSON file (optionally .gz), or a folder of .txt files.")],
-    index: Annotated[str, typer.Option("--index", "-i", help="Index folder; a bare name means indexes/NAME.")],
+    source: Annotated[
+        Path, typer.Argument(metavar="SOURCE", help="JSONL, CSV, TSV or JSON file (optionally .gz), or a folder of .txt files.")
+    ],
+    index: Annotated[str, typer.Option("--index", "-i", metavar="INDEX", help="Index folder; a bare name means indexes/NAME.")],
     model: ModelOption = DEFAULT_MODEL,
     pooling: PoolingOption = "mean",
     max_length: MaxLengthOption = None,
@@ -157,6 +229,7 @@ def build(
     precision: PrecisionOption = "fp32",
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
+    max_document_bytes: MaxDocumentBytesOption = MAX_DOCUMENT_BYTES,
     index_type: Annotated[
         str, typer.Option(help="flat (exact), hnsw, ivf, ivfpq, auto, or a FAISS factory string such as IVF1024,PQ32.")
     ] = "flat",
@@ -174,9 +247,12 @@ def build(
 ) -> None:
     """Embed every document of SOURCE and publish it as a new version of an index."""
     from .build import build_index
+    from .vectors import parse_memory
 
+    parse_memory(memory)  # a bad budget fails before the model loads
     settings = _settings(
-        model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, index_type=index_type, memory=memory
+        model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, index_type=index_type, memory=memory,
+        max_document_bytes=max_document_bytes,
     )
     ray = _ray_options(engine, ray_address, replicas, gpus_per_replica, ray_work_dir)
     report = build_index(
@@ -188,12 +264,15 @@ def build(
 @app.command()
 @user_errors
 def rebuild(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
     source: Annotated[Optional[Path], typer.Option(help="Read this source instead of the one the index was built from.")] = None,
     device: DeviceOption = None,
     keep: KeepOption = 3,
     wait: WaitOption = 0,
     if_changed: IfChangedOption = False,
+    prune_upserts: Annotated[
+        bool, typer.Option("--prune-upserts", help="Drop the documents written by upsert; keep only the source's.")
+    ] = False,
     engine: EngineOption = "local",
     ray_address: RayAddressOption = None,
     replicas: ReplicasOption = None,
@@ -201,12 +280,13 @@ def rebuild(
     ray_work_dir: RayWorkDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Re-read the index's source with its own settings; encode only new or changed texts; publish."""
+    """Re-read the index's source with its own settings; encode only new or changed texts; keep upserted documents; publish."""
     from .build import rebuild_index
 
     ray = _ray_options(engine, ray_address, replicas, gpus_per_replica, ray_work_dir)
     report = rebuild_index(
-        index, source, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty(), ray=ray
+        index, source, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty(), ray=ray,
+        prune_upserts=prune_upserts,
     )
     _print_report("rebuilt", report, as_json)
 
@@ -214,8 +294,8 @@ def rebuild(
 @app.command()
 @user_errors
 def upsert(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
-    source: Annotated[Path, typer.Argument(help="Documents to add, or to replace where the id exists.")],
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Documents to add, or to replace where the id exists.")],
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
     device: DeviceOption = None,
@@ -227,7 +307,7 @@ def upsert(
     from .build import upsert_documents
 
     report = upsert_documents(
-        index, source, id_field, text_field, device=device, keep=keep, wait=wait, progress=sys.stderr.isatty()
+        index, source, id_field=id_field, text_fields=text_field, device=device, keep=keep, wait=wait, progress=sys.stderr.isatty()
     )
     _print_report("upserted into", report, as_json)
 
@@ -235,8 +315,8 @@ def upsert(
 @app.command()
 @user_errors
 def delete(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
-    ids: Annotated[list[str], typer.Argument(help="Ids of the documents to delete.")],
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    ids: Annotated[list[str], typer.Argument(metavar="ID", help="Ids of the documents to delete.")],
     missing_ok: Annotated[bool, typer.Option("--missing-ok", help="Skip ids that are not in the index.")] = False,
     keep: KeepOption = 3,
     wait: WaitOption = 0,
@@ -252,7 +332,7 @@ def delete(
 @app.command()
 @user_errors
 def rollback(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
     to: Annotated[Optional[str], typer.Option("--to", help="Version to make current (default: the one before).")] = None,
     wait: WaitOption = 0,
     as_json: JsonOption = False,
@@ -270,7 +350,7 @@ def rollback(
 @app.command()
 @user_errors
 def check(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
     all_versions: Annotated[bool, typer.Option("--all", help="Check every version on disk, not only the current one.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -292,12 +372,14 @@ def check(
 @app.command()
 @user_errors
 def query(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
-    questions: Annotated[list[str], typer.Argument(help="One or more questions.")],
-    k: Annotated[int, typer.Option("-k", "--top-k", help="Hits per question.")] = 10,
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    questions: Annotated[list[str], typer.Argument(metavar="QUESTION", help="One or more questions.")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits per question.")] = 10,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Refuse to run unless the index uses this model.")] = None,
-    mode: Annotated[str, typer.Option(help="dense (embeddings), keyword (BM25) or hybrid (both, fused).")] = "dense",
-    fusion: Annotated[str, typer.Option(help="How hybrid fuses: score (normalised scores) or rrf (reciprocal ranks).")] = "score",
+    mode: Annotated[Mode, typer.Option(help="dense (embeddings), keyword (BM25) or hybrid (both, fused).")] = "dense",
+    fusion: Annotated[
+        Fusion, typer.Option(help="How hybrid fuses: score (0.6 cosine + 0.4 BM25 as a share of the best, in [0, 1]) or rrf (reciprocal ranks).")
+    ] = "score",
     where: Annotated[
         Optional[list[str]], typer.Option(help="Filter FIELD=VALUE (also !=, <, <=, >, >=, 'FIELD in A,B'); repeatable.")
     ] = None,
@@ -308,12 +390,13 @@ def query(
 ) -> None:
     """Return the top-k documents for each question (one JSON object per line with --json)."""
     from .index import Index
-
     from .query import parse_condition
 
     conditions = [parse_condition(w) for w in where or []]
     searcher = Index(index, model=model, device=device)
-    results = searcher.search_many(questions, k, mode, conditions, nprobe=nprobe, ef_search=ef_search, fusion=fusion)
+    results = searcher.search_many(
+        questions, k, _value(mode), conditions, nprobe=nprobe, ef_search=ef_search, fusion=_value(fusion)
+    )
     if as_json:
         for question, hits in zip(questions, results):
             _print_json({"query": question, "hits": [h.to_dict() for h in hits]})
@@ -335,12 +418,12 @@ def query(
 @app.command()
 @user_errors
 def evaluate(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
     queries: Annotated[Path, typer.Option(help="Queries: JSONL/CSV with a relevant-id field, or BEIR queries.jsonl.")],
     qrels: Annotated[Optional[Path], typer.Option(help="BEIR qrels TSV (query-id, corpus-id, score).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Cutoff of recall, MRR and nDCG.")] = 10,
     mode: Annotated[
-        list[str], typer.Option(help="dense, keyword, hybrid (score fusion) or hybrid-rrf; repeat to compare.")
+        list[EvaluateMode], typer.Option(help="dense, keyword, hybrid (score fusion) or hybrid-rrf; repeat to compare.")
     ] = ["dense"],
     relevant_field: Annotated[Optional[str], typer.Option(help="Field naming the relevant document (default: *_id).")] = None,
     per_query: Annotated[Optional[Path], typer.Option(help="Write each query's metrics and top hits here (JSONL).")] = None,
@@ -355,7 +438,7 @@ def evaluate(
     searcher = Index(index, device=device)
     results = {}
     detail = []
-    for name in mode:
+    for name in map(_value, mode):
         search_mode, _, fusion = name.partition("-")
         results[name], rows = evaluate_index(searcher, judgements, k, search_mode, fusion=fusion or "score")
         detail.extend({"mode": name, **row} for row in rows)
@@ -374,13 +457,13 @@ def evaluate(
 @app.command()
 @user_errors
 def serve(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
     host: Annotated[str, typer.Option(help="Address to bind; beyond loopback an API key is required.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     rebuild_every: Annotated[Optional[str], typer.Option(help="Rebuild from the recorded source every 30m, 6h, ...")] = None,
 ) -> None:
-    """Serve an index over HTTP (FastAPI; needs the [server] extra). API key from INDEXER_API_KEY."""
+    """Serve an index over HTTP (FastAPI; needs the server extra). API key from INDEXER_API_KEY."""
     try:
         from .server import serve as run_server
     except ImportError:
@@ -391,7 +474,7 @@ def serve(
 @app.command()
 @user_errors
 def info(
-    index: Annotated[str, typer.Argument(help="Index folder or name.")],
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
     as_json: JsonOption = False,
 ) -> None:
     """Show an index's manifest, counts and versions."""
@@ -421,7 +504,7 @@ def info(
 @app.command()
 @user_errors
 def embed(
-    source: Annotated[Path, typer.Argument(help="JSONL, CSV, TSV or JSON file, or a folder of .txt files.")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="JSONL, CSV, TSV or JSON file, or a folder of .txt files.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="FILE.pt (torch.save of ids + tensor) or FILE.npy (+ FILE.npy.ids.json).")],
     model: ModelOption = DEFAULT_MODEL,
     pooling: PoolingOption = "mean",
@@ -431,11 +514,14 @@ def embed(
     precision: PrecisionOption = "fp32",
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
+    max_document_bytes: MaxDocumentBytesOption = MAX_DOCUMENT_BYTES,
     device: DeviceOption = None,
 ) -> None:
     """Write the embeddings of SOURCE to a file, without building an index."""
     from .build import embed_source
 
-    settings = _settings(model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field)
+    settings = _settings(
+        model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, max_document_bytes=max_document_bytes
+    )
     count = embed_source(source, output, settings, device=device, progress=sys.stderr.isatty())
     typer.echo(f"wrote {count} embeddings to {output}")

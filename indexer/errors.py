@@ -31,3 +31,7 @@ class IndexLockedError(IndexerError):
 
 class ArgumentError(IndexerError):
     """An option or argument value is out of range."""
+
+
+class DiskFullError(IndexerError):
+    """The disk (or quota) ran out while writing; nothing was published."""

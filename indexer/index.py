@@ -5,15 +5,17 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import layout
-from .encoder import Encoder, canonical_model_name
 from .errors import IndexCorruptError, ModelError
 from .query import Condition, Hit, search_texts
 from .settings import IndexSettings
 from .store import DocumentStore
 from .vectors import VectorIndex
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 OPEN_ATTEMPTS = 5
 
@@ -86,6 +88,8 @@ class Index:
     """
 
     def __init__(self, path: str | Path, model: str | None = None, device: str | None = None):
+        from .encoder import Encoder, canonical_model_name  # torch: only once a model is needed
+
         self.path = layout.index_path(path)
         self.device = device
         self._served = load_version(self.path)
@@ -156,6 +160,8 @@ class Index:
 
     def refresh(self) -> bool:
         """Switch to the index's current version if a newer one was published; True if it changed."""
+        from .encoder import Encoder
+
         with self._refresh_lock:
             if layout.current_version(self.path) == self._served.version:
                 return False
@@ -167,10 +173,16 @@ class Index:
             return True
 
     def get_document(self, doc_id: str) -> dict[str, Any] | None:
-        """``{"id", "text", "metadata"}`` of one document by its own id, or None."""
+        """``{"id", "text", "metadata", "fields"}`` of one document by its own id, or None.
+
+        ``fields`` are its text fields as written; the shape is one ``upsert`` accepts back.
+        """
         store = self._served.store
         keys = store.keys_for_ids([doc_id])
-        return store.fetch(keys.values()).get(keys[doc_id]) if keys else None
+        if not keys:
+            return None
+        row = store.fetch(keys.values())[keys[doc_id]]
+        return {name: row[name] for name in ("id", "text", "metadata", "fields")}
 
     def info(self) -> dict[str, Any]:
         """The manifest of the version this object serves, with live counts."""

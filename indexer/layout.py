@@ -33,9 +33,9 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import IndexCorruptError, IndexLockedError, IndexNotFoundError
 from .settings import IndexSettings
@@ -80,11 +80,22 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
         data = dict(data)
         data["settings"] = IndexSettings.from_dict(data.get("settings", {}))
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# What a manifest must hold, and of which JSON types, before anything reads it.
+REQUIRED_MANIFEST_FIELDS = {"settings": dict, "dimension": int, "count": int, "files": dict, "version": str}
 
 
 def index_path(name: str | Path, root: str | Path = DEFAULT_INDEX_ROOT) -> Path:
-    """The folder of an index: a bare name (no path separator) means ``indexes/NAME``."""
+    """The folder of an index: a bare name (a string without a path separator) means ``indexes/NAME``.
+
+    A ``Path`` is always taken as a path, so a location resolved once (``twin/``
+    becomes ``Path("twin")``) is never read again as the bare name ``twin``.
+    """
+    if isinstance(name, Path):
+        return name
     text = str(name)
     if os.sep not in text and "/" not in text and text not in (".", ".."):
         return Path(root) / text
@@ -93,15 +104,26 @@ def index_path(name: str | Path, root: str | Path = DEFAULT_INDEX_ROOT) -> Path:
 
 def current_version(path: Path) -> str:
     """The name of the published version of the index at ``path``."""
-    try:
-        version = (path / POINTER).read_text().strip()
-    except FileNotFoundError:
+    version = read_pointer(path)
+    if version is None:
         if path.is_dir():
-            raise IndexNotFoundError(f"{path}: not an index (no published version)") from None
-        raise IndexNotFoundError(f"{path}: no such index") from None
+            raise IndexNotFoundError(f"{path}: not an index (no published version)")
+        raise IndexNotFoundError(f"{path}: no such index")
     if not VERSION_NAME.match(version) or not (path / VERSIONS / version).is_dir():
-        raise IndexCorruptError(f"{path / POINTER}: points to missing version {version!r}")
+        on_disk = ", ".join(list_versions(path)) or "none"
+        raise IndexCorruptError(
+            f"{path / POINTER}: points to missing version {version[:40]!r} (versions on disk: {on_disk}); "
+            "run 'indexer rollback INDEX --to VERSION' or build again"
+        )
     return version
+
+
+def read_pointer(path: Path) -> str | None:
+    """What ``CURRENT`` says, unchecked; None when there is no pointer."""
+    try:
+        return (path / POINTER).read_text(errors="replace").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def version_dir(path: Path, version: str) -> Path:
@@ -123,17 +145,57 @@ def next_version_number(path: Path) -> int:
 
 
 def read_manifest(folder: Path) -> Manifest:
+    """The manifest of a version folder, checked for the fields and types every reader relies on."""
+    where = folder / MANIFEST
     try:
-        data = json.loads((folder / MANIFEST).read_text())
+        data = json.loads(where.read_text())
     except FileNotFoundError:
-        raise IndexCorruptError(f"{folder / MANIFEST}: manifest is missing") from None
-    except json.JSONDecodeError as exc:
-        raise IndexCorruptError(f"{folder / MANIFEST}: unreadable manifest ({exc.msg})") from None
+        raise IndexCorruptError(f"{where}: manifest is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise IndexCorruptError(f"{where}: unreadable manifest ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    if not isinstance(data, dict):
+        raise IndexCorruptError(f"{where}: not a manifest (a JSON {type(data).__name__}, not an object)")
     if data.get("format_version") != FORMAT_VERSION:
         raise IndexCorruptError(
             f"{folder}: index format {data.get('format_version')!r} is not supported (this indexer reads format {FORMAT_VERSION})"
         )
-    return Manifest.from_dict(data)
+    for name, kind in REQUIRED_MANIFEST_FIELDS.items():
+        if not isinstance(data.get(name), kind) or isinstance(data.get(name), bool):
+            raise IndexCorruptError(f"{where}: not a manifest ({name!r} is missing or not a {kind.__name__})")
+    try:
+        return Manifest.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise IndexCorruptError(f"{where}: not a manifest ({exc})") from None
+
+
+def damaged_files(folder: Path, manifest: Manifest, names: Iterable[str] | None = None) -> list[str]:
+    """What is wrong with the files of a version (``names``, default every file the manifest lists)."""
+    problems = []
+    for name in names if names is not None else manifest.files:
+        if name not in manifest.files:
+            problems.append(f"manifest has no checksum for {name}")
+        elif not (folder / name).is_file():
+            problems.append(f"{name} is missing")
+        elif file_checksum(folder / name) != manifest.files[name]:
+            problems.append(f"{name} does not match its checksum")
+    return problems
+
+
+def verified_manifest(path: Path, version: str) -> Manifest:
+    """The manifest of ``version`` after checking every file it lists; IndexCorruptError if any is damaged.
+
+    Every write that carries data over from a version calls this first, so a
+    damaged file is never copied into a new version under fresh checksums.
+    """
+    folder = version_dir(path, version)
+    manifest = read_manifest(folder)
+    problems = damaged_files(folder, manifest, {DOCUMENTS, VECTORS, *manifest.files})
+    if problems:
+        raise IndexCorruptError(
+            f"{path}: version {version} is damaged ({problems[0]}); nothing written. "
+            "Run 'indexer check INDEX --all', then 'indexer rollback' to a sound version or build again"
+        )
+    return manifest
 
 
 def new_staging(path: Path) -> Path:
@@ -151,12 +213,13 @@ def file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def publish(path: Path, staging: Path, manifest: Manifest, keep: int = 3) -> str:
+def publish(path: Path, staging: Path, manifest: Manifest) -> str:
     """Seal ``staging`` as the next version and make it current, atomically.
 
     Writes the manifest (with file checksums), fsyncs every file and folder on
-    the way, renames the folder into ``versions/`` and swaps ``CURRENT``. Keeps
-    the newest ``keep`` versions (never fewer than the current one).
+    the way, renames the folder into ``versions/`` and swaps ``CURRENT``. Old
+    versions are pruned separately (``prune``): a failure there must not make a
+    published write look failed.
     """
     version = f"v{next_version_number(path):06d}"
     manifest.version = version
@@ -170,7 +233,6 @@ def publish(path: Path, staging: Path, manifest: Manifest, keep: int = 3) -> str
     os.rename(staging, version_dir(path, version))
     _fsync_dir(path / VERSIONS)
     point_to(path, version)
-    prune(path, keep)
     return version
 
 

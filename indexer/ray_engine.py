@@ -19,7 +19,6 @@ from .errors import ArgumentError, ModelError
 from .settings import IndexSettings
 from .shards import vector_table
 
-ENGINES = ("local", "ray")
 # Rows handed to one actor call; the encoder sorts them by length inside.
 ROWS_PER_CALL = 2048
 # CPUs per node left to Ray Data's read and write tasks: actors reserving every CPU starve them (a deadlock on 2 CPUs).

@@ -8,6 +8,13 @@ a write that finds another in progress answers 409. Write endpoints need
 file named by ``INDEXER_API_KEY_FILE``); with no key configured they answer
 403. Bound beyond loopback, every endpoint needs the key and the server will
 not start without one.
+
+Errors map to status codes here and only here: a bad request 400 (422 for a
+malformed body), an unknown document or index 404, a held writer lock 409, a
+body over ``MAX_BODY_BYTES`` (counted as it streams, chunked or not) 413, a
+damaged index 503, a full disk 507, anything else 500; every one of them is
+logged and counted in ``/metrics``. When the index on disk becomes unreadable
+the server keeps serving the version it has loaded and ``/health`` answers 503.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import hmac
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,11 +32,14 @@ from typing import Any, Optional
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import layout
 from .build import delete_documents, rebuild_index, upsert_documents
-from .errors import ArgumentError, IndexerError, IndexLockedError, IndexNotFoundError, SourceError
+from .errors import ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexLockedError, IndexNotFoundError
 from .index import Index
 from .query import MODES, parse_condition
+from .sources import DocumentSource
 
 MAX_K = 1000
 MAX_QUERIES = 256
@@ -50,7 +59,7 @@ def api_key_from_environment() -> str | None:
     key_file = os.environ.get("INDEXER_API_KEY_FILE")
     if key_file:
         try:
-            return Path(key_file).read_text().strip() or None
+            return Path(key_file).read_text(encoding="utf-8-sig").strip() or None
         except OSError as exc:
             raise ArgumentError(f"{key_file}: cannot read the API key file ({exc.strerror})") from None
     return None
@@ -66,7 +75,48 @@ class SearchRequest(BaseModel):
 
 
 class UpsertRequest(BaseModel):
+    """Documents in the source's own record shape, or as ``GET /documents/{id}`` returns them."""
+
     documents: list[dict[str, Any]] = Field(..., min_length=1, max_length=MAX_DOCUMENTS)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """The request body grew past the limit while it was being read (a 413 FastAPI passes through as is)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit} bytes", headers={"connection": "close"})
+
+
+class BodyLimit:
+    """ASGI middleware: answer 413 once a request body passes ``limit`` bytes, however it is sent.
+
+    ``Content-Length`` is checked up front; a chunked body is counted as it
+    streams, so it is never read whole into memory.
+    """
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413, headers={"connection": "close"})
+            return await response(scope, receive, send)
+        await self.app(scope, counted_receive, send)
 
 
 class Metrics:
@@ -108,14 +158,30 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+STATUS_CODES: dict[type[IndexerError], int] = {
+    IndexNotFoundError: 404,
+    IndexLockedError: 409,
+    IndexCorruptError: 503,
+    DiskFullError: 507,
+}
+
+
+def status_code(exc: IndexerError) -> int:
+    """The HTTP status of a user-facing error: 400 unless ``STATUS_CODES`` says otherwise."""
+    return next((code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), 400)
+
+
 def create_app(index: str | Path, api_key: str | None = None, public: bool = False) -> FastAPI:
     """The FastAPI application serving ``index``; ``public`` means bound beyond loopback."""
     if public and not api_key:
         raise ArgumentError("refusing to listen beyond loopback without an API key (set INDEXER_API_KEY)")
-    searcher = Index(index)
-    path = searcher.path
+    # Resolved once: every write below gets this absolute Path, never the text the user typed.
+    path = layout.index_path(index).resolve()
+    searcher = Index(path)
     metrics = Metrics()
+    fault: dict[str, str | None] = {"error": None}
     app = FastAPI(title="indexer", description="Semantic search over one index.", version="1")
+    app.add_middleware(BodyLimit)
 
     def authorised(request: Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -130,12 +196,14 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
         started = time.perf_counter()
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            response = JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-        elif public and not authorised(request):
+        if public and not authorised(request):
             response = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401)
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # a bug: answer 500, and still log and count it
+                logging.getLogger("indexer.server").exception("unhandled error")
+                response = JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
         seconds = time.perf_counter() - started
         route = request.scope.get("route")
         metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code, seconds)
@@ -145,11 +213,23 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
 
     @app.exception_handler(IndexerError)
     async def user_error(request: Request, exc: IndexerError):
-        status = 409 if isinstance(exc, IndexLockedError) else 404 if isinstance(exc, IndexNotFoundError) else 400
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        return JSONResponse({"detail": str(exc)}, status_code=status_code(exc))
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError):
+        return JSONResponse({"detail": "request JSON is nested too deeply"}, status_code=400)
 
     def current() -> Index:
-        searcher.refresh()
+        """The index, switched to a newer published version if there is one.
+
+        If the version on disk cannot be read (``CURRENT`` broken, files
+        missing), keep serving the loaded one and report the fault on /health.
+        """
+        try:
+            searcher.refresh()
+            fault["error"] = None
+        except IndexerError as exc:
+            fault["error"] = str(exc)
         return searcher
 
     @app.post("/search")
@@ -169,9 +249,9 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
         payload = answers[0] if body.query is not None else {"results": answers}
         return {"version": index.version, **payload}
 
-    @app.get("/documents/{doc_id}")
+    @app.get("/documents/{doc_id:path}")
     def get_document(doc_id: str) -> dict[str, Any]:
-        """One document by its id."""
+        """One document by its id (ids may contain "/"): `{id, text, metadata, fields}`, a shape POST /documents accepts."""
         document = current().get_document(doc_id)
         if document is None:
             raise HTTPException(404, f"no document with id {doc_id!r}")
@@ -179,17 +259,19 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
 
     @app.post("/documents", dependencies=[Depends(require_writer)])
     def upsert(body: UpsertRequest) -> dict[str, Any]:
-        """Add or replace documents (fields as the index was built with); publishes a new version."""
-        with tempfile.TemporaryDirectory() as tmp:
-            source = Path(tmp) / "documents.jsonl"
-            source.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in body.documents))
-            try:
-                report = upsert_documents(path, source, encoder=current().encoder)
-            except SourceError as exc:
-                raise HTTPException(400, str(exc).replace(str(source), "documents")) from None
-        return report.to_dict()
+        """Add or replace documents, each in the source's record shape or as `{id, text, metadata, fields}`; publishes a new version.
 
-    @app.delete("/documents/{doc_id}", dependencies=[Depends(require_writer)])
+        Documents written here are kept by later rebuilds (see README, "Rebuilds and upserts").
+        """
+        index = current()
+        settings = index.settings
+        documents = DocumentSource.from_records(
+            body.documents, name="documents", id_field=settings.id_field, text_fields=settings.text_fields,
+            max_document_bytes=settings.max_document_bytes,
+        )
+        return upsert_documents(path, documents, encoder=index.encoder).to_dict()
+
+    @app.delete("/documents/{doc_id:path}", dependencies=[Depends(require_writer)])
     def delete(doc_id: str) -> dict[str, Any]:
         """Delete one document; publishes a new version."""
         try:
@@ -208,9 +290,13 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
         return current().info()
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health() -> JSONResponse:
+        """"ok" (200), or "degraded" (503) with the error while the index on disk is unreadable and the loaded version is served."""
         index = current()
-        return {"status": "ok", "version": index.version, "documents": len(index)}
+        body = {"status": "ok", "version": index.version, "documents": len(index)}
+        if fault["error"]:
+            return JSONResponse({**body, "status": "degraded", "error": fault["error"]}, status_code=503)
+        return JSONResponse(body)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:
@@ -251,6 +337,7 @@ def serve(
 
     public = host not in LOOPBACK
     api_key = api_key_from_environment()
+    index = layout.index_path(index).resolve()  # resolved once, for the app, its workers and the rebuild thread alike
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if rebuild_every:
         stop = threading.Event()
@@ -267,4 +354,4 @@ def serve(
 
 def app_from_environment() -> FastAPI:
     """Factory for uvicorn worker processes (``serve --workers N``)."""
-    return create_app(os.environ["INDEXER_SERVE_INDEX"], api_key_from_environment(), bool(os.environ.get("INDEXER_SERVE_PUBLIC")))
+    return create_app(Path(os.environ["INDEXER_SERVE_INDEX"]), api_key_from_environment(), bool(os.environ.get("INDEXER_SERVE_PUBLIC")))

@@ -169,6 +169,13 @@ class VectorIndex:
         """Remove the vectors stored under ``keys``; returns how many were removed."""
         return self.index.remove_ids(np.asarray(keys, dtype=np.int64))
 
+    def reconstruct(self, keys: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``keys`` (structures that keep whole vectors: flat, HNSW)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if not len(keys):
+            return np.empty((0, self.dimension), dtype=np.float32)
+        return self.index.reconstruct_batch(keys)
+
     def keys(self) -> np.ndarray:
         """Every stored key, in storage order."""
         index = faiss.downcast_index(self.index)

@@ -27,6 +27,8 @@ def workdir(tmp_path_factory):
         "deleted": 0,
         "seconds": report["seconds"],
         "published": True,
+        "kept_upserts": 0,
+        "warnings": [],
     }
     assert (cwd / "indexes" / "products" / "CURRENT").read_text().strip() == "v000001"
     return cwd
