@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --constraint .ci/constraints.txt
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-quick lint clean
 
 install: $(VENV)/.installed
 
@@ -18,9 +18,18 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 demo: install
 	$(BIN)/indexer build dataset/corpus.jsonl --index products
 	$(BIN)/indexer query products "boots that keep my feet dry on muddy mountain trails" -k 3
+	@echo "Next: run '. $(VENV)/bin/activate' to put indexer on your PATH, then try the Quickstart in README.md."
 
-test: install
+lint: install
+	$(BIN)/ruff check indexer tests benchmarks
+
+# The whole suite: about 15 minutes on an idle 2-core machine.
+test: lint
 	$(BIN)/python -m pytest -q
+
+# Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts).
+test-quick: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) indexes/*/ .pytest_cache

@@ -10,12 +10,13 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 try:
     from typer._click.exceptions import ClickException
@@ -70,6 +71,13 @@ class Commands(TyperGroup):
             sys.exit(1)
         # Without standalone mode a command's typer.Exit comes back as its exit code.
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class Command(TyperCommand):
+    """A command whose usage line names its arguments as the help does: ``SOURCE``, not typer's ``{SOURCE}``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [re.sub(r"^\{(.+)\}(\.\.\.)?$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
 def _usage_message(exc: ClickException) -> str:
@@ -214,7 +222,7 @@ def _print_report(verb: str, report: Any, as_json: bool) -> None:
         )
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def build(
     source: Annotated[
@@ -261,7 +269,7 @@ def build(
     _print_report("built", report, as_json)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def rebuild(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -291,7 +299,7 @@ def rebuild(
     _print_report("rebuilt", report, as_json)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def upsert(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -312,7 +320,7 @@ def upsert(
     _print_report("upserted into", report, as_json)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def delete(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -329,7 +337,7 @@ def delete(
     _print_report("deleted from", report, as_json)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def rollback(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -347,7 +355,7 @@ def rollback(
         typer.echo(f"{result['index']}: now serving {result['version']} (was {result['previous']})")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def check(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -369,7 +377,7 @@ def check(
         raise typer.Exit(EXIT_CODES[IndexCorruptError])
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def query(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -415,7 +423,7 @@ def query(
         console.print(table)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def evaluate(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -454,7 +462,7 @@ def evaluate(
         typer.echo(f"{name:<9}" + "".join(f"{values[n]:>12.4f}" for n in names))
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def serve(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -471,7 +479,7 @@ def serve(
     run_server(index, host, port, workers, rebuild_every)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def info(
     index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
@@ -501,7 +509,7 @@ def info(
         typer.echo(f"{name:<11}{value}")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def embed(
     source: Annotated[Path, typer.Argument(metavar="SOURCE", help="JSONL, CSV, TSV or JSON file, or a folder of .txt files.")],

@@ -378,19 +378,24 @@ def open_text(path: Path) -> io.TextIOBase:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    """One JSON value; errors name ``path`` and ``line`` (for a whole file, the line the error is on)."""
+    try:
+        return json.loads(text, object_pairs_hook=_json_object)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}:{line or exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+    except RecursionError:
+        raise SourceError(f"{path}:{line or _deep_line(text)}: JSON nested too deeply") from None
+    except ValueError as exc:  # an integer over Python's 4300 digits
+        raise SourceError(f"{path}{f':{line}' if line else ''}: malformed JSON ({exc})") from None
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line, object_pairs_hook=_json_object)
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}:{number}: malformed JSON ({exc.msg}, column {exc.colno})") from None
-            except RecursionError:
-                raise SourceError(f"{path}:{number}: JSON nested too deeply") from None
-            except ValueError as exc:  # an integer over Python's 4300 digits
-                raise SourceError(f"{path}:{number}: malformed JSON ({exc})") from None
+            record = _parse_json(line, path, number)
             _refuse_repeats(f"{path}:{number}", record)
             yield f"{path}:{number}", record
 
@@ -457,14 +462,7 @@ def _column_types(path: Path, delimiter: str) -> dict[str, type]:
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     with open_text(path) as f:
         text = f.read()
-    try:
-        data = json.loads(text, object_pairs_hook=_json_object)
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
-    except RecursionError:
-        raise SourceError(f"{path}:{_deep_line(text)}: JSON nested too deeply") from None
-    except ValueError as exc:  # an integer over Python's 4300 digits
-        raise SourceError(f"{path}: malformed JSON ({exc})") from None
+    data = _parse_json(text, path)
     del text
     if isinstance(data, list):
         for number, record in enumerate(data, 1):

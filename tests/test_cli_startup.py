@@ -124,6 +124,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_help_names_the_arguments():
-    usage = run_cli("build", "--help").stdout
-    assert "SOURCE" in usage and "{source}" not in usage and "INDEX" in usage
+    usage = " ".join(run_cli("build", "--help").stdout.split())
+    assert "Usage: indexer build [OPTIONS] SOURCE " in usage and "{" not in usage and "INDEX" in usage
+    assert "Usage: indexer query [OPTIONS] INDEX QUESTION..." in " ".join(run_cli("query", "--help").stdout.split())
     assert "INDEX" in run_cli("info", "--help").stdout

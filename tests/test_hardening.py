@@ -153,6 +153,7 @@ def test_no_op_writes_publish_nothing(tiny_index):
 # The embedding cache is disposable.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_cache_is_set_aside_and_rebuilt(tmp_path, tiny_model, damage):
     source = write_jsonl(tmp_path / "source.jsonl", records(300))
@@ -245,6 +246,7 @@ def fill(folder: Path, leave: int) -> None:
     (folder / "filler").write_bytes(b"\0" * max(free - leave, 0))
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_exit_8_and_leaves_the_index_as_it_was(small_disk, tmp_path, tiny_model):
     source = write_jsonl(tmp_path / "source.jsonl", records(40))
     path = small_disk / "idx"
@@ -261,6 +263,7 @@ def test_disk_full_is_one_line_exit_8_and_leaves_the_index_as_it_was(small_disk,
     run_cli("upsert", str(path), str(big))
 
 
+@pytest.mark.slow
 def test_a_cache_on_a_full_disk_never_fails_a_write(small_disk, tmp_path, tiny_model):
     """The cache (a symlink onto a full disk) cannot be used; the version still publishes, with one warning."""
     source = write_jsonl(tmp_path / "source.jsonl", records(40))

@@ -114,6 +114,7 @@ def query_ids(path: Path, question: str, k: int = 200) -> dict[str, str]:
     return {hit["id"]: hit["text"] for hit in line["hits"]}
 
 
+@pytest.mark.slow
 def test_upsert_delete_rollback_round_trip(products, tmp_path):
     path, _ = products
     original = query_ids(path, "espresso")["P0026"]
@@ -172,6 +173,7 @@ def test_a_second_writer_fails_fast_while_the_first_holds_the_lock(tmp_path):
     assert rebuild_index(path).version == "v000002"
 
 
+@pytest.mark.slow
 def test_overlapping_rebuilds_one_wins_the_other_exits_7(tmp_path):
     path = tmp_path / "idx"
     run_cli("build", str(synthetic_corpus(tmp_path / "a.jsonl", 200, revision=1)), "--index", str(path))
@@ -196,6 +198,7 @@ def test_overlapping_rebuilds_one_wins_the_other_exits_7(tmp_path):
     assert len(Index(path).search("doc 5", k=500)) == 200
 
 
+@pytest.mark.slow
 def test_sigkill_during_rebuild_leaves_previous_version_serving(tmp_path):
     path = tmp_path / "idx"
     source = synthetic_corpus(tmp_path / "a.jsonl", 300, revision=0)
@@ -260,6 +263,7 @@ print(json.dumps({"queries": queries, "errors": errors, "versions": sorted(versi
 """
 
 
+@pytest.mark.slow
 def test_readers_see_consistent_versions_while_rebuilds_publish(tmp_path):
     path = tmp_path / "idx"
     source = synthetic_corpus(tmp_path / "a.jsonl", 200, revision=0, shuffle=True)

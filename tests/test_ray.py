@@ -15,6 +15,8 @@ from indexer.vectors import VectorIndex, build_from_shards, sample_from_shards
 
 ray = pytest.importorskip("ray")
 
+pytestmark = pytest.mark.slow
+
 
 def three_views(tmp_path):
     """About 300 real documents: each product's title, its description, and both with its category."""

@@ -151,6 +151,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(tmp_path, tiny_model):
     source = write_jsonl(tmp_path / "source.jsonl", [{"id": f"d{i}", "text": f"text {i}"} for i in range(5)])
     path = tmp_path / "idx"

@@ -261,6 +261,7 @@ def whole_ids(encoder, text: str) -> list[int]:
     return encoder.tokenizer(text, truncation=True, max_length=encoder.max_length)["input_ids"]
 
 
+@pytest.mark.slow
 def test_huge_text_embeds_as_its_beginning(encoder):
     sentence = "The quick brown fox jumps over the lazy dog near the riverbank. "
     text = sentence * (20_000_000 // len(sentence))
@@ -269,6 +270,7 @@ def test_huge_text_embeds_as_its_beginning(encoder):
     np.testing.assert_array_equal(encoder.encode_texts([text, "short"])[:1], encoder.encode_texts([text[:200_000]]))
 
 
+@pytest.mark.slow
 def test_huge_text_is_tokenised_in_bounded_memory(tiny_model):
     # Peak memory of a fresh process (ru_maxrss, KiB) across tokenising a 20 MB text: the tokenizer
     # run over the whole text takes gigabytes, over a prefix almost nothing.

@@ -78,6 +78,7 @@ def test_tuned_defaults_reach_recall_095_on_new_queries(tmp_path, structure):
     assert recall_at_k(cheap, truth) < recall_at_k(found, truth)
 
 
+@pytest.mark.slow
 def test_product_quantisation_reports_the_recall_it_reaches(tmp_path):
     data = clustered_vectors(20_000, 64, seed=3)
     spool = spooled(tmp_path, data)
