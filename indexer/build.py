@@ -149,14 +149,15 @@ def new_version(path: Path, action: str, wait: float) -> Iterator[Path]:
 
     Running out of disk space anywhere in the write becomes one DiskFullError.
     """
-    created = not path.exists()
     try:
         with layout.writer_lock(path, wait, action):
+            # Decided under the lock: a writer that waited must not take an index another one made for its own.
+            created = layout.read_pointer(path) is None and not layout.list_versions(path)
             staging = layout.new_staging(path)
             try:
                 yield staging
             except BaseException:
-                if created:
+                if created and not layout.list_versions(path):  # never remove what was published
                     layout.discard(path)
                 raise
             finally:
@@ -462,6 +463,7 @@ def upsert_documents(
         cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             cached = CachedEncoder(encoder, cache, layout.next_version_number(path))
+            fresh: dict[int, np.ndarray] = {}  # this write's vectors by key, for a structure rebuilt below
             for docs, embedded in encoded_chunks(cached, _as_upserts(documents), progress):
                 replaced = list(store.keys_for_ids([d.id for d in docs]).values())
                 store.delete_keys(replaced)
@@ -471,6 +473,10 @@ def upsert_documents(
                 if vectors.can_remove:
                     vectors.remove(np.asarray(replaced, dtype=np.int64))
                     vectors.add(embedded, keys)
+                else:
+                    for key in replaced:
+                        fresh.pop(int(key), None)
+                    fresh.update(zip(keys.tolist(), embedded))
             if not cached.encoded + cached.reused:
                 raise SourceError(f"{documents.path}: no documents")
             report = BuildReport(str(path), previous.version, previous.count, cached.encoded, cached.reused, 0, 0.0)
@@ -480,7 +486,7 @@ def upsert_documents(
                 report.published = False
             else:
                 if not vectors.can_remove:
-                    vectors = _rebuild_vectors(staging, store, cache, cached.prefix, manifest, fallback=vectors)
+                    vectors = _rebuild_vectors(staging, store, cache, cached.prefix, manifest, fallback=vectors, fresh=fresh)
                 manifest.count = report.documents = len(vectors)
                 manifest.cache_generation = cached.version_number
                 report.version = _publish(path, staging, store, vectors, manifest, keep, cached, report)
@@ -638,12 +644,14 @@ def _copy_current(path: Path, staging: Path) -> tuple[layout.Manifest, DocumentS
 
 
 def _rebuild_vectors(staging: Path, store: DocumentStore, cache: EmbeddingCache, prefix: str, manifest: layout.Manifest,
-                     fallback: VectorIndex) -> VectorIndex:
+                     fallback: VectorIndex, fresh: dict[int, np.ndarray] | None = None) -> VectorIndex:
     """A fresh structure of the manifest's kind over every document, vectors from the cache.
 
     For structures that cannot remove vectors in place (HNSW); vectors the
-    cache lacks come from ``fallback``, the verified previous version. Re-tunes the search defaults.
+    cache lacks come from ``fresh`` (this write's own, by key), else from
+    ``fallback``, the verified previous version. Re-tunes the search defaults.
     """
+    fresh = fresh or {}
     spool = VectorSpool(staging, manifest.dimension)
     for keys, texts in store.key_texts():
         wanted = embedding_keys(prefix, texts)
@@ -652,6 +660,9 @@ def _rebuild_vectors(staging: Path, store: DocumentStore, cache: EmbeddingCache,
         hit = np.fromiter((key in found for key in wanted), dtype=bool, count=len(wanted))
         if hit.any():
             chunk[hit] = np.stack([found[key] for key in wanted if key in found])
+        for row in np.flatnonzero(~hit):
+            if keys[row] in fresh:
+                chunk[row], hit[row] = fresh[keys[row]], True
         if not hit.all():
             chunk[~hit] = fallback.reconstruct(np.asarray(keys, dtype=np.int64)[~hit])
         spool.append(chunk, np.asarray(keys, dtype=np.int64))

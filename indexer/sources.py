@@ -233,6 +233,8 @@ class DocumentSource:
         for name, value in metadata.items():
             if isinstance(value, (dict, list)):
                 _check_nesting(where, name, value)
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise SourceError(f"{where}: field {name!r} is {value}, which JSON cannot hold")
 
 
 def text_value(where: str, name: str, value: Any) -> str:
@@ -302,6 +304,8 @@ def _check_nesting(where: str, name: str, value: dict | list) -> None:
         if isinstance(item, _Repeated):
             raise SourceError(f"{where}: duplicate field {item.key!r} in field {name!r}")
         children = item.values() if isinstance(item, dict) else item
+        if any(isinstance(child, float) and not math.isfinite(child) for child in children):
+            raise SourceError(f"{where}: field {name!r} holds NaN or Infinity, which JSON cannot hold")
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 

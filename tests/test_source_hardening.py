@@ -302,3 +302,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 )
 def test_prefix_tokenising_equals_whole_text(encoder, text):
     assert encoder.tokenize([text, "short"]) == [whole_ids(encoder, text), whole_ids(encoder, "short")]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "[1, NaN]"])
+def test_nan_and_infinity_in_metadata_are_refused(tmp_path, value):
+    """SQLite's JSON functions and HTTP responses cannot hold them: one bad value would break every filter."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "a", "text": "fine", "x": 1}\n{"id": "b", "text": "bad", "x": ' + value + "}\n")
+    with pytest.raises(SourceError, match=r"d.jsonl:2: field 'x'"):
+        list(DocumentSource(path))
+    with pytest.raises(SourceError, match="documents: record 1: field 'x'"):
+        list(DocumentSource.from_records([{"id": "b", "text": "bad", "x": float("nan")}]))
