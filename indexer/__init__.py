@@ -26,21 +26,26 @@ from .errors import (
 from .settings import DEFAULT_MODEL, IndexSettings
 
 if TYPE_CHECKING:
-    from .build import BuildReport, build_index, delete_documents, embed_source, rebuild_index, rollback_index, upsert_documents
+    from .build import build_index, rebuild_index
     from .check import check_index
+    from .compact import compact_index
+    from .edit import delete_documents, upsert_documents
     from .evaluate import Judgement, evaluate_index, read_judgements
     from .index import Index, index_info
+    from .ingest import embed_source
     from .query import Hit, parse_condition
     from .ray_engine import RayOptions
     from .sources import Document, DocumentSource
+    from .write import BuildReport, rollback_index
 
 # The rest is imported on first use (PEP 562), so that commands which load no
 # model (``indexer --help``, ``info``, ``check``...) never import torch.
 _LAZY = {
-    **dict.fromkeys(
-        ["BuildReport", "build_index", "delete_documents", "embed_source", "rebuild_index", "rollback_index", "upsert_documents"],
-        "build",
-    ),
+    **dict.fromkeys(["build_index", "rebuild_index"], "build"),
+    **dict.fromkeys(["BuildReport", "rollback_index"], "write"),
+    **dict.fromkeys(["delete_documents", "upsert_documents"], "edit"),
+    "compact_index": "compact",
+    "embed_source": "ingest",
     "check_index": "check",
     **dict.fromkeys(["Judgement", "evaluate_index", "read_judgements"], "evaluate"),
     **dict.fromkeys(["Index", "index_info"], "index"),
@@ -83,6 +88,7 @@ __all__ = [
     "SourceError",
     "build_index",
     "check_index",
+    "compact_index",
     "delete_documents",
     "embed_source",
     "evaluate_index",

@@ -1,4 +1,4 @@
-"""Integrity checks of published versions: files, checksums, counts, FAISS ids against SQLite keys."""
+"""Integrity checks of published versions: manifests, deletion sets, every segment's files, checksums, counts and keys."""
 
 from __future__ import annotations
 
@@ -8,49 +8,101 @@ import numpy as np
 
 from . import layout
 from .errors import IndexCorruptError, IndexerError
-from .store import DocumentStore
-from .vectors import VectorIndex
+from .segments import Segment
+from .snapshot import read_deleted
 
 
-def check_version(path: Path, version: str) -> list[str]:
-    """Every fault found in one version of the index at ``path``; empty when it is sound."""
+def check_version(path: Path, version: str, checked: dict[str, list[str]] | None = None) -> list[str]:
+    """Every fault found in one version of the index at ``path``; empty when it is sound.
+
+    ``checked`` remembers segments already checked (by name), so checking
+    every version reads each shared segment once.
+    """
+    checked = {} if checked is None else checked
     folder = layout.version_dir(path, version)
     try:
         manifest = layout.read_manifest(folder)
     except IndexerError as exc:
         return [str(exc)]
-    names = {layout.DOCUMENTS, layout.VECTORS, *manifest.files}
-    problems = [f"{version}: {problem}" for problem in layout.damaged_files(folder, manifest, sorted(names))]
+    if manifest.legacy:
+        names = sorted({layout.DOCUMENTS, layout.VECTORS, *manifest.files})
+        problems = [f"{version}: {p}" for p in layout.damaged_files(folder, manifest, names)]
+        return problems or [f"{version}: {p}" for p in check_segment(folder, legacy=manifest)]
+    problems = [f"{version}: {p}" for p in layout.damaged_files(folder, manifest, sorted({layout.DELETED, *manifest.files}))]
     if problems:
         return problems
     try:
-        vectors = VectorIndex.load(folder / layout.VECTORS)
-        store = DocumentStore.open_readonly(folder / layout.DOCUMENTS)
-    except IndexerError as exc:
+        deleted = read_deleted(folder)
+    except IndexCorruptError as exc:
         return [f"{version}: {exc}"]
+    held, counts = [], 0
+    for name in manifest.segments:
+        segment_folder = layout.segment_dir(path, name)
+        if name not in checked:
+            checked[name] = check_segment(segment_folder)
+        problems += [f"{version}: {p}" for p in checked[name]]
+        if not checked[name]:
+            held.append(np.load(segment_folder / layout.KEYS))
+            counts += len(held[-1])
+    if problems:
+        return problems
+    keys = np.concatenate(held) if held else np.empty(0, dtype=np.int64)
+    if len(np.unique(keys)) != len(keys):
+        problems.append(f"{version}: two segments hold the same key")
+    if len(deleted) != manifest.deleted or np.any(np.diff(deleted) <= 0):
+        problems.append(f"{version}: deletion set holds {len(deleted)} keys (manifest says {manifest.deleted}) or is not sorted")
+    strays = np.setdiff1d(deleted, keys)
+    if len(strays):
+        problems.append(f"{version}: {len(strays)} deleted keys no segment holds ({strays[:5].tolist()} ...)")
+    if counts - len(deleted) != manifest.count:
+        problems.append(f"{version}: {counts} documents in segments, {len(deleted)} deleted, manifest says {manifest.count} live")
+    return problems
+
+
+def check_segment(folder: Path, legacy: layout.Manifest | None = None) -> list[str]:
+    """Every fault found in one segment (or a format-1 version folder, with its manifest as ``legacy``)."""
+    if legacy is None:
+        try:
+            meta = layout.read_segment_meta(folder)
+        except IndexerError as exc:
+            return [str(exc)]
+        problems = layout.segment_problems(folder, meta, checksums=True)
+        if problems:
+            return problems
     try:
-        rows = store.count()
-        if not len(vectors) == rows == manifest.count:
-            problems.append(f"{version}: {len(vectors)} vectors, {rows} rows, manifest says {manifest.count}")
-        if vectors.dimension != manifest.dimension:
-            problems.append(f"{version}: vectors have {vectors.dimension} dimensions, manifest says {manifest.dimension}")
+        segment = Segment.open(folder, legacy=legacy)
+    except IndexerError as exc:
+        return [str(exc)]
+    name = folder.name
+    problems = []
+    try:
+        vectors, meta = segment.vectors, segment.meta
+        rows = segment.store.count()
+        if not len(vectors) == rows == meta.count == len(segment.keys):
+            problems.append(f"{name}: {len(vectors)} vectors, {rows} rows, {len(segment.keys)} keys, described as {meta.count}")
+        if vectors.dimension != meta.dimension:
+            problems.append(f"{name}: vectors have {vectors.dimension} dimensions, described as {meta.dimension}")
         vector_keys = np.sort(vectors.keys())
-        row_keys = np.asarray(store.keys(), dtype=np.int64)
+        row_keys = segment.store.keys()
+        if not np.array_equal(row_keys, segment.keys):
+            problems.append(f"{name}: its key file does not list its documents' keys")
+        if len(row_keys) and row_keys[0] < meta.base:
+            problems.append(f"{name}: keys below its base {meta.base}")
         orphans = np.setdiff1d(vector_keys, row_keys)
         if len(orphans):
-            problems.append(f"{version}: {len(orphans)} vectors without a row (FAISS ids {orphans[:5].tolist()} ...)")
+            problems.append(f"{name}: {len(orphans)} vectors without a row (FAISS ids {orphans[:5].tolist()} ...)")
         unindexed = np.setdiff1d(row_keys, vector_keys)
         if len(unindexed):
-            problems.append(f"{version}: {len(unindexed)} rows without a vector (keys {unindexed[:5].tolist()} ...)")
+            problems.append(f"{name}: {len(unindexed)} rows without a vector (keys {unindexed[:5].tolist()} ...)")
         if len(np.unique(vector_keys)) != len(vector_keys):
-            problems.append(f"{version}: duplicate FAISS ids")
+            problems.append(f"{name}: duplicate FAISS ids")
     finally:
-        store.close()
+        segment.close()
     return problems
 
 
 def check_index(index: str | Path, all_versions: bool = False) -> dict:
-    """Check the current version (or every version on disk) of an index.
+    """Check the current version (or every version on disk) of an index, with every segment it lists.
 
     Returns ``{"index", "current", "checked": [...], "problems": [...]}``; the
     index is sound when ``problems`` is empty. A ``CURRENT`` that points to a
@@ -67,5 +119,6 @@ def check_index(index: str | Path, all_versions: bool = False) -> dict:
         versions = layout.list_versions(path)
     else:
         versions = [current] if not problems else []
-    problems += [p for version in versions for p in check_version(path, version)]
+    checked: dict[str, list[str]] = {}
+    problems += [p for version in versions for p in check_version(path, version, checked)]
     return {"index": str(path), "current": current, "checked": versions, "problems": problems}

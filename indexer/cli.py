@@ -218,6 +218,8 @@ def _print_report(verb: str, report: Any, as_json: bool) -> None:
             f"{verb} {report.index} {report.version}: {report.documents} documents, {report.encoded} encoded, "
             f"{report.reused} reused, {report.deleted} deleted"
             + (f", {report.kept_upserts} upserts kept" if report.kept_upserts else "")
+            + f"; {report.segments} segment{'s' if report.segments != 1 else ''}"
+            + (f" ({report.merged} merged)" if report.merged else "")
             + f" in {report.seconds:.1f}s"
         )
 
@@ -312,7 +314,7 @@ def upsert(
     as_json: JsonOption = False,
 ) -> None:
     """Add or replace documents by id, publishing a new version (fields default to the index's)."""
-    from .build import upsert_documents
+    from .edit import upsert_documents
 
     report = upsert_documents(
         index, source, id_field=id_field, text_fields=text_field, device=device, keep=keep, wait=wait, progress=sys.stderr.isatty()
@@ -331,10 +333,25 @@ def delete(
     as_json: JsonOption = False,
 ) -> None:
     """Delete documents by id, publishing a new version."""
-    from .build import delete_documents
+    from .edit import delete_documents
 
     report = delete_documents(index, ids, missing_ok=missing_ok, keep=keep, wait=wait)
     _print_report("deleted from", report, as_json)
+
+
+@app.command(cls=Command)
+@user_errors
+def compact(
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    keep: KeepOption = 3,
+    wait: WaitOption = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Merge an index's segments into one without its deleted documents, publishing a new version (readers are never blocked)."""
+    from .compact import compact_index
+
+    report = compact_index(index, keep=keep, wait=wait)
+    _print_report("compacted", report, as_json)
 
 
 @app.command(cls=Command)
@@ -346,7 +363,7 @@ def rollback(
     as_json: JsonOption = False,
 ) -> None:
     """Make an earlier version of an index current again."""
-    from .build import rollback_index
+    from .write import rollback_index
 
     result = rollback_index(index, to, wait=wait)
     if as_json:
@@ -500,7 +517,9 @@ def info(
         ("model", settings["model"]),
         ("pooling", settings["pooling"]),
         ("max length", f"{settings['max_length']} tokens, {settings['precision']}"),
-        ("vectors", f"{data['vector_index']} {data['search_params'] or ''}".strip()),
+        ("vectors", f"{data['vector_index']} {data['search_params'] or ''}".strip() + " (largest segment)"),
+        ("segments", f"{len(data['segments'])}: " + ", ".join(f"{n} ({c})" for n, c in data["segment_sizes"].items())
+         + f"; {data['deleted']} deleted"),
         ("fields", f"id={settings['id_field']} text={'+'.join(settings['text_fields'])}"),
         ("source", settings["source"]),
         ("versions", ", ".join(data["versions"])),
@@ -526,7 +545,7 @@ def embed(
     device: DeviceOption = None,
 ) -> None:
     """Write the embeddings of SOURCE to a file, without building an index."""
-    from .build import embed_source
+    from .ingest import embed_source
 
     settings = _settings(
         model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, max_document_bytes=max_document_bytes

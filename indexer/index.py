@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -11,69 +10,29 @@ from . import layout
 from .errors import IndexCorruptError, ModelError
 from .query import Condition, Hit, search_texts
 from .settings import IndexSettings
-from .store import DocumentStore
-from .vectors import VectorIndex
+from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .encoder import Encoder
 
-OPEN_ATTEMPTS = 5
-
-
-@dataclass
-class ServedVersion:
-    """One published version, loaded: what a search reads, swapped whole on refresh."""
-
-    version: str
-    manifest: layout.Manifest
-    vectors: VectorIndex
-    store: DocumentStore
-    encoder: Encoder | None = None
-
-
-def load_version(path: Path) -> ServedVersion:
-    """Load the current version of the index at ``path``.
-
-    A writer may publish, and prune the version just read from ``CURRENT``,
-    between reading the pointer and opening the folder; then read it again.
-    """
-    for attempt in range(OPEN_ATTEMPTS):
-        version = layout.current_version(path)
-        folder = layout.version_dir(path, version)
-        try:
-            manifest = layout.read_manifest(folder)
-            return ServedVersion(
-                version,
-                manifest,
-                VectorIndex.load(folder / layout.VECTORS, manifest.search_params),
-                DocumentStore.open_readonly(folder / layout.DOCUMENTS),
-            )
-        except IndexCorruptError:
-            if folder.exists() or attempt == OPEN_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
 def index_info(index: str | Path) -> dict[str, Any]:
-    """The current version's manifest and counts, without loading the model."""
+    """The current version's manifest and counts, without loading the model or any vectors."""
     path = layout.index_path(index)
-    folder = layout.version_dir(path, layout.current_version(path))
-    manifest = layout.read_manifest(folder)
-    vectors = VectorIndex.load(folder / layout.VECTORS, mmap=True)
-    store = DocumentStore.open_readonly(folder / layout.DOCUMENTS)
+    snapshot = Snapshot.open(path, vectors=False)
     try:
-        return describe(path, manifest, len(vectors), store.count())
+        return describe(snapshot)
     finally:
-        store.close()
+        snapshot.close()
 
 
-def describe(path: Path, manifest: layout.Manifest, vectors: int, rows: int) -> dict[str, Any]:
+def describe(snapshot: Snapshot) -> dict[str, Any]:
     return {
-        "index": str(path),
-        **manifest.to_dict(),
-        "vectors": vectors,
-        "rows": rows,
-        "versions": layout.list_versions(path),
+        "index": str(snapshot.path),
+        **snapshot.manifest.to_dict(),
+        "vectors": len(snapshot),
+        "rows": len(snapshot),
+        "segment_sizes": {segment.name: segment.meta.count for segment in snapshot.segments},
+        "versions": layout.list_versions(snapshot.path),
     }
 
 
@@ -92,20 +51,20 @@ class Index:
 
         self.path = layout.index_path(path)
         self.device = device
-        self._served = load_version(self.path)
+        self._served = Snapshot.open(self.path)
         settings = self._served.manifest.settings
         if model is not None and canonical_model_name(model) != settings.model:
             raise ModelError(
                 f"{self.path}: index was built with model {settings.model!r}, not {canonical_model_name(model)!r}; "
                 "queries must use the index's own model (leave out --model)"
             )
-        self._served.encoder = Encoder.from_settings(settings, device)
-        self._check_dimension(self._served)
+        self._encoder = Encoder.from_settings(settings, device)
+        self._check_dimension(self._served, self._encoder)
         self._refresh_lock = threading.Lock()
 
     @property
     def encoder(self) -> Encoder:
-        return self._served.encoder
+        return self._encoder
 
     @property
     def version(self) -> str:
@@ -120,7 +79,7 @@ class Index:
         return self._served.manifest.settings
 
     def __len__(self) -> int:
-        return len(self._served.vectors)
+        return len(self._served)
 
     def search(
         self,
@@ -153,10 +112,8 @@ class Index:
         fusion: str = "score",
     ) -> list[list[Hit]]:
         """The top-``k`` documents for each question; questions are embedded in batches."""
-        served = self._served  # one version for the whole call, even if refresh() swaps it meanwhile
-        return search_texts(
-            served.encoder, served.vectors, served.store, list(queries), k, mode, where, fusion, nprobe=nprobe, efSearch=ef_search
-        )
+        served, encoder = self._served, self._encoder  # one version for the whole call, even if refresh() swaps it meanwhile
+        return search_texts(encoder, served, list(queries), k, mode, where, fusion, nprobe=nprobe, efSearch=ef_search)
 
     def refresh(self) -> bool:
         """Switch to the index's current version if a newer one was published; True if it changed."""
@@ -165,11 +122,13 @@ class Index:
         with self._refresh_lock:
             if layout.current_version(self.path) == self._served.version:
                 return False
-            served = load_version(self.path)
-            served.encoder = Encoder.from_settings(served.manifest.settings, self.device, reuse=self.encoder)
-            self._check_dimension(served)
-            # The old version's store is left to the garbage collector: searches may still be reading it.
-            self._served = served
+            # Segments this version shares with the one served are reused, so a small write loads only its small segment.
+            loaded = {segment.meta.uid: segment for segment in self._served.segments}
+            served = Snapshot.open(self.path, loaded=loaded)
+            encoder = Encoder.from_settings(served.manifest.settings, self.device, reuse=self._encoder)
+            self._check_dimension(served, encoder)
+            # The old version's own segments are left to the garbage collector: searches may still be reading them.
+            self._served, self._encoder = served, encoder
             return True
 
     def get_document(self, doc_id: str) -> dict[str, Any] | None:
@@ -177,20 +136,19 @@ class Index:
 
         ``fields`` are its text fields as written; the shape is one ``upsert`` accepts back.
         """
-        store = self._served.store
-        keys = store.keys_for_ids([doc_id])
+        served = self._served
+        keys = served.keys_for_ids([doc_id])
         if not keys:
             return None
-        row = store.fetch(keys.values())[keys[doc_id]]
+        row = served.fetch(keys.values())[keys[doc_id]]
         return {name: row[name] for name in ("id", "text", "metadata", "fields")}
 
     def info(self) -> dict[str, Any]:
         """The manifest of the version this object serves, with live counts."""
-        served = self._served
-        return describe(self.path, served.manifest, len(served.vectors), served.store.count())
+        return describe(self._served)
 
     def close(self) -> None:
-        self._served.store.close()
+        self._served.close()
 
     def __enter__(self) -> "Index":
         return self
@@ -198,8 +156,9 @@ class Index:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_dimension(self, served: ServedVersion) -> None:
-        if served.encoder.dimension != served.vectors.dimension:
-            raise IndexCorruptError(
-                f"{self.path}: model gives {served.encoder.dimension}-d vectors but the index holds {served.vectors.dimension}-d"
-            )
+    def _check_dimension(self, served: Snapshot, encoder: Encoder) -> None:
+        for segment in served.segments:
+            if encoder.dimension != segment.vectors.dimension:
+                raise IndexCorruptError(
+                    f"{self.path}: model gives {encoder.dimension}-d vectors but segment {segment.name} holds {segment.vectors.dimension}-d"
+                )

@@ -1,24 +1,36 @@
-"""The on-disk format: immutable versions inside an index folder, published atomically.
+"""The on-disk format: versions that list immutable segments, published atomically.
 
 ::
 
     INDEX/
-      CURRENT              name of the published version, e.g. "v000003"
+      CURRENT              name of the published version, e.g. "v000007"
       versions/
-        v000003/
-          manifest.json    settings, dimension, count, checksums (see Manifest)
-          documents.db     SQLite: key, id, text, metadata
+        v000007/
+          manifest.json    settings, counts, the segments it lists, checksum of deleted.npy (see Manifest)
+          deleted.npy      sorted int64 keys of this version's deleted documents
+      segments/
+        s000003/
+          segment.json     its key range, FAISS structure, search parameters, file checksums (see SegmentMeta)
+          documents.db     SQLite: key, id, text, metadata, fields, origin; FTS5 keyword index
           vectors.faiss    FAISS index whose ids are the SQLite keys
-      staging/             versions being written; never read
+          keys.npy         the segment's keys, sorted; lengths.npy: each document's keyword-token count
+      staging/             versions and segments being written; never read
       cache.db             embedding cache shared by all versions (see cache.py)
       LOCK                 held (flock) by the one writer; names its pid
 
-A writer builds a whole version under ``staging/``, fsyncs it, renames it into
-``versions/`` and then replaces ``CURRENT`` with ``os.replace``. Writers
-serialise on ``LOCK``; readers take no lock. A reader reads
-``CURRENT`` once and opens that folder, which never changes afterwards, so it
-always sees one complete version: never a half-written one, never FAISS from
-one version and SQLite from another.
+A segment is written once, under ``staging/``, fsynced and renamed into
+``segments/``; it never changes afterwards. A version is a manifest naming
+segments plus the set of deleted keys, so a write that adds one document
+writes one small segment and a new manifest, and every version that lists a
+segment shares it (a reference, never a copy). A writer publishes by renaming
+the version folder into ``versions/`` and replacing ``CURRENT`` with
+``os.replace``. Writers serialise on ``LOCK``; readers take no lock: a reader
+reads ``CURRENT`` once and opens what that version lists, which never changes.
+Pruning removes a version beyond the newest ``keep``, then every segment that
+no version left on disk lists.
+
+Format 1 (one ``documents.db`` and ``vectors.faiss`` inside each version
+folder) is still read; the first write converts the index (``convert_legacy``).
 """
 
 from __future__ import annotations
@@ -40,29 +52,45 @@ from typing import Any, Iterable, Iterator
 from .errors import IndexCorruptError, IndexLockedError, IndexNotFoundError
 from .settings import IndexSettings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_FORMAT = 1
 DEFAULT_INDEX_ROOT = "indexes"
 POINTER = "CURRENT"
 VERSIONS = "versions"
 STAGING = "staging"
+SEGMENTS = "segments"
+SEGMENT_META = "segment.json"
+DELETED = "deleted.npy"
+KEYS = "keys.npy"
+LENGTHS = "lengths.npy"
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.db"
 VECTORS = "vectors.faiss"
 CACHE = "cache.db"
 LOCK = "LOCK"
 VERSION_NAME = re.compile(r"^v(\d{6,})$")
+SEGMENT_NAME = re.compile(r"^s(\d{6,})$")
 
 
 @dataclass
 class Manifest:
-    """What a version holds and how it was made."""
+    """What a version holds and how it was made.
+
+    ``segments`` names the segments it lists, oldest first; ``deleted`` is how
+    many of their documents it deletes (the keys are in ``deleted.npy``);
+    ``count`` is the live documents. ``next_key`` is the first key a new
+    segment may use. ``vector_index``, ``search_params`` and ``tuned_recall``
+    describe the largest segment (each segment keeps its own). A format-1
+    manifest reads with ``segments`` empty: its version folder is its one segment.
+    """
 
     settings: IndexSettings
     dimension: int
     count: int
-    content_digest: str = ""
     model_fingerprint: str = ""
-    cache_generation: int = 0
+    segments: list[str] = field(default_factory=list)
+    deleted: int = 0
+    next_key: int = 0
     vector_index: str = "Flat"
     search_params: dict[str, int] = field(default_factory=dict)
     tuned_recall: float | None = None
@@ -83,9 +111,44 @@ class Manifest:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @property
+    def legacy(self) -> bool:
+        return self.format_version == LEGACY_FORMAT
+
+
+@dataclass
+class SegmentMeta:
+    """What a segment holds: ``count`` documents under keys ``keys.npy`` (all >= ``base``), in a FAISS ``vector_index``.
+
+    ``embedding`` is the embedding configuration its vectors were made with
+    (``settings.embedding_config``); ``uid`` tells apart two segments that
+    ever had the same name. ``files`` and ``sizes``: checksum and size of each file.
+    """
+
+    name: str
+    base: int
+    count: int
+    dimension: int
+    embedding: str = ""
+    vector_index: str = "Flat"
+    search_params: dict[str, int] = field(default_factory=dict)
+    tuned_recall: float | None = None
+    uid: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SegmentMeta":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
 
 # What a manifest must hold, and of which JSON types, before anything reads it.
 REQUIRED_MANIFEST_FIELDS = {"settings": dict, "dimension": int, "count": int, "files": dict, "version": str}
+REQUIRED_SEGMENT_FIELDS = {"name": str, "base": int, "count": int, "dimension": int, "files": dict}
 
 
 def index_path(name: str | Path, root: str | Path = DEFAULT_INDEX_ROOT) -> Path:
@@ -155,17 +218,95 @@ def read_manifest(folder: Path) -> Manifest:
         raise IndexCorruptError(f"{where}: unreadable manifest ({getattr(exc, 'msg', type(exc).__name__)})") from None
     if not isinstance(data, dict):
         raise IndexCorruptError(f"{where}: not a manifest (a JSON {type(data).__name__}, not an object)")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in (FORMAT_VERSION, LEGACY_FORMAT):
         raise IndexCorruptError(
-            f"{folder}: index format {data.get('format_version')!r} is not supported (this indexer reads format {FORMAT_VERSION})"
+            f"{folder}: index format {data.get('format_version')!r} is not supported (this indexer reads formats 1 and {FORMAT_VERSION})"
         )
     for name, kind in REQUIRED_MANIFEST_FIELDS.items():
         if not isinstance(data.get(name), kind) or isinstance(data.get(name), bool):
             raise IndexCorruptError(f"{where}: not a manifest ({name!r} is missing or not a {kind.__name__})")
+    segments = data.get("segments", [])
+    if not isinstance(segments, list) or not all(isinstance(n, str) and SEGMENT_NAME.match(n) for n in segments):
+        raise IndexCorruptError(f"{where}: not a manifest ('segments' is not a list of segment names)")
+    if data["format_version"] == FORMAT_VERSION and (not segments or DELETED not in data["files"]):
+        raise IndexCorruptError(f"{where}: not a manifest (no segments, or no checksum of {DELETED})")
     try:
         return Manifest.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise IndexCorruptError(f"{where}: not a manifest ({exc})") from None
+
+
+def segment_dir(path: Path, name: str) -> Path:
+    return path / SEGMENTS / name
+
+
+def segment_folders(path: Path, manifest: Manifest) -> list[Path]:
+    """The folders of the segments ``manifest`` lists; a format-1 version is its own one segment."""
+    if manifest.legacy:
+        return [version_dir(path, manifest.version)]
+    return [segment_dir(path, name) for name in manifest.segments]
+
+
+def list_segments(path: Path) -> list[str]:
+    """Segment names on disk, oldest first."""
+    folder = path / SEGMENTS
+    if not folder.is_dir():
+        return []
+    return sorted((p.name for p in folder.iterdir() if SEGMENT_NAME.match(p.name)), key=lambda n: int(n[1:]))
+
+
+def next_segment_name(path: Path, manifest: Manifest | None) -> str:
+    """A name above every segment on disk and every one the current manifest lists."""
+    names = list_segments(path) + (manifest.segments if manifest else [])
+    return f"s{max((int(n[1:]) for n in names), default=0) + 1:06d}"
+
+
+def read_segment_meta(folder: Path) -> SegmentMeta:
+    """The ``segment.json`` of a segment folder, checked for the fields every reader relies on."""
+    where = folder / SEGMENT_META
+    try:
+        data = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise IndexCorruptError(f"{folder}: segment is missing or has no {SEGMENT_META}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise IndexCorruptError(f"{where}: unreadable segment description ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    if not isinstance(data, dict) or any(
+        not isinstance(data.get(name), kind) or isinstance(data.get(name), bool) for name, kind in REQUIRED_SEGMENT_FIELDS.items()
+    ):
+        raise IndexCorruptError(f"{where}: not a segment description")
+    return SegmentMeta.from_dict(data)
+
+
+def seal_segment(path: Path, staging: Path, meta: SegmentMeta) -> Path:
+    """Checksum, describe and fsync the segment written in ``staging``, then rename it into ``segments/``."""
+    files = sorted(p for p in staging.iterdir() if p.is_file())
+    meta.files = {p.name: file_checksum(p) for p in files}
+    meta.sizes = {p.name: p.stat().st_size for p in files}
+    meta.uid = uuid.uuid4().hex
+    (staging / SEGMENT_META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+    for item in staging.iterdir():
+        _fsync_file(item)
+    _fsync_dir(staging)
+    (path / SEGMENTS).mkdir(exist_ok=True)
+    target = segment_dir(path, meta.name)
+    os.rename(staging, target)
+    _fsync_dir(path / SEGMENTS)
+    return target
+
+
+def segment_problems(folder: Path, meta: SegmentMeta, *, checksums: bool) -> list[str]:
+    """What is wrong with a segment's files: missing, a size or (with ``checksums``) a checksum that differs."""
+    problems = []
+    for name in (DOCUMENTS, VECTORS, KEYS, LENGTHS, *meta.files):
+        if name not in meta.files:
+            problems.append(f"segment {meta.name} has no checksum for {name}")
+        elif not (folder / name).is_file():
+            problems.append(f"segment {meta.name}: {name} is missing")
+        elif name in meta.sizes and (folder / name).stat().st_size != meta.sizes[name]:
+            problems.append(f"segment {meta.name}: {name} has the wrong size")
+        elif checksums and file_checksum(folder / name) != meta.files[name]:
+            problems.append(f"segment {meta.name}: {name} does not match its checksum")
+    return list(dict.fromkeys(problems))
 
 
 def damaged_files(folder: Path, manifest: Manifest, names: Iterable[str] | None = None) -> list[str]:
@@ -181,15 +322,26 @@ def damaged_files(folder: Path, manifest: Manifest, names: Iterable[str] | None 
     return problems
 
 
-def verified_manifest(path: Path, version: str) -> Manifest:
-    """The manifest of ``version`` after checking every file it lists; IndexCorruptError if any is damaged.
+def verified_manifest(path: Path, version: str, *, checksums: bool = False) -> Manifest:
+    """The manifest of ``version`` after checking what it lists; IndexCorruptError if anything is damaged.
 
-    Every write that carries data over from a version calls this first, so a
-    damaged file is never copied into a new version under fresh checksums.
+    Its own files (the deletion set) are checked against their checksums, its
+    segments for presence and size, and with ``checksums`` against their
+    checksums too: a write that copies documents or vectors out of a segment
+    (compaction, converting a format-1 version) reads them through first, so
+    a damaged file is never carried into a new segment under fresh checksums.
     """
     folder = version_dir(path, version)
     manifest = read_manifest(folder)
-    problems = damaged_files(folder, manifest, {DOCUMENTS, VECTORS, *manifest.files})
+    names = {DOCUMENTS, VECTORS, *manifest.files} if manifest.legacy else {DELETED, *manifest.files}
+    problems = damaged_files(folder, manifest, sorted(names))
+    for name in manifest.segments:
+        try:
+            meta = read_segment_meta(segment_dir(path, name))
+        except IndexCorruptError as exc:
+            problems.append(str(exc))
+            continue
+        problems += segment_problems(segment_dir(path, name), meta, checksums=checksums)
     if problems:
         raise IndexCorruptError(
             f"{path}: version {version} is damaged ({problems[0]}); nothing written. "
@@ -246,12 +398,26 @@ def point_to(path: Path, version: str) -> None:
 
 
 def prune(path: Path, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions; the current one always stays."""
+    """Delete all but the newest ``keep`` versions (the current one always stays), then every segment no version lists.
+
+    Segments are left alone while any remaining version's manifest cannot be
+    read: what it lists is unknown. Runs under the writer lock, so a segment
+    not listed anywhere is one a dead writer left behind, never one in progress.
+    """
     current = current_version(path)
     versions = list_versions(path)
     doomed = [v for v in versions[: max(len(versions) - max(keep, 1), 0)] if v != current]
     for version in doomed:
         shutil.rmtree(version_dir(path, version), ignore_errors=True)
+    listed: set[str] = set()
+    for version in list_versions(path):
+        try:
+            listed.update(read_manifest(version_dir(path, version)).segments)
+        except IndexCorruptError:
+            return doomed
+    for name in list_segments(path):
+        if name not in listed:
+            shutil.rmtree(segment_dir(path, name), ignore_errors=True)
     return doomed
 
 

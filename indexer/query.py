@@ -1,7 +1,8 @@
 """The query module: embed questions, search vectors and/or keywords, filter, fetch the documents.
 
-Modes: ``dense`` (cosine of embeddings), ``keyword`` (SQLite FTS5 BM25 over
-the words of the question) and ``hybrid``, which fuses the two top-100 lists.
+Modes: ``dense`` (cosine of embeddings), ``keyword`` (BM25 over the words of
+the question, with FTS5's tokenizer and formula and statistics over every live
+document of the index, see ``snapshot``) and ``hybrid``, which fuses the two top-100 lists.
 The default fusion ("score") gives each document
 
     0.6 * max(cosine, 0) + 0.4 * bm25 / (best bm25 among the query's keyword hits)
@@ -17,7 +18,7 @@ away; benchmarks/quality.py compares the two.
 
 Filters select documents by their fields before ranking, so ``k`` hits come
 back whenever ``k`` documents match. They are typed by the index's own values
-(``DocumentStore.field_types``): see ``typed_conditions``.
+(``Snapshot.field_types``): see ``typed_conditions``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import numpy as np
 
 from .errors import ArgumentError
 from .settings import FUSIONS, MODES
-from .store import FIELD_NAME_FORBIDDEN, FILTER_OPERATORS, DocumentStore
-from .vectors import VectorIndex
+from .store import FIELD_NAME_FORBIDDEN, FILTER_OPERATORS
 
 if TYPE_CHECKING:
     from .encoder import Encoder
+    from .snapshot import Snapshot
 
 HYBRID_DEPTH = 100
 RRF_K = 60
@@ -225,8 +226,7 @@ def _from_python(value: Any, field_: str, types: set[str], label: str) -> Any:
 
 def search_texts(
     encoder: Encoder,
-    vectors: VectorIndex,
-    store: DocumentStore,
+    snapshot: Snapshot,
     queries: Sequence[str],
     k: int = 10,
     mode: str = "dense",
@@ -246,17 +246,17 @@ def search_texts(
         raise ArgumentError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
     if fusion not in FUSIONS:
         raise ArgumentError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
-    conditions = typed_conditions(where, store.field_types()) if where else None
+    conditions = typed_conditions(where, snapshot.field_types()) if where else None
     if not len(queries):
         return []
-    allowed = store.filter_keys(conditions) if conditions else None
+    allowed = snapshot.filter_keys(conditions) if conditions else None
     if allowed is not None and not len(allowed):
         return [[] for _ in queries]
     depth = max(k, HYBRID_DEPTH) if mode == "hybrid" else k
     if mode != "keyword":
-        dense = dense_keys(vectors, encoder.encode_texts(queries), depth, allowed, knobs)
+        dense = snapshot.dense(encoder.encode_texts(queries), depth, allowed, knobs)
     if mode != "dense":
-        keyword = [store.keyword_search(q, depth, allowed) for q in queries]
+        keyword = [snapshot.keyword(q, depth, allowed) for q in queries]
     if mode == "dense":
         ranked = dense
     elif mode == "keyword":
@@ -265,24 +265,11 @@ def search_texts(
         ranked = [reciprocal_rank_fusion([d[0], w[0]], k) for d, w in zip(dense, keyword)]
     else:
         ranked = [score_fusion(d, w, k) for d, w in zip(dense, keyword)]
-    rows = store.fetch({key for keys, _ in ranked for key in keys[:k]})
+    rows = snapshot.fetch({key for keys, _ in ranked for key in keys[:k]})
     return [
         [Hit(rows[key]["id"], float(score), rows[key]["text"], rows[key]["metadata"]) for key, score in zip(keys[:k], scores[:k]) if key in rows]
         for keys, scores in ranked
     ]
-
-
-def dense_keys(
-    vectors: VectorIndex, embedded: np.ndarray, k: int, allowed: np.ndarray | None, knobs: dict[str, int | None]
-) -> list[tuple[list[int], list[float]]]:
-    """(keys, cosines) of the top-``k`` vectors per query, among ``allowed`` keys if given."""
-    k = min(k, max(len(vectors), 1))
-    scores, keys = vectors.search(embedded, k, allowed=allowed, **knobs)
-    wanted = min(k, len(allowed)) if allowed is not None else k
-    if allowed is not None and (keys >= 0).sum(axis=1).min() < wanted:
-        # An approximate structure can miss rare matches: search those exhaustively.
-        scores, keys = vectors.search(embedded, k, allowed=allowed, nprobe=1 << 30, efSearch=max(len(vectors), 16))
-    return [(row_keys[row_keys >= 0].tolist(), row_scores[row_keys >= 0].tolist()) for row_scores, row_keys in zip(scores, keys)]
 
 
 def score_fusion(

@@ -35,7 +35,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import layout
-from .build import delete_documents, rebuild_index, upsert_documents
+from .build import rebuild_index
+from .edit import delete_documents, upsert_documents
 from .errors import ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexLockedError, IndexNotFoundError
 from .index import Index
 from .query import MODES, parse_condition

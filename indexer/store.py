@@ -13,10 +13,8 @@ take no locks at all.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
-import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -37,6 +35,7 @@ JSON_KINDS = {"integer": "number", "real": "number", "text": "text", "true": "bo
               "null": "null", "array": "array", "object": "object"}
 KIND_SQL_TYPES = {"number": "'integer', 'real'", "text": "'text'", "boolean": "'true', 'false'"}
 COLUMNS = ("key", "id", "text", "metadata", "fields", "origin")
+KEYWORD_TOKENIZER = "porter unicode61"
 
 
 class DocumentStore:
@@ -59,7 +58,7 @@ class DocumentStore:
         db[TABLE].create_index(["id"], unique=True)
         db.executescript(
             f"""
-            CREATE VIRTUAL TABLE {KEYWORDS} USING fts5(text, content='{TABLE}', content_rowid='key', tokenize='porter unicode61');
+            CREATE VIRTUAL TABLE {KEYWORDS} USING fts5(text, content='{TABLE}', content_rowid='key', tokenize='{KEYWORD_TOKENIZER}');
             CREATE TRIGGER {TABLE}_ai AFTER INSERT ON {TABLE} BEGIN
               INSERT INTO {KEYWORDS}(rowid, text) VALUES (new.key, new.text);
             END;
@@ -68,15 +67,6 @@ class DocumentStore:
             END;
             """
         )
-        return cls(db)
-
-    @classmethod
-    def copy(cls, published: str | Path, path: str | Path) -> "DocumentStore":
-        """A writable copy, at ``path``, of the published store ``published``."""
-        shutil.copyfile(published, path)
-        db = _open_writable(path)
-        for column in set(COLUMNS) - set(db[TABLE].columns_dict):
-            db.execute(f"ALTER TABLE {TABLE} ADD COLUMN {column} TEXT" + (" NOT NULL DEFAULT 'source'" if column == "origin" else ""))
         return cls(db)
 
     @classmethod
@@ -128,65 +118,66 @@ class DocumentStore:
         with self._lock:
             return dict(self.db.execute(sql, [json.dumps(list(ids))]).fetchall())
 
-    def delete_keys(self, keys: Sequence[int]) -> None:
-        with self._lock, self.db.conn:
-            self.db.execute(f"DELETE FROM {TABLE} WHERE key IN (SELECT value FROM json_each(?))", [json.dumps([int(k) for k in keys])])
-
-    def next_key(self) -> int:
-        """A key above every key in use."""
+    def keys(self) -> np.ndarray:
+        """Every key, sorted."""
         with self._lock:
-            return (self.db.execute(f"SELECT max(key) FROM {TABLE}").fetchone()[0] or 0) + 1
+            return np.fromiter((row[0] for row in self.db.execute(f"SELECT key FROM {TABLE} ORDER BY key")), dtype=np.int64)
 
-    def keys(self) -> list[int]:
+    def keys_of_origin(self, origin: str) -> np.ndarray:
         with self._lock:
-            return [row[0] for row in self.db.execute(f"SELECT key FROM {TABLE} ORDER BY key")]
+            rows = self.db.execute(f"SELECT key FROM {TABLE} WHERE {self._origin} = ?", [origin])
+            return np.fromiter((row[0] for row in rows), dtype=np.int64)
+
+    @functools.cached_property
+    def _origin(self) -> str:
+        return "origin" if "origin" in self.db[TABLE].columns_dict else "'source'"
+
+    def raw_rows_for_ids(self, ids: Sequence[str]) -> dict[str, list[tuple]]:
+        """``{id: [(key, text, metadata JSON, fields JSON, origin), ...]}`` for the ids present, as stored."""
+        sql = f"SELECT id, {self._columns.split(', ', 2)[2]}, key FROM {TABLE} WHERE id IN (SELECT value FROM json_each(?))"
+        found: dict[str, list[tuple]] = {}
+        with self._lock:
+            for doc_id, text, metadata, fields, origin, key in self.db.execute(sql, [json.dumps(list(ids))]):
+                found.setdefault(doc_id, []).append((key, text, metadata or "{}", fields or "{}", origin))
+        return found
+
+    def rows(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+        """Every document as (keys, rows) chunks, in key order."""
+        cursor = self.db.execute(f"SELECT {self._columns} FROM {TABLE} ORDER BY key")
+        while batch := cursor.fetchmany(chunk):
+            yield np.fromiter((row[0] for row in batch), dtype=np.int64, count=len(batch)), [_row(row) for row in batch]
+
+    def token_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, keyword tokens per document), sorted by key: what BM25 calls document length.
+
+        Read from FTS5's own ``docsize`` table, one SQLite varint per document,
+        decoded with numpy.
+        """
+        with self._lock:
+            rows = self.db.execute(f"SELECT id, sz FROM {KEYWORDS}_docsize ORDER BY id").fetchall()
+        keys = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        return keys, decode_varints([row[1] for row in rows])
+
+    def postings(self, terms: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """For each keyword term (as FTS5 indexes it), the keys of the documents holding it and how often."""
+        found = {}
+        with self._lock:
+            if not getattr(self, "_vocabulary", False):
+                # A temp table: published stores are opened immutable, but the temp schema is always writable.
+                self.db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{KEYWORDS}_terms USING fts5vocab(main, {KEYWORDS}, instance)")
+                self._vocabulary = True
+            for term in terms:
+                rows = self.db.execute(f"SELECT doc FROM temp.{KEYWORDS}_terms WHERE term = ?", [term]).fetchall()
+                docs = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+                keys, counts = np.unique(docs, return_counts=True)
+                found[term] = (keys, counts)
+        return found
 
     def key_texts(self, chunk: int = 10_000) -> Iterator[tuple[list[int], list[str]]]:
         """Every document's (key, text), in chunks of keys and texts."""
         cursor = self.db.execute(f"SELECT key, text FROM {TABLE} ORDER BY key")
         while rows := cursor.fetchmany(chunk):
             yield [row[0] for row in rows], [row[1] for row in rows]
-
-    def content_digest(self) -> str:
-        """SHA-256 of every (id, text, metadata, fields, origin), in id order: equal digests, equal content."""
-        digest = hashlib.sha256()
-        for row in self.db.execute(f"SELECT id, text, metadata, fields, origin FROM {TABLE} ORDER BY id"):
-            digest.update(json.dumps(row, ensure_ascii=False).encode())
-        return digest.hexdigest()
-
-    def count_missing_in(self, other: str | Path) -> int:
-        """How many document ids of the store file ``other`` are not in this one."""
-        # mode=ro: ATTACH must never create the file of a damaged version.
-        uri = f"{Path(other).resolve().as_uri()}?mode=ro&immutable=1"
-        with self._lock:
-            self.db.execute("ATTACH DATABASE ? AS other", [uri])
-            try:
-                sql = f"SELECT count(*) FROM other.{TABLE} WHERE id NOT IN (SELECT id FROM main.{TABLE})"
-                return self.db.execute(sql).fetchone()[0]
-            finally:
-                self.db.execute("DETACH DATABASE other")
-
-    def keyword_search(self, query: str, k: int, keys: np.ndarray | None = None) -> tuple[list[int], list[float]]:
-        """Top-``k`` keys by BM25 for the words of ``query`` (any of them), best first, with scores.
-
-        Every word is quoted, so FTS5 syntax in the query (quotes, ``*``, ``:``,
-        ``-``, ``AND``, parentheses) is matched as text, never parsed.
-        ``keys`` restricts the search to those documents.
-        """
-        words = re.findall(r"\w+", query)
-        if not words:
-            return [], []
-        match = " OR ".join('"' + word + '"' for word in words)
-        sql = f"SELECT {KEYWORDS}.rowid, bm25({KEYWORDS}) AS rank FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?"
-        params: list[Any] = [match]
-        if keys is not None:
-            sql += f" AND {KEYWORDS}.rowid IN (SELECT value FROM json_each(?))"
-            params.append(json.dumps(np.asarray(keys).tolist()))
-        sql += " ORDER BY rank LIMIT ?"
-        params.append(int(k))
-        with self._lock:
-            rows = self.db.execute(sql, params).fetchall()
-        return [row[0] for row in rows], [-row[1] for row in rows]
 
     def field_types(self) -> dict[str, set[str]]:
         """Each top-level metadata field, with the kinds of JSON value it holds across the documents.
@@ -299,6 +290,19 @@ class DocumentStore:
             except sqlite3.OperationalError:
                 pass  # read-only (immutable) connections have no WAL to checkpoint
             self.db.conn.close()
+
+
+def decode_varints(blobs: Sequence[bytes]) -> np.ndarray:
+    """One SQLite varint (big-endian, 7 bits a byte, high bit set on all but the last) per blob, as int64."""
+    if not blobs:
+        return np.empty(0, dtype=np.int64)
+    data = np.frombuffer(b"".join(blobs), dtype=np.uint8).astype(np.int64)
+    ends = np.cumsum([len(b) for b in blobs]) - 1
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    # Each byte's place counted from the end of its varint decides its shift.
+    owner = np.repeat(np.arange(len(blobs)), np.diff(np.concatenate([starts, [len(data)]])))
+    place = ends[owner] - np.arange(len(data))
+    return np.bincount(owner, weights=(data & 0x7F) << (7 * place), minlength=len(blobs)).astype(np.int64)
 
 
 def _row(row: Sequence[Any]) -> dict[str, Any]:

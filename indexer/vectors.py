@@ -169,11 +169,22 @@ class VectorIndex:
         """Remove the vectors stored under ``keys``; returns how many were removed."""
         return self.index.remove_ids(np.asarray(keys, dtype=np.int64))
 
+    @property
+    def keeps_vectors(self) -> bool:
+        """Whether the structure holds every vector whole, so ``reconstruct`` gives it back exactly (Flat, HNSW, IVF-Flat in memory)."""
+        inner = self.inner
+        if isinstance(inner, faiss.IndexIVFFlat):
+            return not isinstance(faiss.downcast_InvertedLists(inner.invlists), faiss.OnDiskInvertedLists)
+        return isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSWFlat))
+
     def reconstruct(self, keys: np.ndarray) -> np.ndarray:
-        """The stored vectors of ``keys`` (structures that keep whole vectors: flat, HNSW)."""
+        """The stored vectors of ``keys`` (see ``keeps_vectors``)."""
         keys = np.asarray(keys, dtype=np.int64)
         if not len(keys):
             return np.empty((0, self.dimension), dtype=np.float32)
+        inner = self.inner
+        if isinstance(inner, faiss.IndexIVF) and inner.direct_map.type == faiss.DirectMap.NoMap:
+            inner.make_direct_map(True)  # a hash table from id to list entry, built once
         return self.index.reconstruct_batch(keys)
 
     def keys(self) -> np.ndarray:
@@ -190,14 +201,15 @@ class VectorIndex:
         return faiss.vector_to_array(index.id_map)
 
     def search(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, **knobs: int | None
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, excluded: np.ndarray | None = None, **knobs: int | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, keys) per query row; missing hits have key -1.
 
-        ``allowed`` restricts results to those keys. ``nprobe`` (IVF) and
-        ``efSearch`` (HNSW) override the stored defaults for this call.
+        ``allowed`` restricts results to those keys, ``excluded`` leaves those
+        out (give one or the other). ``nprobe`` (IVF) and ``efSearch`` (HNSW)
+        override the stored defaults for this call.
         """
-        params = self._parameters({**self.search_params, **{k_: v for k_, v in knobs.items() if v}}, allowed)
+        params = self._parameters({**self.search_params, **{k_: v for k_, v in knobs.items() if v}}, allowed, excluded)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if len(queries) >= FEW_QUERIES:
             return self.index.search(queries, k, params=params)
@@ -209,7 +221,7 @@ class VectorIndex:
         finally:
             faiss.omp_set_num_threads(threads)
 
-    def _parameters(self, knobs: dict[str, int], allowed: np.ndarray | None):
+    def _parameters(self, knobs: dict[str, int], allowed: np.ndarray | None, excluded: np.ndarray | None = None):
         inner = self.inner
         if isinstance(inner, faiss.IndexHNSW):
             params = faiss.SearchParametersHNSW()
@@ -219,14 +231,17 @@ class VectorIndex:
             params = faiss.SearchParametersIVF()
             if knobs.get("nprobe"):
                 params.nprobe = min(int(knobs["nprobe"]), inner.nlist)
-        elif allowed is None:
+        elif allowed is None and excluded is None:
             return None
         else:
             params = faiss.SearchParameters()
         if allowed is not None:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-            params.sel = selector
-            params._selector = selector  # keep it alive as long as the parameters
+            params.sel, params._selector = selector, selector  # keep it alive as long as the parameters
+        elif excluded is not None:
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
+            selector = faiss.IDSelectorNot(batch)
+            params.sel, params._selector = selector, (selector, batch)
         return params
 
     def tune(self, sample: np.ndarray, vector_chunks, k: int = 10) -> dict[str, float]:

@@ -1,0 +1,156 @@
+"""Compaction: merging segments into one and dropping deleted documents.
+
+After every write, ``after_write`` asks the policy (``merge_plan``):
+
+* deleted documents over ``DELETED_SHARE`` (20%) of the documents the
+  segments hold: merge every segment (a full compaction);
+* more than ``MAX_SEGMENTS`` (10) segments: merge the ``MERGE_WIDTH`` (10)
+  smallest into one, so a stream of small writes costs small merges, as in
+  Lucene's tiered policy, and the large segment is left alone.
+
+``indexer compact`` merges every segment whatever the policy says. A merge
+writes one new segment with the live documents of the segments it merges,
+with the structure the index type calls for at its new size, re-tuned
+(``segments.segment_structure``), and publishes a version that lists it in
+their place. Vectors come from the embedding cache, else from the merged
+segments' own FAISS structures where those keep whole vectors (Flat, HNSW,
+IVF-Flat), else from the model. The segments it merges are checked against
+their checksums first, so a damaged file never goes into a new segment
+under fresh checksums.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import layout
+from .cache import EmbeddingCache, embedding_keys
+from .errors import IndexCorruptError
+from .segments import Segment, segment_structure
+from .settings import IndexSettings
+from .sources import Document
+from .vectors import parse_memory
+from .write import BuildReport, Transaction, existing_index, since, transaction
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
+
+MAX_SEGMENTS = 10
+MERGE_WIDTH = 10
+DELETED_SHARE = 0.2
+
+
+def merge_plan(segments: list[layout.SegmentMeta], deleted: np.ndarray) -> list[str]:
+    """Names of the segments the policy would merge now; empty when none."""
+    held = sum(s.count for s in segments)
+    if len(deleted) and len(deleted) > DELETED_SHARE * held:
+        return [s.name for s in segments]
+    if len(segments) > MAX_SEGMENTS:
+        return [s.name for s in sorted(segments, key=lambda s: s.count)[:MERGE_WIDTH]]
+    return []
+
+
+def compact_index(index: str | Path, *, keep: int = 3, wait: float = 0.0, device: str | None = None) -> BuildReport:
+    """Merge every segment of ``index`` into one without its deleted documents, and publish it.
+
+    Readers go on reading the version they have; nothing is published when
+    the index is one segment without deletions already.
+    """
+    started = time.monotonic()
+    path = existing_index(index)
+    with transaction(path, "compact", wait) as txn:
+        current = txn.open_current()
+        manifest = current.manifest
+        report = BuildReport(str(path), manifest.version, len(current), warnings=txn.warnings, segments=len(txn.segments))
+        if len(txn.segments) == 1 and not len(txn.deleted) and not manifest.legacy:
+            report.published = False
+        else:
+            report.merged = len(txn.segments)
+            merge(txn, [s.name for s in txn.segments], manifest.settings, device=device)
+            txn.publish(manifest.settings, manifest.dimension, manifest.model_fingerprint, report, keep)
+    report.seconds = since(started)
+    return report
+
+
+def after_write(txn: Transaction, report: BuildReport, settings: IndexSettings, keep: int, *,
+                encoder: Encoder | None = None, cache: EmbeddingCache | None = None) -> None:
+    """Merge what the policy says after a published write, and publish that too (counted in ``report.merged``)."""
+    names = merge_plan(txn.segments, txn.deleted)
+    if not names:
+        return
+    merge(txn, names, settings, encoder=encoder, cache=cache)
+    report.merged += len(names)
+    txn.publish(settings, txn.manifest.dimension, txn.manifest.model_fingerprint, report, keep)
+
+
+def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encoder: Encoder | None = None,
+          cache: EmbeddingCache | None = None, device: str | None = None) -> None:
+    """Write the live documents of the segments ``names`` as one new segment and list it in their place."""
+    metas = [s for s in txn.segments if s.name in names]
+    whole = len(metas) == len(txn.segments)
+    dimension = metas[0].dimension
+    for meta in metas:
+        problems = layout.segment_problems(layout.segment_dir(txn.path, meta.name), meta, checksums=True)
+        if problems:
+            raise IndexCorruptError(f"{txn.path}: {problems[0]}; nothing merged. Run 'indexer check INDEX --all'")
+    own_cache = cache is None
+    cache = cache or EmbeddingCache(txn.path / layout.CACHE, dimension)
+    writer = txn.new_segment(dimension, metas[0].embedding)
+    vectors = _Vectors(cache, metas[0].embedding + "|", int(writer.name[1:]), settings, encoder, device)
+    dropped = []
+    try:
+        for meta in metas:
+            segment = Segment.open(layout.segment_dir(txn.path, meta.name))
+            try:
+                for keys, rows in segment.store.rows():
+                    live = ~np.isin(keys, txn.deleted)
+                    dropped.append(keys[~live])
+                    docs = [Document(r["id"], r["text"], r["metadata"], r["fields"], origin=r["origin"]) for r, ok in zip(rows, live) if ok]
+                    if docs:
+                        writer.add(docs, vectors.of([d.text for d in docs], keys[live], segment))
+            finally:
+                segment.close()
+        structure = segment_structure(settings.index_type, writer.count, dimension, parse_memory(settings.memory), whole=whole)
+        meta = writer.seal(structure)
+    finally:
+        if own_cache:
+            cache.close()
+            txn.warnings += cache.warnings
+    txn.replace_segments(set(names), meta, np.concatenate(dropped) if dropped else np.empty(0, dtype=np.int64))
+
+
+class _Vectors:
+    """The vectors of documents being merged: from the cache, else their segment's structure, else the model."""
+
+    def __init__(self, cache: EmbeddingCache, prefix: str, segment_number: int, settings: IndexSettings,
+                 encoder: Encoder | None, device: str | None):
+        self.cache, self.prefix, self.number, self.settings = cache, prefix, segment_number, settings
+        self.encoder, self.device = encoder, device
+
+    def of(self, texts: list[str], keys: np.ndarray, segment: Segment) -> np.ndarray:
+        wanted = embedding_keys(self.prefix, texts)
+        found = self.cache.get(wanted)
+        hit = np.fromiter((key in found for key in wanted), dtype=bool, count=len(wanted))
+        out = np.empty((len(texts), segment.meta.dimension), dtype=np.float32)
+        if hit.any():
+            out[hit] = np.stack([found[key] for key in wanted if key in found])
+            self.cache.mark_used([key for key in wanted if key in found], self.number)
+        missing = np.flatnonzero(~hit)
+        if len(missing):
+            if segment.vectors.keeps_vectors:
+                out[missing] = segment.vectors.reconstruct(keys[missing])
+            else:
+                out[missing] = self._encoder().encode_texts([texts[i] for i in missing])
+            self.cache.put([wanted[i] for i in missing], out[missing], self.number)
+        return out
+
+    def _encoder(self) -> Encoder:
+        if self.encoder is None:
+            from .encoder import Encoder
+
+            self.encoder = Encoder.from_settings(self.settings, self.device)
+        return self.encoder

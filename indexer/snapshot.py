@@ -1,0 +1,262 @@
+"""One published version, opened: its segments and deleted keys, searched as if they were one index.
+
+Dense search runs in every segment with the deleted keys (and documents a
+filter rules out) excluded by a FAISS ID selector, so each segment returns its
+own top k among live documents, and the lists are merged by score: over Flat
+segments that is exactly what one structure over the live documents returns.
+
+Keyword search is BM25 computed here, not by each segment's FTS5, with
+collection statistics over the live documents of all segments: document
+count, average length and each term's document frequency, deleted documents
+left out. Lucene sums its statistics over segments the same way (it counts
+deleted documents until a merge drops them; we drop them at once, which the
+deletion sets make cheap). Term frequencies and document lengths come from
+each segment's FTS5 index, so scores equal FTS5's own ``bm25()`` on one
+segment without deletions, and a segmented index scores exactly as a fresh
+build of its live documents.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import layout
+from .errors import IndexCorruptError
+from .segments import Segment
+from .store import KEYWORD_TOKENIZER
+
+BM25_K1 = 1.2
+BM25_B = 0.75
+OPEN_ATTEMPTS = 5
+
+
+class Snapshot:
+    """The segments a version lists, minus its deleted keys."""
+
+    def __init__(self, path: Path, manifest: layout.Manifest, segments: list[Segment], deleted: np.ndarray):
+        self.path, self.manifest, self.segments = path, manifest, segments
+        self.deleted = np.asarray(deleted, dtype=np.int64)
+        self.version = manifest.version
+        # Per segment: its deleted keys, and the live documents' count and total token length.
+        self._deleted = [self.deleted[segment.holds(self.deleted)] for segment in segments]
+        self._live = [segment.meta.count - len(gone) for segment, gone in zip(segments, self._deleted)]
+        tokens = 0
+        for segment, gone in zip(segments, self._deleted):
+            tokens += int(segment.lengths.sum()) - int(segment.lengths[np.searchsorted(segment.keys, gone)].sum())
+        self.tokens = tokens
+        self._field_types: dict[str, set[str]] | None = None
+
+    @classmethod
+    def open(cls, path: Path, version: str | None = None, *, vectors: bool = True,
+             loaded: dict[str, Segment] | None = None) -> "Snapshot":
+        """Open ``version`` (default the current one) of the index at ``path``.
+
+        ``loaded`` holds segments already open, by uid, to reuse instead of
+        reading them again (``Index.refresh`` opens only the new segments). A
+        writer may publish, and prune the version just read from ``CURRENT``,
+        between reading the pointer and opening the folder; then read it again.
+        """
+        for attempt in range(OPEN_ATTEMPTS):
+            name = version or layout.current_version(path)
+            folder = layout.version_dir(path, name)
+            try:
+                return cls._open(path, layout.read_manifest(folder), vectors, loaded or {})
+            except IndexCorruptError:
+                if version or folder.exists() or attempt == OPEN_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open(cls, path: Path, manifest: layout.Manifest, vectors: bool, loaded: dict[str, Segment]) -> "Snapshot":
+        if manifest.legacy:
+            return cls(path, manifest, [Segment.open(layout.version_dir(path, manifest.version), vectors=vectors, legacy=manifest)],
+                       np.empty(0, dtype=np.int64))
+        segments: list[Segment] = []
+        try:
+            for folder in layout.segment_folders(path, manifest):
+                meta = layout.read_segment_meta(folder)
+                known = loaded.get(meta.uid)
+                segments.append(known if known is not None and (known.vectors is not None or not vectors)
+                                else Segment.open(folder, vectors=vectors))
+            deleted = read_deleted(layout.version_dir(path, manifest.version))
+        except BaseException:
+            for segment in segments:
+                if segment.meta.uid not in loaded:
+                    segment.close()
+            raise
+        return cls(path, manifest, segments, deleted)
+
+    def __len__(self) -> int:
+        return sum(self._live)
+
+    @property
+    def dimension(self) -> int:
+        return self.manifest.dimension
+
+    def live_keys(self) -> np.ndarray:
+        """Every live key, sorted."""
+        parts = [segment.keys[~np.isin(segment.keys, gone)] for segment, gone in zip(self.segments, self._deleted)]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def is_live(self, keys: np.ndarray) -> np.ndarray:
+        return ~np.isin(keys, self.deleted)
+
+    # Documents -------------------------------------------------------------------------------------
+
+    def fetch(self, keys) -> dict[int, dict[str, Any]]:
+        """Rows for ``keys``, from the segments that hold them (see ``DocumentStore.fetch``)."""
+        keys = np.asarray(list(keys), dtype=np.int64)
+        rows: dict[int, dict[str, Any]] = {}
+        for segment in self.segments:
+            mine = keys[segment.holds(keys)]
+            if len(mine):
+                rows.update(segment.store.fetch(mine.tolist()))
+        return rows
+
+    def keys_for_ids(self, ids: Sequence[str]) -> dict[str, int]:
+        """``{id: key}`` of the live documents with these ids."""
+        return {doc_id: row[0] for doc_id, row in self.rows_for_ids(ids).items()}
+
+    def rows_for_ids(self, ids: Sequence[str]) -> dict[str, tuple]:
+        """``{id: (key, text, metadata JSON, fields JSON, origin)}`` of the live documents with these ids, as stored."""
+        found: dict[str, tuple] = {}
+        for segment in self.segments:
+            for doc_id, rows in segment.store.raw_rows_for_ids(ids).items():
+                for row in rows:
+                    if not np.isin(row[0], self.deleted):
+                        found[doc_id] = row
+        return found
+
+    def keys_of_origin(self, origin: str) -> np.ndarray:
+        """Live keys of the documents written by ``origin`` ("source" or "upsert")."""
+        parts = [segment.store.keys_of_origin(origin) for segment in self.segments]
+        keys = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        return keys[self.is_live(keys)]
+
+    # Filters ---------------------------------------------------------------------------------------
+
+    def field_types(self) -> dict[str, set[str]]:
+        """Each metadata field of the segments' documents with the kinds of value it holds (``DocumentStore.field_types``)."""
+        if self._field_types is None:
+            merged: dict[str, set[str]] = {}
+            for segment in self.segments:
+                for name, kinds in segment.store.field_types().items():
+                    merged.setdefault(name, set()).update(kinds)
+            self._field_types = merged
+        return {name: set(kinds) for name, kinds in self._field_types.items()}
+
+    def filter_keys(self, conditions) -> np.ndarray:
+        """Live keys of the documents meeting every condition (``DocumentStore.filter_keys``), sorted."""
+        parts = [segment.store.filter_keys(conditions) for segment in self.segments]
+        keys = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+        return keys[self.is_live(keys)]
+
+    # Dense -----------------------------------------------------------------------------------------
+
+    def dense(self, embedded: np.ndarray, k: int, allowed: np.ndarray | None, knobs: dict[str, int | None]) -> list[tuple[list[int], list[float]]]:
+        """(keys, cosines) of the top-``k`` live vectors per query, among ``allowed`` keys if given, merged over segments."""
+        scores_parts, keys_parts = [], []
+        for segment, gone, live in zip(self.segments, self._deleted, self._live):
+            if allowed is not None:
+                mine = allowed[segment.holds(allowed)]
+                wanted, excluded, permitted = len(mine), None, mine
+            else:
+                wanted, excluded, permitted = live, (gone if len(gone) else None), None
+            if not wanted:
+                continue
+            depth = min(k, wanted)
+            scores, keys = segment.vectors.search(embedded, depth, allowed=permitted, excluded=excluded, **knobs)
+            if (keys >= 0).sum(axis=1).min() < depth and (permitted is not None or excluded is not None):
+                # An approximate structure can miss rare matches: search those exhaustively.
+                scores, keys = segment.vectors.search(embedded, depth, allowed=permitted, excluded=excluded,
+                                                      nprobe=1 << 30, efSearch=max(segment.meta.count, 16))
+            scores_parts.append(scores)
+            keys_parts.append(keys)
+        if not keys_parts:
+            return [([], []) for _ in range(len(embedded))]
+        scores, keys = np.hstack(scores_parts), np.hstack(keys_parts)
+        scores = np.where(keys >= 0, scores, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        scores, keys = np.take_along_axis(scores, order, axis=1), np.take_along_axis(keys, order, axis=1)
+        return [(row_keys[row_keys >= 0].tolist(), row_scores[row_keys >= 0].tolist()) for row_scores, row_keys in zip(scores, keys)]
+
+    # Keyword ---------------------------------------------------------------------------------------
+
+    def keyword(self, query: str, k: int, allowed: np.ndarray | None = None) -> tuple[list[int], list[float]]:
+        """Top-``k`` (keys, BM25 scores) for the words of ``query`` (any of them), best first; ``allowed`` restricts the documents."""
+        terms = query_terms(query)
+        live = len(self)
+        if not terms or not live:
+            return [], []
+        average = self.tokens / live
+        per_term: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {term: [] for term in terms}
+        for segment, gone in zip(self.segments, self._deleted):
+            for term, (keys, counts) in segment.store.postings(terms).items():
+                if len(gone):
+                    keep = ~np.isin(keys, gone)
+                    keys, counts = keys[keep], counts[keep]
+                lengths = segment.lengths[np.searchsorted(segment.keys, keys)]
+                per_term[term].append((keys, counts, lengths))
+        all_keys, all_scores = [], []
+        for parts in per_term.values():
+            frequency = sum(len(keys) for keys, _, _ in parts)
+            if not frequency:
+                continue
+            idf = math.log((live - frequency + 0.5) / (frequency + 0.5))
+            idf = idf if idf > 0 else 1e-6  # FTS5's floor: a term in most documents still counts a little
+            for keys, counts, lengths in parts:
+                if allowed is not None:
+                    keep = np.isin(keys, allowed)
+                    keys, counts, lengths = keys[keep], counts[keep], lengths[keep]
+                tf = counts.astype(np.float64)
+                all_keys.append(keys)
+                all_scores.append(idf * tf * (BM25_K1 + 1) / (tf + BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)))
+        if not all_keys:
+            return [], []
+        keys, inverse = np.unique(np.concatenate(all_keys), return_inverse=True)
+        scores = np.bincount(inverse, weights=np.concatenate(all_scores), minlength=len(keys))
+        order = np.lexsort((keys, -scores))[:k]
+        return keys[order].tolist(), scores[order].tolist()
+
+    def close(self, keep: dict[str, Segment] | None = None) -> None:
+        """Close the segments' stores, except those in ``keep`` (by uid), which another snapshot still uses."""
+        for segment in self.segments:
+            if not keep or segment.meta.uid not in keep:
+                segment.close()
+
+
+def read_deleted(folder: Path) -> np.ndarray:
+    """The sorted deleted keys of a version folder."""
+    try:
+        deleted = np.load(folder / layout.DELETED)
+    except FileNotFoundError:
+        raise IndexCorruptError(f"{folder}: {layout.DELETED} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise IndexCorruptError(f"{folder / layout.DELETED}: unreadable deletion set ({exc})") from None
+    if deleted.dtype != np.int64 or deleted.ndim != 1:
+        raise IndexCorruptError(f"{folder / layout.DELETED}: not a deletion set")
+    return deleted
+
+
+_terms_lock = threading.Lock()
+_terms_db: sqlite3.Connection | None = None
+
+
+def query_terms(text: str) -> list[str]:
+    """The distinct keyword terms of ``text`` as the index's FTS5 tokenizer makes them (lower case, stemmed)."""
+    global _terms_db
+    with _terms_lock:
+        if _terms_db is None:
+            _terms_db = sqlite3.connect(":memory:", check_same_thread=False)
+            _terms_db.execute(f"CREATE VIRTUAL TABLE q USING fts5(text, tokenize={KEYWORD_TOKENIZER!r})")
+            _terms_db.execute("CREATE VIRTUAL TABLE q_terms USING fts5vocab(q, row)")
+        _terms_db.execute("DELETE FROM q")
+        _terms_db.execute("INSERT INTO q (text) VALUES (?)", [text])
+        return [row[0] for row in _terms_db.execute("SELECT term FROM q_terms")]
+
