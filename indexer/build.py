@@ -102,7 +102,9 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
     started = time.monotonic()
     documents = DocumentSource(source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
     with transaction(path, action, wait) as txn:
-        current = txn.open_current(repairable=action == "build")
+        # A rebuild carries upserted documents over, so it must read them, unless told to drop them.
+        current = txn.open_current(repairable=action == "build" or prune_upserts,
+                                   hint="; or 'indexer rebuild INDEX --prune-upserts' publishes the source alone")
         encoder = Encoder.from_settings(settings, device, reuse=encoder)
         settings.model, settings.max_length = encoder.model_name, encoder.max_length
         settings.source = str(Path(source).resolve())
@@ -117,14 +119,14 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding_config)
             cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
-            whole = not txn.segments
             if ray is None:
                 ingest(diff.changed(documents), cached, writer.add, progress=progress)
                 built = None
             else:
                 from .ray_engine import ingest_on_ray
 
-                built = ingest_on_ray(diff.changed(documents), cached, writer, settings, ray, memory, whole=whole)
+                # Whether the new segment will be the whole index is known only after the diff; guess from before it.
+                built = ingest_on_ray(diff.changed(documents), cached, writer, settings, ray, memory, whole=txn.replaces_all)
             if not diff.read:
                 raise SourceError(f"{documents.path}: no documents")
             settings.id_field, settings.text_fields = documents.id_field, documents.text_fields
@@ -133,8 +135,9 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
                                  deleted=len(removed), kept_upserts=diff.kept, warnings=txn.warnings)
             if carry:
                 txn.delete(np.concatenate([removed, diff.replaced()]))
-            if writer.count:
-                structure = built[2] if built else segment_structure(settings.index_type, writer.count, encoder.dimension, memory, whole=whole)
+            if writer.count:  # segments whose documents all changed or left are no longer listed: the new one may be all there is
+                structure = built[2] if built else segment_structure(settings.index_type, writer.count, encoder.dimension, memory,
+                                                                     whole=txn.replaces_all)
                 txn.add_segment(writer.seal(structure, built[:2] if built else None))
             if if_changed and carry and not writer.count and not len(removed):
                 report.published = False

@@ -66,11 +66,12 @@ def compact_index(index: str | Path, *, keep: int = 3, wait: float = 0.0, device
         current = txn.open_current()
         manifest = current.manifest
         report = BuildReport(str(path), manifest.version, len(current), warnings=txn.warnings, segments=len(txn.segments))
-        if len(txn.segments) == 1 and not len(txn.deleted) and not manifest.legacy:
+        if len(txn.segments) == 1 and not len(txn.deleted) and not txn.converted:
             report.published = False
         else:
-            report.merged = len(txn.segments)
-            merge(txn, [s.name for s in txn.segments], manifest.settings, device=device)
+            if len(txn.segments) > 1 or len(txn.deleted):  # a format-1 index converted is one segment already
+                report.merged = len(txn.segments)
+                merge(txn, [s.name for s in txn.segments], manifest.settings, device=device)
             txn.publish(manifest.settings, manifest.dimension, manifest.model_fingerprint, report, keep)
     report.seconds = since(started)
     return report

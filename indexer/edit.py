@@ -79,7 +79,8 @@ def upsert_documents(
                 report.published = False
             else:
                 txn.delete(diff.replaced())
-                structure = segment_structure(settings.index_type, writer.count, encoder.dimension, parse_memory(settings.memory), whole=False)
+                structure = segment_structure(settings.index_type, writer.count, encoder.dimension, parse_memory(settings.memory),
+                                              whole=txn.replaces_all)
                 txn.add_segment(writer.seal(structure))
                 txn.publish(settings, encoder.dimension, encoder.fingerprint, report, keep)
                 after_write(txn, report, settings, keep, encoder=encoder, cache=cache)

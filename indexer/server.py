@@ -2,8 +2,10 @@
 
 Searches read whichever version is current when they start (each request
 checks ``CURRENT``, so versions published by any process are picked up
-without a restart); writes go through the library and its one-writer lock, so
-a write that finds another in progress answers 409. Write endpoints need
+without a restart); writes go through the library and its one-writer lock.
+An upsert or delete writes one small segment or deletion set (nothing large
+is rewritten), so one that finds another write in progress waits for it up
+to ``SMALL_WRITE_WAIT`` seconds before answering 409; a rebuild answers 409 at once. Write endpoints need
 ``Authorization: Bearer <key>`` with the key from ``INDEXER_API_KEY`` (or the
 file named by ``INDEXER_API_KEY_FILE``); with no key configured they answer
 403. Bound beyond loopback, every endpoint needs the key and the server will
@@ -47,6 +49,8 @@ MAX_QUERIES = 256
 MAX_QUERY_CHARS = 2000
 MAX_DOCUMENTS = 10_000
 MAX_BODY_BYTES = 16 * 2**20
+# How long an upsert or delete queues behind another write before answering 409 (a small write takes well under a second).
+SMALL_WRITE_WAIT = 10.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -270,13 +274,13 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
             body.documents, name="documents", id_field=settings.id_field, text_fields=settings.text_fields,
             max_document_bytes=settings.max_document_bytes,
         )
-        return upsert_documents(path, documents, encoder=index.encoder).to_dict()
+        return upsert_documents(path, documents, encoder=index.encoder, wait=SMALL_WRITE_WAIT).to_dict()
 
     @app.delete("/documents/{doc_id:path}", dependencies=[Depends(require_writer)])
     def delete(doc_id: str) -> dict[str, Any]:
         """Delete one document; publishes a new version."""
         try:
-            return delete_documents(path, [doc_id]).to_dict()
+            return delete_documents(path, [doc_id], wait=SMALL_WRITE_WAIT).to_dict()
         except ArgumentError as exc:
             raise HTTPException(404, str(exc)) from None
 

@@ -159,7 +159,7 @@ class DocumentStore:
         return keys, decode_varints([row[1] for row in rows])
 
     def postings(self, terms: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """For each keyword term (as FTS5 indexes it), the keys of the documents holding it and how often."""
+        """For each keyword term (as FTS5 indexes it) that some document holds, the keys of those documents and how often."""
         found = {}
         with self._lock:
             if not getattr(self, "_vocabulary", False):
@@ -168,9 +168,8 @@ class DocumentStore:
                 self._vocabulary = True
             for term in terms:
                 rows = self.db.execute(f"SELECT doc FROM temp.{KEYWORDS}_terms WHERE term = ?", [term]).fetchall()
-                docs = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-                keys, counts = np.unique(docs, return_counts=True)
-                found[term] = (keys, counts)
+                if rows:  # most terms are absent from a small segment: no numpy work for those
+                    found[term] = np.unique(np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows)), return_counts=True)
         return found
 
     def key_texts(self, chunk: int = 10_000) -> Iterator[tuple[list[int], list[str]]]:

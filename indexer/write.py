@@ -82,28 +82,30 @@ class Transaction:
         self.segments: list[layout.SegmentMeta] = []
         self.deleted = np.empty(0, dtype=np.int64)
         self.next_key = 0
+        self.converted = False
         self._writers: list[SegmentWriter] = []
         self._allocated: list[str] = []
 
     # The version the write starts from -----------------------------------------------------------
 
-    def open_current(self, *, repairable: bool = False) -> Snapshot | None:
+    def open_current(self, *, repairable: bool = False, hint: str = "") -> Snapshot | None:
         """Open the current version, converting a format-1 one into a segment first.
 
-        With ``repairable`` (a build), a new index gives None, and a
-        ``CURRENT`` that points to a missing version starts from nothing, with
-        a warning: the build repairs the index.
+        With ``repairable`` (a build, a rebuild that keeps no upserts), a new
+        index gives None, and a ``CURRENT`` that points to a missing or
+        damaged version starts from nothing, with a warning: the write
+        repairs the index. Otherwise such a version is an error, ending with ``hint``.
         """
         if repairable and layout.read_pointer(self.path) is None:
             return None
         try:
             version = layout.current_version(self.path)
+            manifest = layout.verified_manifest(self.path, version)
         except IndexCorruptError as exc:
             if not repairable:
-                raise
+                raise IndexCorruptError(f"{exc}{hint}") from None
             self.warnings.append(f"{exc}; building a new version from the source")
             return None
-        manifest = layout.verified_manifest(self.path, version)
         if manifest.legacy:
             self._convert(manifest)
         else:
@@ -140,6 +142,7 @@ class Transaction:
         converted = replace(legacy, segments=[meta.name], next_key=meta.base + meta.count, format_version=layout.FORMAT_VERSION)
         segment = Segment.open(layout.segment_dir(self.path, meta.name), vectors=False)
         self.current = Snapshot(self.path, converted, [segment], np.empty(0, dtype=np.int64))
+        self.converted = True
         self.warnings.append(f"{self.path}: converted from index format 1 to format {layout.FORMAT_VERSION}")
 
     @property
@@ -176,6 +179,25 @@ class Transaction:
     def delete(self, keys) -> None:
         self.deleted = np.union1d(self.deleted, np.asarray(keys, dtype=np.int64))
 
+    def _emptied(self) -> dict[str, tuple[int, int]]:
+        """Listed segments of the current version whose every document is deleted: name -> their span in ``deleted``."""
+        listed = {s.name for s in self.segments}
+        emptied = {}
+        for segment in self.current.segments if self.current is not None else []:
+            if segment.name in listed and len(segment.keys):
+                # Keys are unique across segments and no other segment's key falls between a segment's first and
+                # last, so a deletion set holding as many keys in that span as the segment has deletes all of them.
+                first, last = np.searchsorted(self.deleted, [segment.keys[0], segment.keys[-1] + 1])
+                if last - first == len(segment.keys):
+                    emptied[segment.name] = (int(first), int(last))
+        return emptied
+
+    @property
+    def replaces_all(self) -> bool:
+        """Whether no segment listed before this write keeps a live document (a new segment would be the whole index)."""
+        old = {s.name for s in self.current.segments} if self.current is not None else set()
+        return not ({s.name for s in self.segments if s.name in old} - set(self._emptied()))
+
     def reset(self) -> None:
         """Start the version from nothing: no segments, no deletions (keys keep counting up)."""
         self.segments, self.deleted = [], np.empty(0, dtype=np.int64)
@@ -188,6 +210,14 @@ class Transaction:
 
     def publish(self, settings: IndexSettings, dimension: int, fingerprint: str, report: BuildReport, keep: int) -> str:
         """Write the manifest and deletion set as the next version and make it current, then tidy up."""
+        # Segments whose documents are all deleted are listed no more (one stays if nothing else would be).
+        doomed = dict(list(self._emptied().items())[: len(self.segments) - 1])
+        if doomed:
+            self.segments = [s for s in self.segments if s.name not in doomed]
+            spans = np.zeros(len(self.deleted), dtype=bool)
+            for first, last in doomed.values():
+                spans[first:last] = True
+            self.deleted = self.deleted[~spans]
         staging = layout.new_staging(self.path)
         np.save(staging / layout.DELETED, self.deleted)
         largest = max(self.segments, key=lambda s: s.count)
@@ -221,6 +251,7 @@ class Transaction:
     def close(self) -> None:
         for writer in self._writers:
             writer.discard()  # a writer already sealed has no folder left to discard
+        layout.discard(self.path / layout.STAGING)  # under the lock, whatever is there was never published
         if self.current is not None:
             self.current.close()
 

@@ -37,12 +37,12 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def tree_digest(path):
-    """A digest of what an index serves: its pointer and every file of every version.
+    """A digest of what an index serves: its pointer and every file of every version and segment.
 
     (The writer lock's note and the embedding cache may change on a failed write.)
     """
     digest = hashlib.sha256()
-    files = [path / layout.POINTER, *(p for p in (path / layout.VERSIONS).rglob("*") if p.is_file())]
+    files = [path / layout.POINTER, *(p for folder in (layout.VERSIONS, layout.SEGMENTS) for p in (path / folder).rglob("*") if p.is_file())]
     for file in sorted(files):
         digest.update(str(file.relative_to(path)).encode())
         digest.update(file.read_bytes())

@@ -28,6 +28,8 @@ def workdir(tmp_path_factory):
         "seconds": report["seconds"],
         "published": True,
         "kept_upserts": 0,
+        "segments": 1,
+        "merged": 0,
         "warnings": [],
     }
     assert (cwd / "indexes" / "products" / "CURRENT").read_text().strip() == "v000001"

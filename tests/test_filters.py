@@ -50,7 +50,7 @@ def product_ids(predicate):
 
 
 def test_field_types_lists_each_fields_json_kinds(mixed):
-    store = mixed._served.store
+    store = mixed._served.segments[0].store
     assert store.field_types() == {
         "price": {"number", "text"},
         "tag": {"text"},

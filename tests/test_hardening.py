@@ -33,6 +33,11 @@ def current_folder(path: Path) -> Path:
     return layout.version_dir(path, layout.current_version(path))
 
 
+def base_segment(path: Path) -> Path:
+    """The folder of the first segment the current version lists."""
+    return layout.segment_dir(path, layout.read_manifest(current_folder(path)).segments[0])
+
+
 def flip_bytes(file: Path, offset: int = -64, count: int = 8) -> None:
     data = bytearray(file.read_bytes())
     for i in range(count):
@@ -53,22 +58,32 @@ def one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
 
 @pytest.mark.parametrize("damaged", [layout.VECTORS, layout.DOCUMENTS])
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
-def test_upsert_and_delete_refuse_a_damaged_current_version(tmp_path, tiny_model, damaged, index_type):
+def test_writes_never_launder_a_damaged_segment(tmp_path, tiny_model, damaged, index_type):
+    """A small write leaves a damaged segment as it is (it reads only sizes); a merge reads it through and refuses."""
     source = write_jsonl(tmp_path / "source.jsonl", records(40))
     path = tmp_path / "idx"
     build_index(source, path, IndexSettings(model=str(tiny_model), index_type=index_type))
-    flip_bytes(current_folder(path) / damaged)
+    flip_bytes(base_segment(path) / damaged)
+    run_cli("delete", str(path), "doc3")  # the deletion set is all it writes
+    before = tree_digest(path)
+    message = one_error_line(run_cli("compact", str(path), check=False), 6)
+    assert f"{damaged} does not match its checksum" in message and "nothing merged" in message
+    assert tree_digest(path) == before
+    problems = check_index(path, all_versions=True)["problems"]
+    assert {p.split(":")[0] for p in problems} == {"v000001", "v000002"} and all(damaged in p for p in problems)
+    # A damaged file that also changed size is refused by every write, before anything is written.
+    with open(base_segment(path) / damaged, "ab") as f:
+        f.write(b"\0" * 16)
     before = tree_digest(path)
     extra = write_jsonl(tmp_path / "extra.jsonl", records(2, 100))
     message = one_error_line(run_cli("upsert", str(path), str(extra), check=False), 6)
-    assert "v000001 is damaged" in message and damaged in message
-    one_error_line(run_cli("delete", str(path), "doc3", check=False), 6)
+    assert "v000002 is damaged" in message and f"{damaged} has the wrong size" in message
+    one_error_line(run_cli("delete", str(path), "doc4", check=False), 6)
     assert tree_digest(path) == before
-    assert check_index(path, all_versions=True)["problems"]  # still reported, not laundered
 
 
 def test_writes_refuse_a_missing_documents_file_and_rebuild_creates_nothing_in_it(tiny_index):
-    folder = current_folder(tiny_index)
+    folder = base_segment(tiny_index)
     (folder / layout.DOCUMENTS).unlink()
     before = tree_digest(tiny_index)
     assert "documents.db is missing" in one_error_line(run_cli("delete", str(tiny_index), "doc1", check=False), 6)
@@ -173,7 +188,7 @@ def test_a_damaged_cache_is_set_aside_and_rebuilt(tmp_path, tiny_model, damage):
         assert "cache.db" in lines[0] and "set aside" in lines[0]
 
     spoil()
-    write_jsonl(source, records(301))
+    write_jsonl(source, [{**r, "n": -1} for r in records(301)])  # every document changed, so every text goes to the cache
     result = run_cli("rebuild", str(path), "--json")
     one_warning(result)
     assert json.loads(result.stdout)["encoded"] == 301 and (path / "cache.db.broken").exists()
@@ -182,15 +197,19 @@ def test_a_damaged_cache_is_set_aside_and_rebuilt(tmp_path, tiny_model, damage):
     one_warning(result)
     assert json.loads(result.stdout)["documents"] == 303
     spoil()
-    result = run_cli("delete", str(path), "doc1", "--json")  # HNSW is rebuilt: vectors the cache lost come from the previous version
+    result = run_cli("delete", str(path), "doc1", "--json")  # only tidying up after it reads the cache
     one_warning(result)
     assert json.loads(result.stdout)["documents"] == 302
     assert check_index(path, all_versions=True)["problems"] == []
     with Index(path) as index:
         assert index.search("doc number 7 about topic 0", k=1)[0].id == "doc7"
-    assert json.loads(run_cli("rebuild", str(path), "--json").stdout)["encoded"] == 303  # doc1 is back; the cache was new
+    assert json.loads(run_cli("rebuild", str(path), "--json").stdout)["encoded"] == 1  # doc1 is back
+    write_jsonl(source, [{**r, "n": -2} for r in records(301)])
+    changed = json.loads(run_cli("rebuild", str(path), "--json").stdout)
+    assert (changed["encoded"], changed["reused"]) == (300, 1)  # the new cache holds doc1
+    write_jsonl(source, [{**r, "n": -3} for r in records(301)])
     again = json.loads(run_cli("rebuild", str(path), "--json").stdout)
-    assert again["encoded"] == 0 and again["reused"] == 303  # the new cache works
+    assert (again["encoded"], again["reused"]) == (0, 301)  # the new cache works
 
 
 # A broken CURRENT pointer can be repaired with the tool.
@@ -257,7 +276,7 @@ def test_disk_full_is_one_line_exit_8_and_leaves_the_index_as_it_was(small_disk,
     assert "no space left on device" in one_error_line(run_cli("upsert", str(path), str(big), check=False), 8)
     assert "no space left on device" in one_error_line(
         run_cli("build", str(big), "--index", str(path), "--model", str(tiny_model), check=False), 8)
-    assert tree_digest(path) == before and not list((path / layout.STAGING).iterdir())
+    assert tree_digest(path) == before and not (path / layout.STAGING).exists()
     assert check_index(path)["problems"] == []
     (small_disk / "filler").unlink()
     run_cli("upsert", str(path), str(big))

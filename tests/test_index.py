@@ -48,7 +48,9 @@ def test_k_larger_than_index_returns_every_document(sample_index):
 
 
 def test_sqlite_key_is_faiss_id_and_vectors_are_the_texts(sample_index, encoder):
-    folder = layout.version_dir(sample_index, layout.current_version(sample_index))
+    manifest = layout.read_manifest(layout.version_dir(sample_index, layout.current_version(sample_index)))
+    assert len(manifest.segments) == 1  # a build is one segment
+    folder = layout.segment_dir(sample_index, manifest.segments[0])
     faiss_index = faiss.read_index(str(folder / layout.VECTORS))
     db = sqlite3.connect(folder / layout.DOCUMENTS)
     rows = db.execute("SELECT key, id, text, metadata FROM documents ORDER BY key").fetchall()
@@ -74,7 +76,11 @@ def test_manifest_records_how_the_index_was_built(sample_index):
     assert (info["dimension"], info["count"], info["vectors"], info["rows"]) == (384, 99, 99, 99)
     assert info["format_version"] == layout.FORMAT_VERSION and info["created_at"]
     folder = layout.version_dir(sample_index, info["version"])
-    assert info["files"] == {name: layout.file_checksum(folder / name) for name in (layout.DOCUMENTS, layout.VECTORS)}
+    assert info["files"] == {layout.DELETED: layout.file_checksum(folder / layout.DELETED)}
+    assert (info["segments"], info["deleted"], info["segment_sizes"]) == (["s000001"], 0, {"s000001": 99})
+    segment = layout.read_segment_meta(layout.segment_dir(sample_index, "s000001"))
+    assert (segment.count, segment.dimension, segment.vector_index) == (99, 384, "Flat")
+    assert set(segment.files) == {layout.DOCUMENTS, layout.VECTORS, layout.KEYS, layout.LENGTHS}
 
 
 def test_mismatched_model_is_refused(sample_index, tiny_model):
@@ -122,7 +128,7 @@ def test_rebuild_publishes_a_new_version_and_keeps_the_last_ones(tmp_path):
         assert report.version == f"v{n:06d}"
     assert layout.list_versions(path) == ["v000003", "v000004"]
     assert len(Index(path)) == 4
-    assert not any((path / layout.STAGING).iterdir())
+    assert not (path / layout.STAGING).exists()  # a write leaves nothing in staging
 
 
 def test_opening_a_missing_index_is_a_user_error(tmp_path):

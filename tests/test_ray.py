@@ -32,11 +32,12 @@ def three_views(tmp_path):
 
 
 def vectors_by_id(index: Index) -> dict[str, np.ndarray]:
-    served = index._served
-    keys = served.vectors.keys()
-    rows = served.store.fetch(keys)
-    inner = served.vectors.index
-    return {rows[int(k)]["id"]: inner.reconstruct(int(k)) for k in keys}
+    found = {}
+    for segment in index._served.segments:
+        keys = segment.vectors.keys()
+        rows = segment.store.fetch(keys)
+        found.update({rows[int(k)]["id"]: segment.vectors.index.reconstruct(int(k)) for k in keys})
+    return found
 
 
 def test_ray_build_equals_the_embedded_build(tmp_path):
@@ -95,10 +96,10 @@ def test_ray_build_over_the_memory_budget_keeps_ivf_lists_on_disk(tmp_path, tiny
     built = run_cli("build", str(source), "--index", str(index), "--model", str(tiny_model), "--index-type", "IVF16,Flat",
                     "--memory", "100KB", "--engine", "ray", "--json")
     assert json.loads(built.stdout)["documents"] == 3000
-    version = next((index / "versions").iterdir())
-    assert (version / "vectors.ivfdata").stat().st_size > 3000 * 32 * 4
-    assert "vectors.ivfdata" in json.loads((version / "manifest.json").read_text())["files"]
-    assert not list((index / "staging").iterdir())
+    segment = next((index / "segments").iterdir())
+    assert (segment / "vectors.ivfdata").stat().st_size > 3000 * 32 * 4
+    assert "vectors.ivfdata" in json.loads((segment / "segment.json").read_text())["files"]
+    assert not (index / "staging").exists()
     run_cli("check", str(index))
     hits = json.loads(run_cli("query", str(index), records[7]["text"], "-k", "3", "--json").stdout)["hits"]
     assert hits[0]["text"] == records[7]["text"] and hits[0]["score"] > 0.999

@@ -109,6 +109,29 @@ def test_concurrent_write_is_409(client, products):
     assert response.status_code == 409 and "locked by another writer" in response.json()["detail"]
 
 
+def test_small_writes_queue_behind_another_writer(client, products):
+    import threading
+
+    from indexer import layout
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with layout.writer_lock(products, action="test"):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    threading.Timer(1.0, release.set).start()
+    started = time.monotonic()
+    response = client.post("/documents", headers=AUTH, json={"documents": [{"product_id": "Q1", "title": "Queued", "description": "A write that waited."}]})
+    holder.join()
+    assert response.status_code == 200 and response.json()["published"] and time.monotonic() - started >= 0.9
+    assert client.delete("/documents/Q1", headers=AUTH).status_code == 200
+
+
 def test_info_health_metrics_openapi_and_live_versions(client, products, tmp_path):
     assert client.get("/health").json() == {"status": "ok", "version": "v000001", "documents": 99}
     info = client.get("/info").json()
