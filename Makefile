@@ -25,7 +25,7 @@ lint: install
 
 # The whole suite: about 15 minutes on an idle 2-core machine.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts).
 test-quick: lint

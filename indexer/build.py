@@ -115,7 +115,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         if not carry:
             txn.reset()
         diff = Diff(current, carry=carry, keep_upserts=action == "rebuild" and not prune_upserts)
-        cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
+        cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding_config)
             cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
@@ -143,7 +143,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
                 report.published = False
             else:
                 txn.publish(settings, encoder.dimension, encoder.fingerprint, report, keep)
-                after_write(txn, report, settings, keep, encoder=encoder, cache=cache)
+                after_write(txn, report, settings, keep, encoder=encoder)
         finally:
             cache.close()
     report.warnings += cache.warnings

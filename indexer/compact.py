@@ -77,19 +77,18 @@ def compact_index(index: str | Path, *, keep: int = 3, wait: float = 0.0, device
     return report
 
 
-def after_write(txn: Transaction, report: BuildReport, settings: IndexSettings, keep: int, *,
-                encoder: Encoder | None = None, cache: EmbeddingCache | None = None) -> None:
+def after_write(txn: Transaction, report: BuildReport, settings: IndexSettings, keep: int, *, encoder: Encoder | None = None) -> None:
     """Merge what the policy says after a published write, and publish that too (counted in ``report.merged``)."""
     names = merge_plan(txn.segments, txn.deleted)
     if not names:
         return
-    merge(txn, names, settings, encoder=encoder, cache=cache)
+    merge(txn, names, settings, encoder=encoder)
     report.merged += len(names)
     txn.publish(settings, txn.manifest.dimension, txn.manifest.model_fingerprint, report, keep)
 
 
 def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encoder: Encoder | None = None,
-          cache: EmbeddingCache | None = None, device: str | None = None) -> None:
+          device: str | None = None) -> None:
     """Write the live documents of the segments ``names`` as one new segment and list it in their place."""
     metas = [s for s in txn.segments if s.name in names]
     whole = len(metas) == len(txn.segments)
@@ -98,8 +97,8 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
         problems = layout.segment_problems(layout.segment_dir(txn.path, meta.name), meta, checksums=True)
         if problems:
             raise IndexCorruptError(f"{txn.path}: {problems[0]}; nothing merged. Run 'indexer check INDEX --all'")
-    own_cache = cache is None
-    cache = cache or EmbeddingCache(txn.path / layout.CACHE, dimension)
+    own_cache = txn.cache is None  # the write's own cache when it has one, else one for the merge
+    cache = txn.cache if txn.cache is not None else EmbeddingCache(txn.path / layout.CACHE, dimension)
     writer = txn.new_segment(dimension, metas[0].embedding)
     vectors = _Vectors(cache, metas[0].embedding + "|", int(writer.name[1:]), settings, encoder, device)
     dropped = []

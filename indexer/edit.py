@@ -66,7 +66,7 @@ def upsert_documents(
                 f"{path}: the weights of {settings.model!r} changed since this index was built; "
                 "run rebuild so every vector comes from the same model"
             )
-        cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
+        cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding_config)
             cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
@@ -83,7 +83,7 @@ def upsert_documents(
                                               whole=txn.replaces_all)
                 txn.add_segment(writer.seal(structure))
                 txn.publish(settings, encoder.dimension, encoder.fingerprint, report, keep)
-                after_write(txn, report, settings, keep, encoder=encoder, cache=cache)
+                after_write(txn, report, settings, keep, encoder=encoder)
         finally:
             cache.close()
     report.warnings += cache.warnings

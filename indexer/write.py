@@ -83,6 +83,7 @@ class Transaction:
         self.deleted = np.empty(0, dtype=np.int64)
         self.next_key = 0
         self.converted = False
+        self.cache: EmbeddingCache | None = None  # the write's own cache, if it opened one: tidying up uses it too
         self._writers: list[SegmentWriter] = []
         self._allocated: list[str] = []
 
@@ -238,12 +239,13 @@ class Transaction:
             listed = [int(name[1:]) for v in layout.list_versions(self.path)
                       for name in layout.read_manifest(layout.version_dir(self.path, v)).segments]
             if listed and (self.path / layout.CACHE).exists():
-                cache = EmbeddingCache(self.path / layout.CACHE, 0)
+                cache = self.cache if self.cache is not None else EmbeddingCache(self.path / layout.CACHE, 0)
                 try:
                     cache.prune(min(listed))
                 finally:
-                    cache.close()
-                report.warnings += cache.warnings
+                    if cache is not self.cache:
+                        cache.close()
+                        report.warnings += cache.warnings
         except (OSError, sqlite3.Error, RuntimeError, IndexerError) as exc:
             reason = "no space left on device" if disk_full(exc, self.path) else (str(exc).splitlines() or [type(exc).__name__])[0]
             report.warnings.append(f"{self.path}: published {report.version}, but tidying up after it failed ({reason}); the next write retries")

@@ -292,7 +292,7 @@ def test_readers_see_consistent_versions_while_rebuilds_publish(tmp_path):
             picked = random.Random(revision).sample(range(200), 20)
             edits = [{"id": str(i), "text": f"doc {i}: {words[i]} edit {revision}"} for i in picked]
             run_cli("upsert", str(path), str(write_jsonl(tmp_path / "edits.jsonl", edits)), "--keep", "2")
-            run_cli("compact", str(path), "--keep", "2")
+        run_cli("compact", str(path), "--keep", "2")
         time.sleep(1)
     finally:
         stop.write_text("")

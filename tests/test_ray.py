@@ -59,13 +59,14 @@ def test_ray_build_equals_the_embedded_build(tmp_path):
         assert on_ray.get_document("P0001-t")["metadata"]["kind"] == "title"
     assert "ok" in run_cli("check", str(tmp_path / "on-ray")).stdout.lower()
 
-    # A rebuild on Ray reuses every cached vector and encodes only the changed text.
+    # A rebuild on Ray writes only the changed documents and encodes only the text its cache lacks.
     lines = source.read_text().splitlines()
-    changed = json.loads(lines[0])
+    changed, retagged = json.loads(lines[0]), json.loads(lines[1])
     changed["text"] = "Waterproof boots for muddy trails, resoled"
-    source.write_text("\n".join([json.dumps(changed)] + lines[1:]) + "\n")
+    retagged["kind"] = "retagged"  # same text: its vector comes from the cache
+    source.write_text("\n".join([json.dumps(changed), json.dumps(retagged)] + lines[2:]) + "\n")
     report = json.loads(run_cli("rebuild", str(tmp_path / "on-ray"), "--engine", "ray", "--json").stdout)
-    assert (report["encoded"], report["reused"]) == (1, 296)
+    assert (report["encoded"], report["reused"], report["documents"], report["segments"]) == (1, 1, 297, 2)
     run_cli("check", str(tmp_path / "on-ray"))
 
 

@@ -248,7 +248,7 @@ def test_sigkill_during_upsert_delete_and_compact_leaves_a_sound_version(tmp_pat
     run_cli("build", str(source), "--index", str(path), "--model", str(tiny_model), "--keep", "2")
     live = set(docs)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for round_ in range(9):
+    for round_ in range(6):
         verb = ("upsert", "delete", "compact")[round_ % 3]
         if verb == "upsert":
             fresh = [{"id": f"r{round_}-{i}", "text": f"doc r{round_}-{i} round {round_}"} for i in range(800)]
