@@ -75,3 +75,19 @@ def save(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
     return path
+
+
+def tiny_model(folder: Path) -> Path:
+    """A random 2-layer, 32-wide BERT with the real tokenizer, saved in ``folder``: the model costs almost nothing."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from indexer.encoder import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

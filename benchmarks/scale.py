@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
-from common import machine, peak_rss_mb, percentile, save
+from common import machine, peak_rss_mb, percentile, save, tiny_model
 
 WORDS = (
     "package library tool server client daemon utility module plugin driver kernel network audio video image "
@@ -34,19 +34,6 @@ WORDS = (
 ).split()
 
 
-def tiny_model(folder: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from indexer.encoder import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write_corpus(path: Path, count: int) -> None:

@@ -13,11 +13,11 @@ hnsw), in one run:
 * the same through the library in this process (median of 10);
 * the same through a running ``indexer serve`` (POST /documents, DELETE
   /documents/ID; median of 10);
-* search p50 (dense and hybrid, --queries queries) over the base segment
-  plus 10 one-document segments (the merge policy held off), then over the
-  compacted index;
+* search p50 (dense, and hybrid up to --hybrid-up-to documents; --queries
+  queries) over the base segment plus 10 one-document segments (the merge
+  policy held off), then over the compacted index;
 
-and keyword (BM25) nDCG@10 on Debian queries after 20 small writes (50
+and keyword (BM25) nDCG@10 on 1,000 Debian queries after 20 small writes (50
 upserts and 10 deletes each) against a fresh build of the same documents.
 
 Prints a table, the ratios the writes issue sets targets for, and writes
@@ -40,7 +40,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import DEBIAN, debian_corpus, debian_queries, machine, ndcg_at_10, percentile, save
+from common import DEBIAN, debian_corpus, debian_queries, machine, ndcg_at_10, percentile, save, tiny_model
 
 KEY = "writes-benchmark-key"
 IO_PROBE = (
@@ -54,19 +54,6 @@ IO_PROBE = (
 )
 
 
-def tiny_model(folder: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from indexer.encoder import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def corpus(n: int) -> list[dict]:
@@ -179,7 +166,7 @@ def measure_http(index: Path, tag: str, repeats: int = 10) -> dict:
         server.wait(timeout=60)
 
 
-def measure_search(index: Path, tmp: Path, encoder, queries: list[str]) -> dict:
+def measure_search(index: Path, tmp: Path, encoder, queries: list[str], modes: tuple[str, ...]) -> dict:
     from indexer import Index, compact_index, index_info, upsert_documents
     from indexer import compact as policy
 
@@ -203,15 +190,15 @@ def measure_search(index: Path, tmp: Path, encoder, queries: list[str]) -> dict:
                 times.append(time.perf_counter() - started)
         return percentile(times, 50) * 1000
 
-    segmented = {mode: p50(mode) for mode in ("dense", "hybrid")}
+    segmented = {mode: p50(mode) for mode in modes}
     compact_index(index)
-    compacted = {mode: p50(mode) for mode in ("dense", "hybrid")}
+    compacted = {mode: p50(mode) for mode in modes}
     return {"search_segments": segments,
             **{f"search_{m}_p50_ms_segmented": round(v, 3) for m, v in segmented.items()},
             **{f"search_{m}_p50_ms_compacted": round(v, 3) for m, v in compacted.items()}}
 
 
-def bm25_after_small_writes(tmp: Path, model: Path, encoder, documents: int, batches: int = 20, queries: int = 2000) -> dict:
+def bm25_after_small_writes(tmp: Path, model: Path, encoder, documents: int, batches: int = 20, queries: int = 1000) -> dict:
     """Keyword nDCG@10 on Debian after ``batches`` small writes (50 upserts, 10 deletes each) against a fresh build of the same documents."""
     from indexer import Index, build_index, delete_documents, index_info, upsert_documents
     from indexer.settings import IndexSettings
@@ -246,7 +233,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 300_000])
     parser.add_argument("--types", nargs="+", default=["flat", "hnsw"])
     parser.add_argument("--cli-repeats", type=int, default=3)
-    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--hybrid-up-to", type=int, default=50_000,
+                        help="measure hybrid search only on indexes up to this size (keyword search over large segments is slow)")
     parser.add_argument("--bm25-documents", type=int, default=20_000, help="Debian documents for the keyword-quality check (0: skip)")
     args = parser.parse_args()
     from indexer.encoder import Encoder
@@ -269,7 +258,7 @@ def main() -> None:
                 row |= measure_cli(index, tmp, args.cli_repeats, f"{kind}{size}")
                 row |= measure_library(index, tmp, encoder, f"{kind}{size}")
                 row |= measure_http(index, f"{kind}{size}")
-                row |= measure_search(index, tmp, encoder, queries)
+                row |= measure_search(index, tmp, encoder, queries, ("dense", "hybrid") if size <= args.hybrid_up_to else ("dense",))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         quality = bm25_after_small_writes(tmp, model, encoder, args.bm25_documents) if args.bm25_documents else {}
@@ -280,14 +269,17 @@ def main() -> None:
     columns = ["documents", "index_type", "build_s", "index_mb", *writes, "search_dense_p50_ms_segmented", "search_dense_p50_ms_compacted",
                "search_hybrid_p50_ms_segmented", "search_hybrid_p50_ms_compacted"]
     for row in rows:
-        print("  ".join(f"{c}={row[c]}" for c in columns))
+        print("  ".join(f"{c}={row[c]}" for c in columns if c in row))
     ratios = {}
     for kind in args.types:
         a = next(r for r in rows if r["documents"] == small and r["index_type"] == kind)
         b = next(r for r in rows if r["documents"] == large and r["index_type"] == kind)
         ratios[kind] = {w: round(b[w] / a[w], 3) if a[w] else None for w in writes}
         ratios[kind]["search_dense_segmented_over_compacted"] = round(b["search_dense_p50_ms_segmented"] / b["search_dense_p50_ms_compacted"], 3)
-        ratios[kind]["search_hybrid_segmented_over_compacted"] = round(b["search_hybrid_p50_ms_segmented"] / b["search_hybrid_p50_ms_compacted"], 3)
+        for r in (a, b):
+            if "search_hybrid_p50_ms_segmented" in r:
+                ratios[kind][f"search_hybrid_segmented_over_compacted_{r['documents']}"] = round(
+                    r["search_hybrid_p50_ms_segmented"] / r["search_hybrid_p50_ms_compacted"], 3)
         print(f"{kind}: {large}/{small} ratios: " + ", ".join(f"{w}={v}" for w, v in ratios[kind].items()))
     if quality:
         print(f"keyword nDCG@10 on {quality['bm25_queries']} Debian queries, {quality['bm25_documents']} documents: "

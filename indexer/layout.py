@@ -195,10 +195,14 @@ def version_dir(path: Path, version: str) -> Path:
 
 def list_versions(path: Path) -> list[str]:
     """Published version names, oldest first."""
-    folder = path / VERSIONS
+    return _numbered(path / VERSIONS, VERSION_NAME)
+
+
+def _numbered(folder: Path, pattern: re.Pattern) -> list[str]:
+    """Names in ``folder`` matching ``pattern`` (a letter and a number), by number."""
     if not folder.is_dir():
         return []
-    return sorted((p.name for p in folder.iterdir() if VERSION_NAME.match(p.name)), key=lambda n: int(n[1:]))
+    return sorted((p.name for p in folder.iterdir() if pattern.match(p.name)), key=lambda n: int(n[1:]))
 
 
 def next_version_number(path: Path) -> int:
@@ -210,12 +214,7 @@ def next_version_number(path: Path) -> int:
 def read_manifest(folder: Path) -> Manifest:
     """The manifest of a version folder, checked for the fields and types every reader relies on."""
     where = folder / MANIFEST
-    try:
-        data = json.loads(where.read_text())
-    except FileNotFoundError:
-        raise IndexCorruptError(f"{where}: manifest is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise IndexCorruptError(f"{where}: unreadable manifest ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    data = _read_json(where, "manifest", missing=f"{where}: manifest is missing")
     if not isinstance(data, dict):
         raise IndexCorruptError(f"{where}: not a manifest (a JSON {type(data).__name__}, not an object)")
     if data.get("format_version") not in (FORMAT_VERSION, LEGACY_FORMAT):
@@ -236,6 +235,16 @@ def read_manifest(folder: Path) -> Manifest:
         raise IndexCorruptError(f"{where}: not a manifest ({exc})") from None
 
 
+def _read_json(where: Path, what: str, *, missing: str) -> Any:
+    """The JSON in ``where``; IndexCorruptError (``missing`` when there is no file) if it cannot be read."""
+    try:
+        return json.loads(where.read_text())
+    except FileNotFoundError:
+        raise IndexCorruptError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise IndexCorruptError(f"{where}: unreadable {what} ({getattr(exc, 'msg', type(exc).__name__)})") from None
+
+
 def segment_dir(path: Path, name: str) -> Path:
     return path / SEGMENTS / name
 
@@ -249,27 +258,13 @@ def segment_folders(path: Path, manifest: Manifest) -> list[Path]:
 
 def list_segments(path: Path) -> list[str]:
     """Segment names on disk, oldest first."""
-    folder = path / SEGMENTS
-    if not folder.is_dir():
-        return []
-    return sorted((p.name for p in folder.iterdir() if SEGMENT_NAME.match(p.name)), key=lambda n: int(n[1:]))
-
-
-def next_segment_name(path: Path, manifest: Manifest | None) -> str:
-    """A name above every segment on disk and every one the current manifest lists."""
-    names = list_segments(path) + (manifest.segments if manifest else [])
-    return f"s{max((int(n[1:]) for n in names), default=0) + 1:06d}"
+    return _numbered(path / SEGMENTS, SEGMENT_NAME)
 
 
 def read_segment_meta(folder: Path) -> SegmentMeta:
     """The ``segment.json`` of a segment folder, checked for the fields every reader relies on."""
     where = folder / SEGMENT_META
-    try:
-        data = json.loads(where.read_text())
-    except FileNotFoundError:
-        raise IndexCorruptError(f"{folder}: segment is missing or has no {SEGMENT_META}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise IndexCorruptError(f"{where}: unreadable segment description ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    data = _read_json(where, "segment description", missing=f"{folder}: segment is missing or has no {SEGMENT_META}")
     if not isinstance(data, dict) or any(
         not isinstance(data.get(name), kind) or isinstance(data.get(name), bool) for name, kind in REQUIRED_SEGMENT_FIELDS.items()
     ):
