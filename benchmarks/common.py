@@ -7,7 +7,14 @@ import json
 import os
 import platform
 import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -91,3 +98,38 @@ def tiny_model(folder: Path) -> Path:
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def call(base: str, path: str, payload: dict | None = None, method: str = "POST", *, key: str, timeout: float = 120) -> dict:
+    """One JSON request to a running ``indexer serve`` with its API key."""
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"content-type": "application/json", "Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+@contextmanager
+def serve(index: Path, key: str, start_timeout: float = 300) -> Iterator[str]:
+    """Run ``indexer serve INDEX`` on a free loopback port with API ``key``; yield its base URL once /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "indexer", "serve", str(index), "--port", str(port)],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "INDEXER_API_KEY": key},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                call(base, "/health", method="GET", key=key)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("indexer serve did not start")
+                time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

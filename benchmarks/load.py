@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common import HERE, machine, percentile, save
+from common import HERE, machine, percentile, save, serve
+from common import call as common_call
 
 KEY = "load-test-key"
 
 
 def call(base: str, path: str, payload: dict | None = None, method: str = "POST") -> dict:
-    data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"content-type": "application/json", "Authorization": f"Bearer {KEY}"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.load(response)
+    return common_call(base, path, payload, method, key=KEY)
 
 
 def main() -> None:
@@ -48,22 +44,7 @@ def main() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "INDEXER_API_KEY": KEY}
         subprocess.run([sys.executable, "-m", "indexer", "build", str(HERE.parent / "dataset" / "corpus.jsonl"), "--index", str(index)],
                        check=True, env=env, capture_output=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        base = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "indexer", "serve", str(index), "--port", str(port)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    call(base, "/health", method="GET")
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("server did not start")
-                    time.sleep(0.3)
+        with serve(index, KEY, start_timeout=120) as base:
             latencies: list[float] = []
             errors: list[str] = []
             versions: set[str] = set()
@@ -107,9 +88,6 @@ def main() -> None:
             for thread in threads:
                 thread.join()
             elapsed = time.monotonic() - started
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     result = {
         "seconds": round(elapsed, 1),
         "clients": args.clients,

@@ -31,16 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from common import DEBIAN, debian_corpus, debian_queries, machine, ndcg_at_10, percentile, save, tiny_model
+from common import DEBIAN, debian_corpus, debian_queries, machine, ndcg_at_10, percentile, save, serve, tiny_model
+from common import call as common_call
 
 KEY = "writes-benchmark-key"
 IO_PROBE = (
@@ -88,11 +87,7 @@ def cli(*args: str) -> tuple[dict, float, dict[str, int]]:
 
 
 def call(base: str, path: str, payload: dict | None = None, method: str = "POST") -> dict:
-    data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"content-type": "application/json", "Authorization": f"Bearer {KEY}"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.load(response)
+    return common_call(base, path, payload, method, key=KEY, timeout=300)
 
 
 def median(values: list[float]) -> float:
@@ -134,23 +129,7 @@ def measure_library(index: Path, tmp: Path, encoder, tag: str, repeats: int = 10
 
 
 def measure_http(index: Path, tag: str, repeats: int = 10) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "indexer", "serve", str(index), "--port", str(port)],
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "INDEXER_API_KEY": KEY},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                call(base, "/health", method="GET")
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("indexer serve did not start")
-                time.sleep(0.2)
+    with serve(index, KEY) as base:
         call(base, "/search", {"query": "warm up", "k": 3})
         upserts, deletes = [], []
         for i in range(repeats):
@@ -161,9 +140,6 @@ def measure_http(index: Path, tag: str, repeats: int = 10) -> dict:
             call(base, f"/documents/http-{tag}-{i}", method="DELETE")
             deletes.append(time.monotonic() - started)
         return {"http_upsert_s": median(upserts), "http_delete_s": median(deletes)}
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def measure_search(index: Path, tmp: Path, encoder, queries: list[str], modes: tuple[str, ...]) -> dict:
