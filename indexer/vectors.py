@@ -177,6 +177,15 @@ class VectorIndex:
             return not isinstance(faiss.downcast_InvertedLists(inner.invlists), faiss.OnDiskInvertedLists)
         return isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSWFlat))
 
+    @property
+    def is_flat(self) -> bool:
+        """Whether search is exhaustive over plain vectors (``all_vectors`` gives them)."""
+        return isinstance(self.inner, faiss.IndexFlat)
+
+    def all_vectors(self) -> np.ndarray:
+        """Every vector of a Flat index, in the order of ``keys()``."""
+        return self.inner.reconstruct_n(0, self.index.ntotal)
+
     def reconstruct(self, keys: np.ndarray) -> np.ndarray:
         """The stored vectors of ``keys`` (see ``keeps_vectors``)."""
         keys = np.asarray(keys, dtype=np.int64)

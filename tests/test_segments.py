@@ -175,6 +175,31 @@ def test_the_policy_merges_small_segments_after_a_write(tmp_path, tiny_model):
     assert check_index(path, all_versions=True)["problems"] == []
 
 
+def test_pooled_small_segments_and_an_hnsw_segment_merge_like_one_flat_index(tmp_path, tiny_model):
+    """Small Flat segments are searched as one matrix, the HNSW base by FAISS; together they equal a fresh Flat build."""
+    docs = {str(i): {"id": str(i), "text": f"note {i} about {['boots', 'coffee', 'tents'][i % 3]} and {i % 7} things", "n": i}
+            for i in range(120)}
+    path = tmp_path / "idx"
+    build_index(write_jsonl(tmp_path / "a.jsonl", list(docs.values())), path, settings=_tiny(tiny_model, index_type="hnsw"))
+    for batch in range(3):
+        added = [{"id": f"u{batch}-{j}", "text": f"upsert {batch} {j} on coffee and boots", "n": 200 + 10 * batch + j} for j in range(3)]
+        upsert_documents(path, write_jsonl(tmp_path / f"u{batch}.jsonl", added))
+        docs.update({doc["id"]: doc for doc in added})
+    delete_documents(path, ["5", "u1-1"])
+    del docs["5"], docs["u1-1"]
+    assert len(index_info(path)["segments"]) == 4
+    fresh = tmp_path / "fresh"
+    build_index(write_jsonl(tmp_path / "live.jsonl", list(docs.values())), fresh, settings=_tiny(tiny_model, index_type="flat"))
+    with Index(path) as segmented, Index(fresh) as reference:
+        for where in (None, [("n", ">=", 100)], [("n", "<", 50)]):
+            for k in (3, 200):
+                got = segmented.search_many(["coffee", "boots and tents"], k=k, where=where, ef_search=4096)
+                expected = reference.search_many(["coffee", "boots and tents"], k=k, where=where)
+                for mine, theirs in zip(got, expected):
+                    assert [h.id for h in mine] == [h.id for h in theirs], (where, k)
+                    assert np.allclose([h.score for h in mine], [h.score for h in theirs], atol=1e-5, rtol=0)
+
+
 def test_compact_cli_reports_and_is_a_no_op_on_one_segment(tmp_path, tiny_model):
     path = tmp_path / "idx"
     build_index(write_jsonl(tmp_path / "a.jsonl", [{"id": str(i), "text": f"text {i}"} for i in range(30)]), path,
