@@ -39,6 +39,20 @@ def debian_corpus(limit: int | None = None, folder: Path = DEBIAN) -> list[dict]
     return [{"_id": r["_id"], "text": r["text"]} for r in read_jsonl(folder / "corpus.jsonl.gz", limit)]
 
 
+def debian_documents(n: int) -> list[dict]:
+    """``n`` documents ``{"id", "text"}``: the Debian descriptions, then again with a copy number (all texts distinct)."""
+    base = debian_corpus()
+    return [{"id": f"d{i}", "text": base[i % len(base)]["text"] + (f" (copy {i // len(base)})" if i >= len(base) else "")}
+            for i in range(n)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
 def debian_queries(doc_ids: set[str], limit: int, folder: Path = DEBIAN) -> list[tuple[str, str]]:
     """(query text, relevant document id) for queries whose document is among ``doc_ids``."""
     relevant: dict[str, str] = {}

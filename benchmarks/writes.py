@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEBIAN, debian_corpus, debian_queries, machine, ndcg_at_10, percentile, save, serve, tiny_model
+from common import DEBIAN, debian_corpus, debian_documents, debian_queries, machine, ndcg_at_10, percentile, save, serve, tiny_model, write_jsonl
 from common import call as common_call
 
 KEY = "writes-benchmark-key"
@@ -53,19 +53,6 @@ IO_PROBE = (
 )
 
 
-
-
-def corpus(n: int) -> list[dict]:
-    base = debian_corpus()
-    return [{"id": f"d{i}", "text": base[i % len(base)]["text"] + (f" (copy {i // len(base)})" if i >= len(base) else "")}
-            for i in range(n)]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    return path
 
 
 def io_counters() -> dict[str, int]:
@@ -225,7 +212,7 @@ def main() -> None:
         model = tiny_model(tmp / "tiny-bert")
         encoder = Encoder.from_settings(IndexSettings(model=str(model)))
         for size in args.sizes:
-            source = write_jsonl(tmp / f"corpus-{size}.jsonl", corpus(size))
+            source = write_jsonl(tmp / f"corpus-{size}.jsonl", debian_documents(size))
             for kind in args.types:
                 index = tmp / f"{kind}-{size}"
                 _, build_s, _ = cli("build", str(source), "--index", str(index), "--model", str(model), "--index-type", kind)

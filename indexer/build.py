@@ -119,8 +119,9 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding_config)
             cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
+            stages: dict[str, float] = {}
             if ray is None:
-                ingest(diff.changed(documents), cached, writer.add, progress=progress)
+                stages = ingest(diff.changed(documents), cached, writer.add, progress=progress).rounded()
                 built = None
             else:
                 from .ray_engine import ingest_on_ray
@@ -132,13 +133,15 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
             settings.id_field, settings.text_fields = documents.id_field, documents.text_fields
             removed = diff.removed()
             report = BuildReport(str(path), current.version if current else "", txn.count, cached.encoded, cached.reused,
-                                 deleted=len(removed), kept_upserts=diff.kept, warnings=txn.warnings)
+                                 deleted=len(removed), kept_upserts=diff.kept, stages=stages, warnings=txn.warnings)
             if carry:
                 txn.delete(np.concatenate([removed, diff.replaced()]))
             if writer.count:  # segments whose documents all changed or left are no longer listed: the new one may be all there is
                 structure = built[2] if built else segment_structure(settings.index_type, writer.count, encoder.dimension, memory,
                                                                      whole=txn.replaces_all)
+                sealing = time.monotonic()
                 txn.add_segment(writer.seal(structure, built[:2] if built else None))
+                stages["seal"] = since(sealing)
             if if_changed and carry and not writer.count and not len(removed):
                 report.published = False
             else:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -57,10 +58,12 @@ class EmbeddingCache:
         self.dimension = dimension
         self.warnings: list[str] = []
         self.usable = True
+        self._lock = threading.RLock()
         self._safely(None, self._open)
 
     def _open(self) -> None:
-        self.db = sqlite_utils.Database(str(self.path))
+        # The ingest pipeline looks vectors up in its reading thread and stores them in its writing thread.
+        self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), check_same_thread=False))
         self.db.enable_wal()
         if TABLE not in self.db.table_names():
             self.db[TABLE].create({"key": str, "vector": bytes, "used": int}, pk="key")
@@ -69,18 +72,19 @@ class EmbeddingCache:
     def _safely(self, default: Any, operation: Callable[[], Any]) -> Any:
         """Run ``operation``. A damaged file is set aside and the operation run again on a new one;
         an unusable one ends the cache's use for this write. Either way ``default`` stands in for a lost answer."""
-        if not self.usable:
-            return default
-        try:
-            return operation()
-        except sqlite3.DatabaseError as exc:
-            code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-            if code in DAMAGED_CODES and self._set_aside(exc):
-                return self._safely(default, operation)
-            if code in DAMAGED_CODES | UNUSABLE_CODES:
-                self._give_up(exc)
+        with self._lock:
+            if not self.usable:
                 return default
-            raise
+            try:
+                return operation()
+            except sqlite3.DatabaseError as exc:
+                code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+                if code in DAMAGED_CODES and self._set_aside(exc):
+                    return self._safely(default, operation)
+                if code in DAMAGED_CODES | UNUSABLE_CODES:
+                    self._give_up(exc)
+                    return default
+                raise
 
     def _set_aside(self, exc: sqlite3.DatabaseError) -> bool:
         """Move a damaged file out of the way and open a new one; False if that fails too."""

@@ -120,9 +120,9 @@ MaxLengthOption = Annotated[
     Optional[int],
     typer.Option(min=1, max=MAX_LENGTH_CAP, help=f"Tokens per text (default: the model's own limit, at most {MAX_LENGTH_CAP})."),
 ]
-BatchSizeOption = Annotated[int, typer.Option(min=1, help="Most texts per model batch.")]
+BatchSizeOption = Annotated[Optional[int], typer.Option(min=1, help="Most texts per model batch (default: no cap; batches are sized by tokens).")]
 BatchTokensOption = Annotated[
-    Optional[int], typer.Option(min=1, help="Most padded tokens per model batch (default: 1024 on CPU, 16384 on GPU).")
+    Optional[int], typer.Option(min=1, help="Most padded tokens per model batch (default: measured while encoding, from 1024 on CPU and 16384 on GPU).")
 ]
 PrecisionOption = Annotated[Precision, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see README for quality cost.")]
 IdFieldOption = Annotated[Optional[str], typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
@@ -170,7 +170,7 @@ def _settings(
     model: str,
     pooling: str,
     max_length: int | None,
-    batch_size: int,
+    batch_size: int | None,
     batch_tokens: int | None,
     precision: str,
     id_field: str | None,
@@ -234,7 +234,7 @@ def build(
     model: ModelOption = DEFAULT_MODEL,
     pooling: PoolingOption = "mean",
     max_length: MaxLengthOption = None,
-    batch_size: BatchSizeOption = 64,
+    batch_size: BatchSizeOption = None,
     batch_tokens: BatchTokensOption = None,
     precision: PrecisionOption = "fp32",
     id_field: IdFieldOption = None,
@@ -536,7 +536,7 @@ def embed(
     model: ModelOption = DEFAULT_MODEL,
     pooling: PoolingOption = "mean",
     max_length: MaxLengthOption = None,
-    batch_size: BatchSizeOption = 64,
+    batch_size: BatchSizeOption = None,
     batch_tokens: BatchTokensOption = None,
     precision: PrecisionOption = "fp32",
     id_field: IdFieldOption = None,

@@ -71,10 +71,11 @@ def upsert_documents(
             writer = txn.new_segment(encoder.dimension, encoder.embedding_config)
             cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
             diff = Diff(current, carry=True, keep_upserts=False)
-            ingest(diff.changed(_as_upserts(documents)), cached, writer.add, progress=progress)
+            stages = ingest(diff.changed(_as_upserts(documents)), cached, writer.add, progress=progress).rounded()
             if not diff.read:
                 raise SourceError(f"{documents.path}: no documents")
-            report = BuildReport(str(path), manifest.version, len(current), cached.encoded, cached.reused, warnings=txn.warnings)
+            report = BuildReport(str(path), manifest.version, len(current), cached.encoded, cached.reused, stages=stages,
+                                 warnings=txn.warnings)
             if not writer.count:
                 report.published = False
             else:

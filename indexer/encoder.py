@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,6 +32,10 @@ PAD_MULTIPLE = 8
 # stay in CPU cache (measured best on 2 cores); a GPU wants far larger ones.
 CPU_BATCH_TOKENS = 1024
 GPU_BATCH_TOKENS = 16384
+# Unless batch_tokens is given, the budget grows from the above by doubling, up to these, while
+# throughput measured on the batches themselves improves: a tiny model wants far larger batches than MiniLM.
+CPU_BATCH_TOKENS_MAX = 32768
+GPU_BATCH_TOKENS_MAX = 262144
 # Texts longer than max_length times this many characters are tokenised from a prefix (see Encoder.tokenize);
 # English runs about 4-5 characters a token, so the first prefix nearly always holds enough.
 CUT_CHARS_PER_TOKEN = 16
@@ -128,7 +134,7 @@ class Encoder:
         pooling: str = "mean",
         max_length: int | None = None,
         device: str | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         batch_tokens: int | None = None,
         precision: str = "fp32",
     ):
@@ -136,7 +142,7 @@ class Encoder:
             raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         if precision not in PRECISIONS:
             raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ModelError(f"batch size must be at least 1, got {batch_size}")
         self.model_name = canonical_model_name(model)
         self.pooling = pooling
@@ -147,7 +153,9 @@ class Encoder:
             raise ModelError("precision fp16 needs a CUDA device; use bf16 on CPU")
         if precision == "int8" and self.device.type != "cpu":
             raise ModelError("precision int8 runs on the CPU only")
-        self.batch_tokens = batch_tokens or (CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS)
+        cpu = self.device.type == "cpu"
+        self.budget = BatchBudget(batch_tokens or (CPU_BATCH_TOKENS if cpu else GPU_BATCH_TOKENS),
+                                  limit=batch_tokens or (CPU_BATCH_TOKENS_MAX if cpu else GPU_BATCH_TOKENS_MAX))
         path = self._path = resolve_model_path(model)
         self._stamp = _file_stamp(path)
         self.tokenizer, self._weights = _load(self.model_name, path)
@@ -262,25 +270,37 @@ class Encoder:
         )
         return out if options else out["input_ids"]
 
+    @property
+    def batch_tokens(self) -> int:
+        """Padded tokens per forward pass now (see ``BatchBudget``)."""
+        return self.budget.tokens
+
     def encode_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Embed ``texts``; row i of the result is the unit vector of ``texts[i]``."""
-        out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        if not len(texts):
+        return self.embed_tokens(self.tokenize(texts) if len(texts) else [], progress=progress)
+
+    def embed_tokens(self, token_ids: list[list[int]], progress: bool = False) -> np.ndarray:
+        """Embed texts given as token ids (``tokenize``); row i is the unit vector of ``token_ids[i]``."""
+        out = np.empty((len(token_ids), self.dimension), dtype=np.float32)
+        if not len(token_ids):
             return out
-        token_ids = self.tokenize(texts)
         lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(lengths.sum()))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         order = np.argsort(-lengths, kind="stable")
         bar = tqdm(
-            total=len(texts),
+            total=len(token_ids),
             desc="encoding",
             unit="doc",
-            disable=not progress or len(texts) < PROGRESS_MIN_TEXTS,
+            disable=not progress or len(token_ids) < PROGRESS_MIN_TEXTS,
             file=sys.stderr,
         )
         with torch.inference_mode(), self._autocast(), bar:
-            for rows in length_batches(order, lengths, self.batch_size, self.batch_tokens):
-                input_ids, attention_mask = self._pad([token_ids[i] for i in rows], int(lengths[rows[0]]))
+            for rows in length_batches(order, lengths, self.batch_size, self.budget):
+                started = time.perf_counter()
+                input_ids, attention_mask = self._pad_flat(flat, starts[rows], lengths[rows])
                 out[rows] = self._vectors(self._forward(input_ids, attention_mask), attention_mask).cpu().numpy()
+                self.budget.record(int(lengths[rows].sum()), time.perf_counter() - started)
                 bar.update(len(rows))
         return out
 
@@ -338,6 +358,15 @@ class Encoder:
         if self.precision in ("bf16", "fp16"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
         return contextlib.nullcontext()
+
+    def _pad_flat(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_pad`` for texts held as one flat id array with start offsets: one numpy gather, no loop per text."""
+        longest = int(lengths.max())
+        width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(self._positions, longest))
+        columns = np.arange(width)
+        attention_mask = (columns < lengths[:, None]).astype(np.int64)
+        input_ids = np.where(attention_mask, flat[np.minimum(starts[:, None] + columns, len(flat) - 1)], self._pad_id)
+        return torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
 
     def _pad(self, batch: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Widths rounded up to a multiple of PAD_MULTIPLE: oneDNN compiles kernels for every input shape
@@ -424,14 +453,56 @@ def _last_spaces(text: str, end: int) -> int:
     return -1 if last < 0 else len(text[:last].rstrip(" "))
 
 
-def length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, batch_tokens: int) -> Iterator[np.ndarray]:
-    """Slices of ``order`` (indices sorted by length, longest first) within both limits."""
+def length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int | None, batch_tokens: "int | BatchBudget") -> Iterator[np.ndarray]:
+    """Slices of ``order`` (indices sorted by length, longest first) of at most ``batch_size`` texts (None: no cap)
+    and ``batch_tokens`` padded tokens (a ``BatchBudget`` is read again for every batch)."""
     start = 0
     while start < len(order):
         width = int(lengths[order[start]])
-        size = max(1, min(batch_size, batch_tokens // max(width, 1)))
+        size = max(1, min(batch_size or len(order), int(batch_tokens) // max(width, 1)))
         yield order[start : start + size]
         start += size
+
+
+class BatchBudget:
+    """Padded tokens per forward pass: doubled from ``tokens`` up to ``limit`` while that measurably pays.
+
+    Each budget is timed on the batches the encoder runs anyway (at least
+    ``MEASURE_SECONDS`` of them); while real tokens per second improve by more
+    than ``GAIN``, the budget doubles, else it goes back to the best one and
+    stays. Small batches stay in the CPU's cache and suit a real model on a
+    few cores; a tiny model or a GPU wants large ones. With ``limit`` equal to
+    ``tokens`` (``batch_tokens`` given) it never changes.
+    """
+
+    MEASURE_SECONDS = 0.25
+    GAIN = 1.05
+
+    def __init__(self, tokens: int, *, limit: int):
+        self.tokens, self.limit = tokens, max(limit, tokens)
+        self.settled = self.tokens >= self.limit
+        self._best: tuple[float, int] | None = None
+        self._measured = [0, 0.0]
+
+    def __int__(self) -> int:
+        return self.tokens
+
+    def record(self, tokens: int, seconds: float) -> None:
+        """Note a forward pass of ``tokens`` real tokens that took ``seconds``."""
+        if self.settled:
+            return
+        self._measured[0] += tokens
+        self._measured[1] += seconds
+        if self._measured[1] < self.MEASURE_SECONDS:
+            return
+        rate = self._measured[0] / self._measured[1]
+        self._measured = [0, 0.0]
+        if self._best is None or rate > self._best[0] * self.GAIN:
+            self._best = (rate, self.tokens)
+            if self.tokens * 2 <= self.limit:
+                self.tokens *= 2
+                return
+        self.tokens, self.settled = self._best[1], True
 
 
 def _quantized(model):

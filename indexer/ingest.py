@@ -13,6 +13,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
@@ -29,21 +34,26 @@ if TYPE_CHECKING:
     from .encoder import Encoder
 
 CHUNK_SIZE = 4096
+PIPELINE_DEPTH = 2
+STAGES = ("read", "tokenize", "encode", "write")
 Sink = Callable[[list[Document], np.ndarray], object]
 
 
 class CachedEncoder:
-    """An encoder in front of an index's embedding cache.
+    """An encoder in front of an index's embedding cache (or of none, for ``embed``).
 
     Vectors found in the cache are reused, the others encoded and cached;
     both are marked as used by segment number ``segment`` (see ``cache``).
+    The pipeline calls ``prepare`` (look up, tokenise what is missing),
+    ``encode`` (the model) and ``remember_chunk`` (store fresh vectors) from
+    its three threads; ``encode_texts`` does all three in one go.
     """
 
-    def __init__(self, encoder: Encoder, cache: EmbeddingCache, segment: int):
+    def __init__(self, encoder: Encoder, cache: EmbeddingCache | None = None, segment: int = 0):
         self.encoder = encoder
         self.cache = cache
         self.segment = segment
-        self.prefix = encoder.embedding_config + "|"
+        self.prefix = encoder.embedding_config + "|" if cache is not None else ""
         self.encoded = 0
         self.reused = 0
 
@@ -53,6 +63,8 @@ class CachedEncoder:
 
     def lookup(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Cache keys of ``texts``, a mask of those the cache holds, and their vectors (counted as reused)."""
+        if self.cache is None:
+            return [], np.zeros(len(texts), dtype=bool), np.empty((0, self.dimension), dtype=np.float32)
         keys = embedding_keys(self.prefix, texts)
         cached = self.cache.get(keys)
         hit = np.fromiter((key in cached for key in keys), dtype=bool, count=len(keys))
@@ -62,21 +74,63 @@ class CachedEncoder:
             self.cache.mark_used([key for key in keys if key in cached], self.segment)
         return keys, hit, np.stack(known) if known else np.empty((0, self.dimension), dtype=np.float32)
 
+    def prepare(self, texts: Sequence[str]) -> Chunk:
+        """A chunk of ``texts`` with its cached vectors filled in and the token ids of the texts still to encode."""
+        keys, hit, known = self.lookup(texts)
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        vectors[hit] = known
+        missing = np.flatnonzero(~hit)
+        tokens = self.encoder.tokenize([texts[i] for i in missing]) if len(missing) else []
+        return Chunk(keys, vectors, missing, tokens)
+
+    def encode(self, chunk: Chunk) -> np.ndarray:
+        """Run the model over the chunk's missing texts; returns the chunk's vectors, all filled."""
+        if len(chunk.missing):
+            chunk.vectors[chunk.missing] = self.encoder.embed_tokens(chunk.tokens)
+        self.encoded += len(chunk.missing)
+        return chunk.vectors
+
     def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         """Put freshly encoded vectors of ``texts`` into the cache."""
-        self.cache.put(embedding_keys(self.prefix, texts), vectors, self.segment)
+        if self.cache is not None:
+            self.cache.put(embedding_keys(self.prefix, texts), vectors, self.segment)
+
+    def remember_chunk(self, chunk: Chunk) -> None:
+        """Put the chunk's freshly encoded vectors into the cache."""
+        if self.cache is not None and len(chunk.missing):
+            self.cache.put([chunk.keys[i] for i in chunk.missing], chunk.vectors[chunk.missing], self.segment)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        _, hit, known = self.lookup(texts)
-        out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        out[hit] = known
-        missing = np.flatnonzero(~hit)
-        if len(missing):
-            fresh = [texts[i] for i in missing]
-            out[missing] = self.encoder.encode_texts(fresh)
-            self.remember(fresh, out[missing])
-        self.encoded += len(missing)
-        return out
+        chunk = self.prepare(texts)
+        vectors = self.encode(chunk)
+        self.remember_chunk(chunk)
+        return vectors
+
+
+@dataclass
+class Chunk:
+    """The texts of up to ``CHUNK_SIZE`` documents on their way through the pipeline."""
+
+    keys: list[str]  # cache keys, empty without a cache
+    vectors: np.ndarray  # rows of cached texts filled by ``prepare``, the rest by ``encode``
+    missing: np.ndarray  # rows the model encodes
+    tokens: list[list[int]]  # their token ids
+
+
+@dataclass
+class IngestStats:
+    """How many documents went through, and the seconds each stage was busy (stages overlap)."""
+
+    documents: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def rounded(self) -> dict[str, float]:
+        return {stage: round(seconds, 3) for stage, seconds in self.seconds.items()}
+
+    def timed(self, stage: str, started: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - started
+        return now
 
 
 def document_chunks(documents: Iterable[Document]) -> Iterator[list[Document]]:
@@ -86,15 +140,80 @@ def document_chunks(documents: Iterable[Document]) -> Iterator[list[Document]]:
         yield docs
 
 
-def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink: Sink, *, progress: bool = False) -> int:
-    """Embed ``documents`` a chunk at a time and hand each chunk with its vectors to ``sink``; returns how many."""
-    count = 0
-    with tqdm(desc="indexing", unit="doc", disable=not progress, file=sys.stderr) as bar:
-        for docs in document_chunks(documents):
-            sink(docs, encoder.encode_texts([d.text for d in docs]))
-            count += len(docs)
-            bar.update(len(docs))
-    return count
+def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink: Sink, *, progress: bool = False) -> IngestStats:
+    """Embed ``documents`` a chunk at a time and hand each chunk with its vectors to ``sink``, in order.
+
+    Three stages overlap, joined by queues ``PIPELINE_DEPTH`` chunks deep (so
+    memory stays bounded): a reading thread parses the next chunks, looks
+    them up in the cache and tokenises what is missing; this thread runs the
+    model; a writing thread hands finished chunks to ``sink`` and stores fresh
+    vectors in the cache. The tokenizer, the model and SQLite release the
+    GIL, so the stages run on different cores. The first error of any stage
+    is raised here, unchanged, and nothing after it is written.
+    """
+    cached = encoder if isinstance(encoder, CachedEncoder) else CachedEncoder(encoder)
+    stats = IngestStats()
+    chunks = document_chunks(documents)
+    failed = threading.Event()  # set by the first error: the other stages do no more work
+
+    def stage(work: Callable) -> Callable:
+        def run(*args):
+            try:
+                return work(*args)
+            except BaseException:
+                failed.set()
+                raise
+        return run
+
+    @stage
+    def prepare() -> tuple[list[Document], Chunk] | None:
+        if failed.is_set():
+            return None
+        started = time.perf_counter()
+        docs = next(chunks, None)
+        read = stats.timed("read", started)
+        if docs is None:
+            return None
+        chunk = cached.prepare([d.text for d in docs])
+        stats.timed("tokenize", read)
+        return docs, chunk
+
+    @stage
+    def write(docs: list[Document], chunk: Chunk) -> None:
+        if failed.is_set():
+            return
+        started = time.perf_counter()
+        sink(docs, chunk.vectors)
+        cached.remember_chunk(chunk)
+        stats.timed("write", started)
+
+    reader = ThreadPoolExecutor(1, thread_name_prefix="ingest-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="ingest-write")
+    try:
+        with tqdm(desc="indexing", unit="doc", disable=not progress, file=sys.stderr) as bar:
+            ahead = deque(reader.submit(prepare) for _ in range(PIPELINE_DEPTH))
+            behind: deque[Future] = deque()
+            while (prepared := ahead.popleft().result()) is not None:
+                docs, chunk = prepared
+                ahead.append(reader.submit(prepare))
+                started = time.perf_counter()
+                cached.encode(chunk)
+                stats.timed("encode", started)
+                behind.append(writer.submit(write, docs, chunk))
+                while behind and (len(behind) > PIPELINE_DEPTH or behind[0].done()):
+                    behind.popleft().result()
+                stats.documents += len(docs)
+                bar.update(len(docs))
+            while behind:
+                behind.popleft().result()
+    except BaseException:
+        failed.set()
+        raise
+    finally:
+        # After an error nothing more is read or written; a stage already running finishes first.
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+    return stats
 
 
 class ArrayFile:
@@ -149,7 +268,7 @@ def embed_source(
     settings = settings or IndexSettings()
     sink = ArrayFile(output)
     documents = DocumentSource(source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
-    count = ingest(documents, Encoder.from_settings(settings, device), sink, progress=progress)
+    count = ingest(documents, Encoder.from_settings(settings, device), sink, progress=progress).documents
     if not count:
         raise SourceError(f"{documents.path}: no documents")
     sink.write()

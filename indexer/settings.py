@@ -34,7 +34,7 @@ class IndexSettings:
     model: str = DEFAULT_MODEL
     pooling: str = "mean"
     max_length: int | None = None
-    batch_size: int = 64
+    batch_size: int | None = None
     batch_tokens: int | None = None
     precision: str = "fp32"
     index_type: str = "flat"

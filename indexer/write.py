@@ -50,7 +50,9 @@ class BuildReport:
     ``published`` is false when the write changed nothing (nothing to delete,
     the same documents again, or ``if_changed`` with an unchanged source).
     ``segments`` is how many the published version lists and ``merged`` how
-    many a compaction after the write merged. ``warnings`` are one-line notes
+    many a compaction after the write merged. ``stages`` are the seconds
+    each ingest stage was busy (read, tokenize, encode, write: they overlap)
+    and building the segment's vector structure took (seal). ``warnings`` are one-line notes
     on what went wrong but did not stop the write (a damaged embedding cache
     set aside, clean-up after publishing).
     """
@@ -66,6 +68,7 @@ class BuildReport:
     kept_upserts: int = 0
     segments: int = 0
     merged: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,8 +30,10 @@ def workdir(tmp_path_factory):
         "kept_upserts": 0,
         "segments": 1,
         "merged": 0,
+        "stages": report["stages"],
         "warnings": [],
     }
+    assert set(report["stages"]) == {"read", "tokenize", "encode", "write", "seal"}
     assert (cwd / "indexes" / "products" / "CURRENT").read_text().strip() == "v000001"
     return cwd
 

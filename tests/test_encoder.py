@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.encoder import Encoder, canonical_model_name, length_batches, resolve_model_path
+from indexer.encoder import BatchBudget, Encoder, canonical_model_name, length_batches, resolve_model_path
 from indexer.errors import ModelError
 from indexer.settings import DEFAULT_MODEL
 
@@ -49,7 +49,8 @@ def test_vectors_are_unit_length_float32(encoder):
 
 
 def test_text_alone_equals_text_in_padded_batch(encoder):
-    assert encoder.batch_size >= len(TEXTS)  # all five in one batch, padded to the longest
+    # All five in one batch, padded to the longest.
+    assert encoder.batch_size is None and len(TEXTS) * max(map(len, encoder.tokenize(TEXTS))) <= encoder.batch_tokens
     batch = encoder.encode_texts(TEXTS)
     for i, text in enumerate(TEXTS):
         alone = encoder.encode_texts([text])[0]
@@ -66,7 +67,7 @@ def test_results_come_back_in_input_order(encoder, monkeypatch):
 
 def test_mean_pooling_equals_hand_written_formula(encoder, monkeypatch):
     expected = hand_mean_pooling(resolve_model_path(DEFAULT_MODEL), TEXTS, 256)
-    monkeypatch.setattr(encoder, "batch_tokens", 64)  # several batches of different widths
+    monkeypatch.setattr(encoder, "budget", BatchBudget(64, limit=64))  # several batches of different widths
     np.testing.assert_allclose(encoder.encode_texts(TEXTS), expected, atol=1e-5)
 
 
@@ -160,3 +161,21 @@ def test_packed_kernels_are_checked_against_eager(tiny_model, monkeypatch):
     assert not any(isinstance(m, module._PackedLinear) for m in fallback.model.modules())
     np.testing.assert_allclose(fallback.encode_texts(TEXTS), expected, atol=1e-5)
     assert fallback.fingerprint == packed.fingerprint
+
+
+def test_batch_budget_doubles_while_throughput_improves_then_keeps_the_best():
+    budget = BatchBudget(1024, limit=32768)
+    # tokens/s by budget: better up to 4096, worse at 8192
+    rates = {1024: 1000.0, 2048: 1500.0, 4096: 1700.0, 8192: 1650.0}
+    while not budget.settled:
+        budget.record(int(rates[budget.tokens] * BatchBudget.MEASURE_SECONDS), BatchBudget.MEASURE_SECONDS)
+    assert budget.tokens == 4096
+    budget.record(1, 100.0)  # settled: later timings change nothing
+    assert budget.tokens == 4096
+
+
+def test_batch_budget_given_by_the_user_never_changes():
+    budget = BatchBudget(512, limit=512)
+    assert budget.settled
+    budget.record(10**6, 1.0)
+    assert int(budget) == 512

@@ -1,0 +1,103 @@
+"""The pipelined ingest: the same vectors and rows as encoding and storing one document after another, in order.
+
+Chunks are made small here so that many of them are in flight at once in the
+reading, encoding and writing threads.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import faiss
+import numpy as np
+import pytest
+from helpers import tree_digest, write_jsonl
+
+import indexer.ingest
+from indexer import Index, IndexSettings, SourceError, build_index, layout
+from indexer.encoder import Encoder
+
+
+def records(n: int) -> list[dict]:
+    words = ["boots", "coffee", "tents", "kettle", "lamp", "rope", "stove", "map"]
+    return [{"id": f"r{i}", "text": " ".join(words[(i * j) % len(words)] for j in range(1 + i % 23)) + f" {i}", "n": i}
+            for i in range(n)]
+
+
+def stored(path) -> tuple[list[tuple], np.ndarray]:
+    """Rows (key, id, text, metadata) and vectors by key of the index's single segment."""
+    (segment,) = (path / layout.SEGMENTS).iterdir()
+    with sqlite3.connect(segment / layout.DOCUMENTS) as db:
+        rows = db.execute("SELECT key, id, text, metadata FROM documents ORDER BY key").fetchall()
+    index = faiss.read_index(str(segment / layout.VECTORS))
+    return rows, index.reconstruct_batch(np.array([row[0] for row in rows], dtype=np.int64))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(indexer.ingest, "CHUNK_SIZE", 37)
+
+
+def test_pipelined_build_equals_a_sequential_reference_bitwise(tmp_path, tiny_model, small_chunks):
+    docs = records(400)
+    path = tmp_path / "idx"
+    # One text per forward pass, so the reference's batches are the build's batches and vectors can match bit for bit.
+    report = build_index(write_jsonl(tmp_path / "a.jsonl", docs), path, settings=IndexSettings(model=str(tiny_model), batch_size=1))
+    assert report.encoded == len(docs) and set(report.stages) == {"read", "tokenize", "encode", "write", "seal"}
+    rows, vectors = stored(path)
+    encoder = Encoder(str(tiny_model), batch_size=1)
+    reference = np.vstack([encoder.encode_texts([doc["text"]]) for doc in docs])
+    assert rows == [(key, doc["id"], doc["text"], json.dumps({"n": doc["n"]})) for key, doc in enumerate(docs)]
+    assert vectors.tobytes() == reference.tobytes()
+
+
+def test_pipelined_build_with_measured_batches_matches_the_reference(tmp_path, tiny_model, small_chunks):
+    docs = records(300)
+    path = tmp_path / "idx"
+    build_index(write_jsonl(tmp_path / "a.jsonl", docs), path, settings=IndexSettings(model=str(tiny_model)))
+    rows, vectors = stored(path)
+    encoder = Encoder(str(tiny_model), batch_size=1)
+    reference = np.vstack([encoder.encode_texts([doc["text"]]) for doc in docs])
+    assert [row[1] for row in rows] == [doc["id"] for doc in docs]
+    np.testing.assert_allclose(vectors, reference, atol=1e-6, rtol=0)
+
+
+def test_a_bad_record_mid_source_publishes_nothing_and_names_its_line(tmp_path, tiny_model, small_chunks):
+    path = tmp_path / "idx"
+    settings = IndexSettings(model=str(tiny_model))
+    build_index(write_jsonl(tmp_path / "good.jsonl", records(50)), path, settings=settings)
+    before = tree_digest(path)
+    source = write_jsonl(tmp_path / "bad.jsonl", records(300))
+    lines = source.read_text().splitlines()
+    lines[206] = '{"id": "broken", "text": '  # line 207, in the sixth chunk
+    source.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError, match=r"bad\.jsonl:207: malformed JSON"):
+        build_index(source, path, settings=settings)
+    assert tree_digest(path) == before
+    assert not list((path / layout.STAGING).iterdir()) if (path / layout.STAGING).exists() else True
+    with Index(path) as index:
+        assert len(index) == 50
+
+
+def test_a_failing_writer_stops_the_build(tmp_path, tiny_model, small_chunks, monkeypatch):
+    """An error in the writing thread (here a store refusing the fourth chunk) stops the build with that error."""
+    from indexer.segments import SegmentWriter
+
+    path = tmp_path / "idx"
+    settings = IndexSettings(model=str(tiny_model))
+    build_index(write_jsonl(tmp_path / "good.jsonl", records(20)), path, settings=settings)
+    before = tree_digest(path)
+    add, calls = SegmentWriter.add, []
+
+    def failing_add(self, documents, vectors):
+        calls.append(len(documents))
+        if len(calls) == 4:
+            raise OSError("simulated write failure")
+        return add(self, documents, vectors)
+
+    monkeypatch.setattr(SegmentWriter, "add", failing_add)
+    with pytest.raises(OSError, match="simulated write failure"):
+        build_index(write_jsonl(tmp_path / "more.jsonl", records(400)), path, settings=settings)
+    assert len(calls) == 4  # nothing written after the failure
+    assert tree_digest(path) == before
