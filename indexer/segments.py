@@ -2,7 +2,7 @@
 
 A write streams documents into a ``SegmentWriter`` (SQLite rows, and the
 vectors into a spool), which then builds the segment's FAISS structure and
-seals it into ``segments/`` (``layout.seal_segment``). ``Segment`` is one
+keyword index and seals it into ``segments/`` (``layout.seal_segment``). ``Segment`` is one
 opened for reading. Which segments a version lists, and which of their
 documents it deletes, is the manifest's business (``snapshot``).
 """
@@ -61,6 +61,7 @@ class SegmentWriter:
         vectors, tuning = built or build_from_spool(self.spool, structure)
         self.spool.remove()
         vectors.save(self.folder / layout.VECTORS)
+        self.store.index_keywords()
         keys, lengths = self.store.token_lengths()
         self.store.close()
         np.save(self.folder / layout.KEYS, keys)
