@@ -33,10 +33,6 @@ ROOT = HERE.parent
 BEFORE = "c0603d623175e0f9b9bd564044237cc7cd244f9c"  # main before the pipelined ingest (issue 14)
 
 
-class SkipReal(Exception):
-    """--real-documents 0: no real-model comparison."""
-
-
 def cpu_flags() -> str:
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx"))))
@@ -84,18 +80,14 @@ def main() -> None:
                     tiny[name].append(build(code, source, tmp / f"tiny-{name}-{round_}", "--model", str(model)))
             best = {name: min(runs, key=lambda run: run[0]) for name, runs in tiny.items()}
 
-            if not args.real_documents:
-                hand = ours = float("nan")
-                raise SkipReal
-            real = write_jsonl(tmp / "real.jsonl", [{"id": r["_id"], "text": r["text"]} for r in debian_corpus(args.real_documents)])
-            peers_source = tmp / "peers.jsonl"  # peers.py reads _id and text
-            peers_source.write_text("".join(json.dumps({"_id": r["id"], "text": r["text"]}) + "\n"
-                                            for r in map(json.loads, real.read_text().splitlines())))
-            (tmp / "hand").mkdir()
-            hand = min(hand_rolled(peers_source, tmp / "hand") for _ in range(args.rounds))
-            ours = min(build(ROOT, real, tmp / f"real-{i}")[0] for i in range(args.rounds))
-        except SkipReal:
-            pass
+            hand = ours = float("nan")
+            if args.real_documents:
+                corpus = debian_corpus(args.real_documents)
+                real = write_jsonl(tmp / "real.jsonl", [{"id": r["_id"], "text": r["text"]} for r in corpus])
+                peers_source = write_jsonl(tmp / "peers.jsonl", corpus)  # peers.py reads _id and text
+                (tmp / "hand").mkdir()
+                hand = min(hand_rolled(peers_source, tmp / "hand") for _ in range(args.rounds))
+                ours = min(build(ROOT, real, tmp / f"real-{i}")[0] for i in range(args.rounds))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
 

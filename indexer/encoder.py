@@ -316,9 +316,7 @@ class Encoder:
         out = np.empty((len(token_ids), self.dimension), dtype=np.float32)
         if not len(token_ids):
             return out
-        lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
-        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(lengths.sum()))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat, starts, lengths = flatten(token_ids)
         order = np.argsort(-lengths, kind="stable")
         bar = tqdm(
             total=len(token_ids),
@@ -330,7 +328,7 @@ class Encoder:
         with torch.inference_mode(), self._autocast(), bar:
             for rows in length_batches(order, lengths, self.batch_size, self.budget):
                 started = time.perf_counter()
-                input_ids, attention_mask = self._pad_flat(flat, starts[rows], lengths[rows])
+                input_ids, attention_mask = self._pad(flat, starts[rows], lengths[rows])
                 out[rows] = self._vectors(self._forward(input_ids, attention_mask), attention_mask).cpu().numpy()
                 self.budget.record(int(lengths[rows].sum()), time.perf_counter() - started)
                 bar.update(len(rows))
@@ -355,8 +353,7 @@ class Encoder:
         import warnings
 
         def batch(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            ids = sorted(self.tokenize(texts), key=len, reverse=True)
-            return self._pad(ids, len(ids[0]))
+            return self._pad(*flatten(self.tokenize(texts)))
 
         def matches(forward) -> bool:
             return (self._vectors(forward(*check), check[1]) - expected).abs().max().item() <= 1e-5
@@ -391,26 +388,16 @@ class Encoder:
             return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
         return contextlib.nullcontext()
 
-    def _pad_flat(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_pad`` for texts held as one flat id array with start offsets: one numpy gather, no loop per text."""
+    def _pad(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ids and attention mask of texts held as one flat id array with start offsets (``flatten``): one numpy gather."""
+        # Widths rounded up to a multiple of PAD_MULTIPLE: oneDNN compiles kernels for every input shape
+        # and keeps them (~2 MB per width for MiniLM); masked pads change no vector.
         longest = int(lengths.max())
         width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(self._positions, longest))
         columns = np.arange(width)
         attention_mask = (columns < lengths[:, None]).astype(np.int64)
         input_ids = np.where(attention_mask, flat[np.minimum(starts[:, None] + columns, len(flat) - 1)], self._pad_id)
         return torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
-
-    def _pad(self, batch: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Widths rounded up to a multiple of PAD_MULTIPLE: oneDNN compiles kernels for every input shape
-        # and keeps them (~2 MB per width for MiniLM); masked pads change no vector.
-        width = min(-(-width // PAD_MULTIPLE) * PAD_MULTIPLE, max(self._positions, width))
-        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(batch), width), dtype=np.int64)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-        return torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
-
 
 class _HiddenStates(torch.nn.Module):
     """A model's last hidden state as a plain tensor function, for tracing."""
@@ -483,6 +470,13 @@ def _last_spaces(text: str, end: int) -> int:
     """
     last = text.rfind(" ", 0, end)
     return -1 if last < 0 else len(text[:last].rstrip(" "))
+
+
+def flatten(token_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(all ids in one array, where each text starts, each text's length)."""
+    lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
+    flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(lengths.sum()))
+    return flat, np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths
 
 
 def length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int | None, batch_tokens: "int | BatchBudget") -> Iterator[np.ndarray]:

@@ -75,7 +75,8 @@ def test_a_bad_record_mid_source_publishes_nothing_and_names_its_line(tmp_path, 
     with pytest.raises(SourceError, match=r"bad\.jsonl:207: malformed JSON"):
         build_index(source, path, settings=settings)
     assert tree_digest(path) == before
-    assert not list((path / layout.STAGING).iterdir()) if (path / layout.STAGING).exists() else True
+    staging = path / layout.STAGING
+    assert not staging.exists() or not any(staging.iterdir())
     with Index(path) as index:
         assert len(index) == 50
 
