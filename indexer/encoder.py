@@ -39,6 +39,11 @@ GPU_BATCH_TOKENS_MAX = 262144
 # Texts longer than max_length times this many characters are tokenised from a prefix (see Encoder.tokenize);
 # English runs about 4-5 characters a token, so the first prefix nearly always holds enough.
 CUT_CHARS_PER_TOKEN = 16
+# On CUDA, batches of at most this many texts (queries) replay a CUDA graph captured once per shape: one
+# launch instead of a hundred small kernels launched from Python, which is most of a short query's time.
+GRAPH_MAX_TEXTS = 4
+GRAPH_MAX_SHAPES = 64
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def canonical_model_name(model: str) -> str:
@@ -123,9 +128,10 @@ class Encoder:
 
     Texts are batched by length: a batch holds at most ``batch_size`` texts and
     at most ``batch_tokens`` padded tokens. ``precision`` is ``fp32`` (exact),
-    ``bf16`` (autocast; fast on CPUs with AVX512-BF16 or AMX, and on GPUs),
-    ``fp16`` (GPU only) or ``int8`` (dynamic quantisation of the linear
-    layers, CPU only); see the README for what each costs in quality.
+    ``bf16`` (autocast on CPU, fast with AVX512-BF16 or AMX; on a GPU the
+    model is cast to bf16), ``fp16`` (GPU only, model cast to fp16) or
+    ``int8`` (dynamic quantisation of the linear layers, CPU only); see the
+    README for what each costs in quality.
     """
 
     def __init__(
@@ -160,6 +166,11 @@ class Encoder:
         self._stamp = _file_stamp(path)
         self.tokenizer, self._weights = _load(self.model_name, path)
         self._weights.to(self.device).eval()
+        # On a GPU the half precisions run a half model (no per-op casts, the same fast path as fp32); on CPU
+        # bf16 stays autocast, which keeps layer norms and softmax in fp32. The fingerprint reads the files again.
+        self._cast = self.device.type == "cuda" and precision in HALF_DTYPES
+        if self._cast:
+            self._weights.to(HALF_DTYPES[precision])
         self.model = _quantized(self._weights) if precision == "int8" else self._weights
         self._forward = self._eager_forward
         limit = model_max_length(path, self.tokenizer, self._weights.config)
@@ -171,8 +182,9 @@ class Encoder:
         self._pool = POOLERS[pooling]
         self._pad_id = self.tokenizer.pad_token_id or 0
         self._backend = self._plain_backend()
-        if precision == "fp32":
+        if precision == "fp32" and self.device.type == "cpu":
             self._forward = self._fastest_forward()
+        self._embed = _Graphed(self._unit_vectors) if self.device.type == "cuda" else self._unit_vectors
 
     @classmethod
     def from_settings(cls, settings: IndexSettings, device: str | None = None, reuse: "Encoder | None" = None) -> "Encoder":
@@ -202,12 +214,12 @@ class Encoder:
     def fingerprint(self) -> str:
         """SHA-256 of the (unquantised) weights and the tokenizer: it changes whenever the vectors could.
 
-        Packed models no longer hold their dense weights; those are read again
-        from the same files (checked unchanged since the model was loaded).
+        Packed or half-cast models no longer hold their fp32 weights; those are
+        read again from the same files (checked unchanged since the model was loaded).
         Only writes need the fingerprint, so query processes never pay for it.
         """
         weights = self._weights
-        if any(isinstance(m, _PackedLinear) for m in weights.modules()):
+        if self._cast or any(isinstance(m, _PackedLinear) for m in weights.modules()):
             if _file_stamp(self._path) != self._stamp:
                 raise ModelError(f"the files of model {self.model_name!r} changed since it was loaded; restart")
             weights = _load(self.model_name, self._path)[1]
@@ -316,6 +328,9 @@ class Encoder:
         out = np.empty((len(token_ids), self.dimension), dtype=np.float32)
         if not len(token_ids):
             return out
+        # Vectors stay on the device, in length order, until the end: on a GPU no sync per batch, so the next
+        # batch is padded, copied and queued while this one runs (syncs only while the budget is measured).
+        found, done = torch.empty(out.shape, device=self.device), 0
         flat, starts, lengths = flatten(token_ids)
         order = np.argsort(-lengths, kind="stable")
         bar = tqdm(
@@ -328,14 +343,21 @@ class Encoder:
         with torch.inference_mode(), self._autocast(), bar:
             for rows in length_batches(order, lengths, self.batch_size, self.budget):
                 started = time.perf_counter()
-                input_ids, attention_mask = self._pad(flat, starts[rows], lengths[rows])
-                out[rows] = self._vectors(self._forward(input_ids, attention_mask), attention_mask).cpu().numpy()
-                self.budget.record(int(lengths[rows].sum()), time.perf_counter() - started)
+                found[done : done + len(rows)] = self._embed(*self._pad(flat, starts[rows], lengths[rows]))
+                done += len(rows)
+                if not self.budget.settled:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self.budget.record(int(lengths[rows].sum()), time.perf_counter() - started)
                 bar.update(len(rows))
+            out[order] = found.cpu().numpy()
         return out
 
+    def _unit_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._vectors(self._forward(input_ids, attention_mask), attention_mask)
+
     def _vectors(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self._pool(hidden, attention_mask).float(), p=2, dim=1)
+        return torch.nn.functional.normalize(self._pool(hidden.float(), attention_mask), p=2, dim=1)
 
     def _eager_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -384,8 +406,8 @@ class Encoder:
         return self._eager_forward
 
     def _autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        if self.precision in HALF_DTYPES and not self._cast:
+            return torch.autocast(self.device.type, dtype=HALF_DTYPES[self.precision])
         return contextlib.nullcontext()
 
     def _pad(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,7 +419,62 @@ class Encoder:
         columns = np.arange(width)
         attention_mask = (columns < lengths[:, None]).astype(np.int64)
         input_ids = np.where(attention_mask, flat[np.minimum(starts[:, None] + columns, len(flat) - 1)], self._pad_id)
+        if self.device.type == "cuda":  # from page-locked memory, so the copy runs behind the host's next batch
+            return (torch.from_numpy(input_ids).pin_memory().to(self.device, non_blocking=True),
+                    torch.from_numpy(attention_mask).pin_memory().to(self.device, non_blocking=True))
         return torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
+
+
+class _Graphed:
+    """``embed`` (ids, mask -> unit vectors), replayed from a CUDA graph for batches of up to ``GRAPH_MAX_TEXTS`` texts.
+
+    One graph is captured per input shape on its first use (widths come in
+    steps of ``PAD_MULTIPLE``, so a few dozen at most) and its vectors are
+    checked against the plain call; any capture that fails or differs leaves
+    that shape on the plain call. Larger batches always take the plain call:
+    their kernels are long enough to hide the launches.
+    """
+
+    def __init__(self, embed):
+        self.embed = embed
+        self.graphs: dict[tuple[int, ...], tuple | None] = {}
+        self.pool = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        shape = tuple(input_ids.shape)
+        if shape[0] > GRAPH_MAX_TEXTS:
+            return self.embed(input_ids, attention_mask)
+        if shape not in self.graphs and len(self.graphs) < GRAPH_MAX_SHAPES:
+            self.graphs[shape] = self._capture(input_ids, attention_mask)
+        graph = self.graphs.get(shape)
+        if graph is None:
+            return self.embed(input_ids, attention_mask)
+        replay, ids, mask, out = graph
+        ids.copy_(input_ids)
+        mask.copy_(attention_mask)
+        replay.replay()
+        return out.clone()
+
+    def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        expected = self.embed(input_ids, attention_mask)
+        ids, mask = input_ids.clone(), attention_mask.clone()
+        try:
+            side = torch.cuda.Stream(ids.device)
+            side.wait_stream(torch.cuda.current_stream(ids.device))
+            with torch.cuda.stream(side):  # warm-up off the main stream, as graph capture requires
+                self.embed(ids, mask)
+            torch.cuda.current_stream(ids.device).wait_stream(side)
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            replay = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(replay, pool=self.pool):
+                out = self.embed(ids, mask)
+            replay.replay()
+            if (out - expected).abs().max().item() > 1e-5:
+                return None
+        except RuntimeError:  # a model or driver that cannot be captured runs plainly
+            torch.cuda.synchronize(ids.device)
+            return None
+        return replay, ids, mask, out
 
 class _HiddenStates(torch.nn.Module):
     """A model's last hidden state as a plain tensor function, for tracing."""
