@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -146,21 +148,50 @@ def test_bad_model_settings_are_user_errors(kwargs, message):
         Encoder(**kwargs)
 
 
-def test_packed_kernels_are_checked_against_eager(tiny_model, monkeypatch):
-    """On CPU the linear layers run prepacked oneDNN kernels; a kernel that disagrees with eager is not used."""
+def test_forward_is_the_fastest_of_those_that_match_eager(tiny_model, monkeypatch):
+    """On CPU the forward (eager, traced, oneDNN prepacked) is chosen by timing, among those that agree with eager."""
     from indexer import encoder as module
 
     expected = hand_mean_pooling(str(tiny_model), TEXTS, 128)
-    packed = Encoder(str(tiny_model))
-    assert any(isinstance(m, module._PackedLinear) for m in packed.model.modules())
-    np.testing.assert_allclose(packed.encode_texts(TEXTS), expected, atol=1e-5)
+    monkeypatch.setattr(module, "_CHOSEN", {})
+    chosen = Encoder(str(tiny_model))
+    np.testing.assert_allclose(chosen.encode_texts(TEXTS), expected, atol=1e-5)
 
+    # A packed kernel slower than the rest is not chosen.
     exact = module._PackedLinear.forward
+    monkeypatch.setattr(module._PackedLinear, "forward", lambda self, x: (time.sleep(0.002), exact(self, x))[1])
+    monkeypatch.setattr(module, "_CHOSEN", {})
+    slow = Encoder(str(tiny_model))
+    assert not any(isinstance(m, module._PackedLinear) for m in slow.model.modules())
+
+    # One that disagrees with eager is not chosen however fast it is, and the fingerprint is the same.
     monkeypatch.setattr(module._PackedLinear, "forward", lambda self, x: exact(self, x) * 1.01)
+    monkeypatch.setattr(module, "_CHOSEN", {})
     fallback = Encoder(str(tiny_model))
     assert not any(isinstance(m, module._PackedLinear) for m in fallback.model.modules())
     np.testing.assert_allclose(fallback.encode_texts(TEXTS), expected, atol=1e-5)
-    assert fallback.fingerprint == packed.fingerprint
+    assert fallback.fingerprint == chosen.fingerprint
+
+
+def test_the_choice_is_made_once_per_process_so_vectors_agree_bit_for_bit(tiny_model):
+    first, second = Encoder(str(tiny_model)), Encoder(str(tiny_model))
+    assert type(first._forward) is type(second._forward) and first.query_threads == second.query_threads
+    threads = torch.get_num_threads()
+    assert 1 <= first.query_threads <= threads
+    assert np.array_equal(first.encode_texts(["one short query"]), second.encode_texts(["one short query"]))
+    assert np.array_equal(first.encode_texts(TEXTS * 2), second.encode_texts(TEXTS * 2))
+    assert torch.get_num_threads() == threads  # a query's thread count is put back
+
+
+def test_query_threads_are_the_count_that_measured_fastest(monkeypatch):
+    from indexer import encoder as module
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    counts = []
+    monkeypatch.setattr(torch, "set_num_threads", counts.append)
+    # On one thread this "query" takes 1 ms, on two 10 ms: one thread is chosen, and the count is restored.
+    assert module._fastest_threads(lambda: time.sleep(0.001 if counts[-1] == 1 else 0.01)) == 1
+    assert counts == [1, 2, 2, 2]
 
 
 def test_batch_budget_doubles_while_throughput_improves_then_keeps_the_best():
