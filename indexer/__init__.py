@@ -26,6 +26,7 @@ from .errors import (
 from .settings import DEFAULT_MODEL, IndexSettings
 
 if TYPE_CHECKING:
+    from .archive import ImportReport, export_index, import_index
     from .build import build_index, rebuild_index
     from .check import check_index
     from .compact import compact_index
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 # The rest is imported on first use (PEP 562), so that commands which load no
 # model (``indexer --help``, ``info``, ``check``...) never import torch.
 _LAZY = {
+    **dict.fromkeys(["ImportReport", "export_index", "import_index"], "archive"),
     **dict.fromkeys(["build_index", "rebuild_index"], "build"),
     **dict.fromkeys(["BuildReport", "rollback_index"], "write"),
     **dict.fromkeys(["delete_documents", "upsert_documents"], "edit"),
@@ -78,6 +80,7 @@ __all__ = [
     "Hit",
     "Judgement",
     "Index",
+    "ImportReport",
     "IndexCorruptError",
     "IndexLockedError",
     "IndexNotFoundError",
@@ -92,6 +95,8 @@ __all__ = [
     "delete_documents",
     "embed_source",
     "evaluate_index",
+    "export_index",
+    "import_index",
     "index_info",
     "parse_condition",
     "read_judgements",

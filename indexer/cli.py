@@ -122,7 +122,7 @@ MaxLengthOption = Annotated[
 ]
 BatchSizeOption = Annotated[Optional[int], typer.Option(min=1, help="Most texts per model batch (default: no cap; batches are sized by tokens).")]
 BatchTokensOption = Annotated[
-    Optional[int], typer.Option(min=1, help="Most padded tokens per model batch (default: measured while encoding, from 1024 on CPU and 16384 on GPU).")
+    Optional[int], typer.Option(min=1, help="Most padded tokens per model batch (default: measured while encoding, from 1024 on CPU and 65536 on GPU).")
 ]
 PrecisionOption = Annotated[Precision, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see README for quality cost.")]
 IdFieldOption = Annotated[Optional[str], typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
@@ -552,3 +552,44 @@ def embed(
     )
     count = embed_source(source, output, settings, device=device, progress=sys.stderr.isatty())
     typer.echo(f"wrote {count} embeddings to {output}")
+
+
+@app.command(cls=Command)
+@user_errors
+def export(
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Archive to write, FILE.tar.gz.")],
+    version: Annotated[Optional[str], typer.Option("--version", help="Version to export (default: the current one).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write one version of an index, with checksums, to a .tar.gz (readers and writers may keep running)."""
+    from .archive import export_index
+
+    result = export_index(index, output, version=version)
+    if as_json:
+        _print_json(result)
+    else:
+        typer.echo(f"{result['index']}: exported {result['version']} ({result['documents']} documents, "
+                   f"{result['bytes']} bytes) to {result['archive']}")
+
+
+@app.command("import", cls=Command)
+@user_errors
+def import_(
+    archive: Annotated[Path, typer.Argument(metavar="ARCHIVE", help="A .tar.gz written by 'indexer export'.")],
+    index: Annotated[str, typer.Option("--index", help="Index folder or name to publish it as.")],
+    as_version: Annotated[bool, typer.Option("--as-version", help="Publish it as the new version of an existing index.")] = False,
+    keep: KeepOption = 3,
+    wait: WaitOption = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Check every checksum of an exported archive, then publish it as a new index (or, --as-version, a new version)."""
+    from .archive import import_index
+
+    report = import_index(archive, index, as_version=as_version, keep=keep, wait=wait)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        typer.echo(f"{report.index}: imported {report.source_version} as {report.version} ({report.documents} documents)")
+    for warning in report.warnings:
+        typer.echo(f"indexer: warning: {warning}", err=True)

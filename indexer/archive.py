@@ -1,0 +1,306 @@
+"""Snapshots: one version of an index as a ``.tar.gz`` with checksums (``export_index``), and back (``import_index``).
+
+An archive holds ``snapshot.json`` first (what it is, and the SHA-256 and
+size of every other member), then the version's folder and every segment it
+lists, under the names they have in the index::
+
+    snapshot.json
+    versions/v000007/manifest.json, deleted.npy
+    segments/s000001/segment.json, documents.db, vectors.faiss, keys.npy, lengths.npy
+
+Versions and segments are immutable, so exporting one is consistent while
+readers and writers carry on: every file is opened before the first byte is
+written (a writer pruning the version meanwhile cannot take it away), and
+each is checked against the checksum its manifest or segment recorded on the
+way into the archive. Importing checks every member against
+``snapshot.json`` before anything is published; a damaged, truncated or
+foreign archive publishes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from . import layout
+from .errors import ArgumentError, IndexCorruptError, IndexNotFoundError
+from .write import BuildReport, existing_index, transaction
+
+SNAPSHOT = "snapshot.json"
+SNAPSHOT_FORMAT = 1
+SNAPSHOT_KIND = "indexer-snapshot"
+# gzip's fastest level: vectors hardly compress at any level, and backups should cost what copying costs.
+COMPRESS_LEVEL = 1
+# A member's name: a version's or a segment's folder, then a plain file name.
+MEMBER = re.compile(r"^(versions/v\d{6,}|segments/s\d{6,})/[A-Za-z0-9][A-Za-z0-9._-]*$")
+BLOCK = 1 << 20
+
+
+@dataclass
+class Member:
+    """A file on its way into an archive: its name there, the open file, and the checksum it must have."""
+
+    name: str
+    file: IO[bytes]
+    sha256: str
+    size: int
+
+
+@dataclass
+class ImportReport:
+    """What ``import_index`` published: ``version`` of ``index``, from ``source_version`` of the archive."""
+
+    index: str
+    version: str
+    source_version: str
+    documents: int
+    segments: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "version": self.version, "source_version": self.source_version,
+                "documents": self.documents, "segments": self.segments, "warnings": self.warnings}
+
+
+def export_index(index: str | Path, output: str | Path, *, version: str | None = None) -> dict[str, Any]:
+    """Write ``version`` (default: the current one) of ``index`` to ``output`` (a ``.tar.gz``), atomically.
+
+    Returns ``{"index", "version", "archive", "documents", "files", "bytes"}``.
+    """
+    path = existing_index(index)
+    output = Path(output)
+    if not output.name.endswith((".tar.gz", ".tgz")):
+        raise ArgumentError(f"{output}: an archive's name must end in .tar.gz or .tgz")
+    for attempt in range(3):
+        name = version or layout.current_version(path)
+        try:
+            manifest, members = _open_version(path, name)
+            break
+        except FileNotFoundError:
+            # Only a writer pruning this version between reading CURRENT and opening its files gets here.
+            if version is not None or attempt == 2:
+                raise IndexNotFoundError(f"{path}: version {name} is gone (pruned by a writer while exporting)") from None
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        files = {m.name: {"sha256": m.sha256, "size": m.size} for m in members}
+        snapshot = {"kind": SNAPSHOT_KIND, "format": SNAPSHOT_FORMAT, "index": path.name, "version": name,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "documents": manifest.count,
+                    "files": files}
+        with tarfile.open(tmp, "w:gz", compresslevel=COMPRESS_LEVEL, format=tarfile.PAX_FORMAT) as tar:
+            _add(tar, SNAPSHOT, io.BytesIO(json.dumps(snapshot, indent=2).encode()), None, None)
+            for member in members:
+                _add(tar, member.name, member.file, member.size, member.sha256)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except IndexCorruptError as exc:
+        raise IndexCorruptError(f"{path}: version {name}: {exc}; nothing exported") from None
+    finally:
+        for member in members:
+            member.file.close()
+        tmp.unlink(missing_ok=True)
+    return {"index": str(path), "version": name, "archive": str(output), "documents": manifest.count,
+            "files": len(members) + 1, "bytes": output.stat().st_size}
+
+
+def _open_version(path: Path, name: str) -> tuple[layout.Manifest, list[Member]]:
+    """The manifest of version ``name`` and every file it and its segments hold, opened."""
+    folder = layout.version_dir(path, name)
+    if not folder.is_dir():
+        raise IndexNotFoundError(f"{path}: no version {name}; 'indexer info {path}' lists them")
+    members: list[Member] = []
+    try:
+        manifest_bytes = (folder / layout.MANIFEST).read_bytes()
+        manifest = layout.read_manifest(folder)
+        if manifest.legacy:
+            raise ArgumentError(f"{path}: version {name} is in index format 1; any write (or 'indexer compact') converts it first")
+        members.append(_in_memory(f"{layout.VERSIONS}/{name}/{layout.MANIFEST}", manifest_bytes))
+        for file, checksum in sorted(manifest.files.items()):
+            members.append(_opened(f"{layout.VERSIONS}/{name}/{file}", folder / file, checksum))
+        for segment in manifest.segments:
+            where = layout.segment_dir(path, segment)
+            meta_bytes = (where / layout.SEGMENT_META).read_bytes()
+            meta = layout.read_segment_meta(where)
+            members.append(_in_memory(f"{layout.SEGMENTS}/{segment}/{layout.SEGMENT_META}", meta_bytes))
+            for file, checksum in sorted(meta.files.items()):
+                members.append(_opened(f"{layout.SEGMENTS}/{segment}/{file}", where / file, checksum))
+    except BaseException:
+        for member in members:
+            member.file.close()
+        raise
+    return manifest, members
+
+
+def _in_memory(name: str, data: bytes) -> Member:
+    return Member(name, io.BytesIO(data), hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _opened(name: str, file: Path, checksum: str) -> Member:
+    handle = open(file, "rb")
+    return Member(name, handle, checksum, os.fstat(handle.fileno()).st_size)
+
+
+class _Hashing(io.RawIOBase):
+    """A reader that hashes what passes through it."""
+
+    def __init__(self, source: IO[bytes]):
+        self.source, self.digest = source, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.source.read(len(buffer))
+        self.digest.update(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _add(tar: tarfile.TarFile, name: str, file: IO[bytes], size: int | None, sha256: str | None) -> None:
+    """Add ``file`` as ``name``; with ``sha256``, fail unless the bytes written have it."""
+    if size is None:
+        size = len(file.getbuffer())  # an in-memory file
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, int(time.time()), 0o644
+    reader = _Hashing(file)
+    tar.addfile(info, reader)
+    if sha256 is not None and reader.digest.hexdigest() != sha256:
+        raise IndexCorruptError(f"{name} does not match its checksum")
+
+
+def import_index(archive: str | Path, index: str | Path, *, as_version: bool = False, wait: float = 0.0,
+                 keep: int = 3) -> ImportReport:
+    """Publish the version held in ``archive`` (from ``export_index``) as a new index at ``index``.
+
+    With ``as_version``, ``index`` may exist already: the snapshot becomes its
+    new current version (its segments take fresh names; older versions stay
+    for ``rollback`` as ``keep`` allows). Every member is checked against the
+    archive's checksums before anything is published.
+    """
+    archive = Path(archive)
+    if not archive.is_file():
+        raise ArgumentError(f"{archive}: no such file")
+    path = layout.index_path(index)
+    if _holds_index(path) and not as_version:
+        raise ArgumentError(f"{path}: an index is there already; pass --as-version to publish the snapshot as its new version")
+    path.mkdir(parents=True, exist_ok=True)
+    with transaction(path, "import", wait) as txn:
+        existing = layout.read_pointer(path) is not None or bool(layout.list_versions(path))
+        staging = layout.new_staging(path)
+        snapshot = _extract(archive, staging)
+        source_version = snapshot["version"]
+        folder = staging / layout.VERSIONS / source_version
+        manifest = layout.read_manifest(folder)
+        segments = sorted(p.name for p in (staging / layout.SEGMENTS).iterdir()) if (staging / layout.SEGMENTS).is_dir() else []
+        if sorted(manifest.segments) != segments or manifest.version != source_version:
+            raise IndexCorruptError(f"{archive}: its manifest does not list the segments it holds; nothing imported")
+        # Every file was checked against snapshot.json; these say that what the index records agrees with it.
+        problems = _disagreeing(snapshot, f"{layout.VERSIONS}/{source_version}", manifest.files, [layout.DELETED])
+        # Into an existing index the segments come under fresh names (it may have segments of the same names).
+        renamed = {name: txn.allocate() if existing else name for name in manifest.segments}
+        for old, new in renamed.items():
+            where = staging / layout.SEGMENTS / old
+            meta = layout.read_segment_meta(where)
+            problems += layout.segment_problems(where, meta, checksums=False)
+            problems += _disagreeing(snapshot, f"{layout.SEGMENTS}/{old}", meta.files, [])
+            if problems:
+                raise IndexCorruptError(f"{archive}: {problems[0]}; nothing imported")
+            meta.name = new
+            (where / layout.SEGMENT_META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+            (path / layout.SEGMENTS).mkdir(exist_ok=True)
+            os.rename(where, layout.segment_dir(path, new))
+        manifest.segments = [renamed[name] for name in manifest.segments]
+        report = BuildReport(index=str(path), version="", documents=manifest.count)
+        if existing:
+            version_staging = layout.new_staging(path)
+            os.replace(folder / layout.DELETED, version_staging / layout.DELETED)
+            report.version = layout.publish(path, version_staging, manifest)
+        else:  # a new index keeps the version's name
+            (path / layout.VERSIONS).mkdir(exist_ok=True)
+            os.rename(folder, layout.version_dir(path, source_version))
+            layout.point_to(path, source_version)
+            report.version = source_version
+        txn.tidy(keep, report)
+    return ImportReport(str(path), report.version, source_version, manifest.count, manifest.segments, report.warnings)
+
+
+def _disagreeing(snapshot: dict[str, Any], folder: str, recorded: dict[str, str], required: list[str]) -> list[str]:
+    """Files of ``folder`` whose checksum in a manifest or segment (``recorded``) is not the archive's, or is missing."""
+    files = snapshot["files"]
+    return [f"{folder}/{name} does not match its recorded checksum" for name in sorted({*recorded, *required})
+            if name not in recorded or files.get(f"{folder}/{name}", {}).get("sha256") != recorded[name]]
+
+
+def _holds_index(path: Path) -> bool:
+    return layout.read_pointer(path) is not None or bool(layout.list_versions(path))
+
+
+def _extract(archive: Path, staging: Path) -> dict[str, Any]:
+    """Unpack ``archive`` into ``staging``, checking each member against ``snapshot.json``; returns it."""
+
+    def refuse(reason: str) -> IndexCorruptError:
+        return IndexCorruptError(f"{archive}: {reason}; nothing imported")
+
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            first = tar.next()
+            if first is None or first.name != SNAPSHOT or not first.isfile():
+                raise refuse("not an indexer snapshot (it does not start with snapshot.json)")
+            snapshot = _snapshot(json.loads(tar.extractfile(first).read()), refuse)
+            expected, seen = snapshot["files"], set()
+            for member in tar:
+                if member is first:  # iterating a tar file starts from its first member again
+                    continue
+                if member.name not in expected or member.name in seen or not member.isfile():
+                    raise refuse(f"unexpected member {member.name!r}")
+                target = staging / member.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest, size, source = hashlib.sha256(), 0, tar.extractfile(member)
+                with open(target, "wb") as out:
+                    while block := source.read(BLOCK):
+                        digest.update(block)
+                        size += len(block)
+                        out.write(block)
+                if digest.hexdigest() != expected[member.name]["sha256"] or size != expected[member.name]["size"]:
+                    raise refuse(f"{member.name} does not match its checksum")
+                seen.add(member.name)
+            while tar.fileobj.read(BLOCK):  # to the end of the gzip stream, whose length and CRC are checked there
+                pass
+    except (tarfile.TarError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise refuse(f"damaged or truncated archive ({str(exc) or type(exc).__name__})") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the disk, not the archive (gzip's BadGzipFile has no errno)
+            raise
+        raise refuse(f"damaged or truncated archive ({exc})") from None
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise refuse(f"{missing[0]} is missing (truncated?)")
+    return snapshot
+
+
+def _snapshot(data: Any, refuse) -> dict[str, Any]:
+    """``snapshot.json``'s content, checked: one version folder, plain member names, a checksum and size for each."""
+    if not isinstance(data, dict) or data.get("kind") != SNAPSHOT_KIND:
+        raise refuse("not an indexer snapshot")
+    if data.get("format") != SNAPSHOT_FORMAT:
+        raise refuse(f"snapshot format {data.get('format')!r}; this indexer reads format {SNAPSHOT_FORMAT}")
+    version, files = data.get("version"), data.get("files")
+    if not isinstance(version, str) or not layout.VERSION_NAME.match(version) or not isinstance(files, dict):
+        raise refuse("snapshot.json does not name a version and its files")
+    for name, entry in files.items():
+        folder = name.split("/")[:2]
+        if (not MEMBER.match(name) or (folder[0] == layout.VERSIONS and folder[1] != version)
+                or not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("size"), int)):
+            raise refuse(f"snapshot.json lists an unexpected file {name!r}")
+    if f"{layout.VERSIONS}/{version}/{layout.MANIFEST}" not in files:
+        raise refuse("snapshot.json lists no manifest")
+    return data
