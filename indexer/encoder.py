@@ -13,6 +13,8 @@ import functools
 import hashlib
 import itertools
 import json
+import os
+import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -407,7 +409,10 @@ class Encoder:
         (one query about 3 ms against 6 ms eager on 2 cores), on an AVX2 EPYC
         packing gained nothing. The choice, and the number of threads a single
         query runs fastest on, are made once per process and model, so every
-        encoder of a process computes the same vectors.
+        encoder of a process computes the same vectors; both are remembered in
+        ``~/.cache/indexer/forwards.json`` (under ``$XDG_CACHE_HOME`` if set),
+        keyed by the model's files, torch, the CPU and the thread count, so
+        later processes load as fast as before (the timing costs seconds, once).
         """
         import warnings
 
@@ -421,8 +426,8 @@ class Encoder:
             forward(*query), forward(*work)
             return min(_timed(lambda: (forward(*query), forward(*work))) for _ in range(runs))
 
-        key = (self._path, self._stamp, torch.get_num_threads())
-        chosen, self.query_threads = _CHOSEN.get(key, (None, None))
+        key = _machine_key(self._path, self._stamp)
+        chosen, self.query_threads = _CHOSEN.get(key) or _remembered(key) or (None, None)
         example = batch(["a short example", "a rather longer example sentence, padded against the short one"])
         check = batch(["one", "two words", "and a third text that is longer than both of the others together"])
         query = batch(["a short question about packages"])
@@ -456,7 +461,9 @@ class Encoder:
             forward = {"packed": lambda: _HiddenStates(self.model), "traced": lambda: traced}.get(chosen, lambda: self._eager_forward)()
             if self.query_threads is None:
                 self.query_threads = _fastest_threads(lambda: forward(*query))
-        _CHOSEN[key] = (chosen, self.query_threads)
+        if _CHOSEN.get(key) != (chosen, self.query_threads):
+            _CHOSEN[key] = (chosen, self.query_threads)
+            _remember(key, _CHOSEN[key])
         return forward
 
     def _threads(self, texts: int):
@@ -669,8 +676,47 @@ class BatchBudget:
         self.tokens, self.settled = self._best[1], True
 
 
-# Per process: (model files, thread count) -> (forward chosen by _fastest_forward, threads for one query).
-_CHOSEN: dict[tuple, tuple[str, int]] = {}
+# Model, torch, CPU and thread count (``_machine_key``) -> (forward chosen by _fastest_forward, threads for one
+# query): in memory for this process, and in CHOICES_FILE for the next ones (timing them costs seconds at load).
+_CHOSEN: dict[str, tuple[str, int]] = {}
+CHOICES_FILE = "indexer/forwards.json"
+
+
+def _choices_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / CHOICES_FILE
+
+
+def _machine_key(path: str, stamp: tuple | None) -> str:
+    """What the fastest forward depends on: the model's files, torch, the CPU and the thread count."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = "|".join(dict.fromkeys(line for line in lines if line.startswith(("model name", "flags"))))
+    raw = json.dumps([path, stamp, torch.__version__, torch.get_num_threads(), cpu or platform.processor()])
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _remembered(key: str) -> tuple[str, int] | None:
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        choice = json.loads(_choices_path().read_text()).get(key)
+        if isinstance(choice, list) and len(choice) == 2 and choice[0] in ("eager", "traced", "packed") and int(choice[1]) >= 1:
+            return choice[0], int(choice[1])
+    return None
+
+
+def _remember(key: str, choice: tuple[str, int]) -> None:
+    """Add ``choice`` to the choices file (rewritten whole, atomically); a file that cannot be written is skipped."""
+    path = _choices_path()
+    with contextlib.suppress(OSError, ValueError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            choices = json.loads(path.read_text())
+        except (OSError, ValueError):
+            choices = {}
+        choices = {**(choices if isinstance(choices, dict) else {}), key: list(choice)}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choices, indent=1))
+        os.replace(tmp, path)
 # A single query is timed on at most this many threads (more only adds synchronisation for one short text).
 QUERY_THREADS_MAX = 8
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -148,9 +152,11 @@ def test_bad_model_settings_are_user_errors(kwargs, message):
         Encoder(**kwargs)
 
 
-def test_forward_is_the_fastest_of_those_that_match_eager(tiny_model, monkeypatch):
+def test_forward_is_the_fastest_of_those_that_match_eager(tiny_model, monkeypatch, tmp_path):
     """On CPU the forward (eager, traced, oneDNN prepacked) is chosen by timing, among those that agree with eager."""
     from indexer import encoder as module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no choice remembered from earlier processes
 
     expected = hand_mean_pooling(str(tiny_model), TEXTS, 128)
     monkeypatch.setattr(module, "_CHOSEN", {})
@@ -181,6 +187,20 @@ def test_the_choice_is_made_once_per_process_so_vectors_agree_bit_for_bit(tiny_m
     assert np.array_equal(first.encode_texts(["one short query"]), second.encode_texts(["one short query"]))
     assert np.array_equal(first.encode_texts(TEXTS * 2), second.encode_texts(TEXTS * 2))
     assert torch.get_num_threads() == threads  # a query's thread count is put back
+
+
+def test_later_processes_use_the_remembered_choice(tiny_model, tmp_path):
+    """The choice is remembered on disk per model, torch, CPU and thread count; a new process reads it instead of timing."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    show = ("from indexer.encoder import Encoder; e = Encoder(%r); "
+            "print(getattr(e._forward, '__name__', type(e._forward).__name__), e.query_threads)") % str(tiny_model)
+    first = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.split()
+    choices_file = tmp_path / "indexer" / "forwards.json"
+    (key, choice), = json.loads(choices_file.read_text()).items()
+    assert choice[1] == int(first[1]) and {"_eager_forward": "eager"}.get(first[0], choice[0]) == choice[0]
+    choices_file.write_text(json.dumps({key: ["eager", 1]}))
+    again = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert again == ["_eager_forward", "1"]
 
 
 def test_query_threads_are_the_count_that_measured_fastest(monkeypatch):
