@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,6 +53,8 @@ MAX_BODY_BYTES = 16 * 2**20
 SMALL_WRITE_WAIT = 10.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The search page: one self-contained file (no external scripts, fonts or styles), its mode list filled in here.
+PAGE = Path(__file__).with_name("page.html")
 
 access_log = logging.getLogger("indexer.access")
 
@@ -187,6 +189,7 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
     fault: dict[str, str | None] = {"error": None}
     app = FastAPI(title="indexer", description="Semantic search over one index.", version="1")
     app.add_middleware(BodyLimit)
+    page = PAGE.read_text(encoding="utf-8").replace("__MODES__", json.dumps(list(MODES)))
 
     def authorised(request: Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -201,7 +204,8 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
         started = time.perf_counter()
-        if public and not authorised(request):
+        # The page holds no data (it asks for the key when /search answers 401), so it is served to anyone.
+        if public and not authorised(request) and request.url.path != "/":
             response = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401)
         else:
             try:
@@ -236,6 +240,11 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
         except IndexerError as exc:
             fault["error"] = str(exc)
         return searcher
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def search_page() -> str:
+        """The search page: a query box, mode, k and filters over POST /search, with the version and count from /health."""
+        return page
 
     @app.post("/search")
     def search(body: SearchRequest) -> dict[str, Any]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from indexer import layout
@@ -47,3 +51,33 @@ def tree_digest(path):
         digest.update(str(file.relative_to(path)).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(index: Path, **env: str):
+    """``indexer serve INDEX`` in a real subprocess on a free loopback port, once /health answers: yields its base URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "indexer", "serve", str(index), "--port", str(port)],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"the server did not start: {server.stdout.read() if server.poll() is not None else 'timeout'}")
+                time.sleep(0.3)
+        yield base
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)

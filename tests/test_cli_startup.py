@@ -11,7 +11,7 @@ from helpers import DATASET, run_cli
 
 CORPUS = str(DATASET / "corpus.jsonl")
 HEAVY = ("torch", "transformers", "ray")
-COMMANDS = ["build", "rebuild", "upsert", "delete", "rollback", "check", "query", "evaluate", "serve", "info", "embed"]
+COMMANDS = ["build", "rebuild", "upsert", "delete", "rollback", "check", "query", "evaluate", "serve", "info", "embed", "export", "import"]
 
 
 def run_traced(*args: str, cwd=None) -> tuple[subprocess.CompletedProcess, set[str]]:
@@ -65,7 +65,9 @@ def test_help_imports_no_model_library(command):
 def test_commands_without_a_model_import_no_model_library(index_with_two_versions):
     path = str(index_with_two_versions)
     outputs = {}
-    for args in (["info", path], ["check", path], ["rollback", path, "--to", "v000001"], ["delete", path, "P0001"]):
+    archive = str(index_with_two_versions.parent / "backup.tar.gz")
+    for args in (["info", path], ["check", path], ["rollback", path, "--to", "v000001"], ["delete", path, "P0001"],
+                 ["export", path, "-o", archive], ["import", archive, "--index", path + "-restored"]):
         result, modules = run_traced(*args)
         assert result.returncode == 0, (args, result.stderr)
         assert heavy_imports(modules) == [], args
@@ -73,6 +75,7 @@ def test_commands_without_a_model_import_no_model_library(index_with_two_version
     assert "v000002" in outputs["info"] and ": ok (v000002)" in outputs["check"]
     assert "now serving v000001" in outputs["rollback"]
     assert "deleted from" in outputs["delete"] and "98 documents" in outputs["delete"]
+    assert "exported v000003 (98 documents" in outputs["export"] and "imported v000003 as v000003" in outputs["import"]
 
 
 def test_import_indexer_is_lazy():

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
-from helpers import DATASET, run_cli
+from helpers import DATASET, free_port, run_cli
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -160,12 +159,6 @@ def test_body_size_and_durations(client):
     assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("6h") == 21600
     with pytest.raises(ArgumentError):
         parse_duration("soon")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_real_server_over_http(products):
