@@ -27,6 +27,7 @@ from . import layout
 from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, SourceError
+from .external import is_external, load_encoder
 from .ingest import CachedEncoder, ingest
 from .segments import segment_structure
 from .settings import IndexSettings
@@ -36,11 +37,12 @@ from .write import BuildReport, Diff, Transaction, since, transaction
 
 if TYPE_CHECKING:
     from .encoder import Encoder
+    from .external import ExternalEncoder
     from .ray_engine import RayOptions
 
 
 def build_index(
-    source: str | Path,
+    source: str | Path | DocumentSource,
     index: str | Path,
     settings: IndexSettings | None = None,
     *,
@@ -50,6 +52,7 @@ def build_index(
     if_changed: bool = False,
     progress: bool = False,
     ray: RayOptions | None = None,
+    encoder: Encoder | ExternalEncoder | None = None,
 ) -> BuildReport:
     """Embed every document of ``source`` and publish it as a new version of ``index``.
 
@@ -58,11 +61,17 @@ def build_index(
     embedded before with the same model settings are reused from its cache.
     With ``if_changed``, nothing is published when the documents equal the
     current version's. With ``ray``, the texts to encode go through a pool of
-    encoder replicas on a Ray cluster (see ``ray_engine``).
+    encoder replicas on a Ray cluster (see ``ray_engine``). ``source`` may be
+    a ``DocumentSource`` (records in memory; no source is recorded for
+    rebuilds then). ``encoder`` is used instead of loading the model; an
+    ``ExternalEncoder`` makes the index one of its vectors (``settings.model``
+    becomes its ``external:NAME``).
     """
     settings = replace(settings or IndexSettings())
+    if encoder is not None and is_external(encoder.model_name):
+        settings.model = encoder.model_name
     return _build(layout.index_path(index), source, settings, device=device, keep=keep, wait=wait, if_changed=if_changed,
-                  progress=progress, action="build", ray=ray)
+                  progress=progress, action="build", encoder=encoder, ray=ray)
 
 
 def rebuild_index(
@@ -97,17 +106,18 @@ def rebuild_index(
 
 def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, if_changed, progress, action,
            encoder=None, ray=None, prune_upserts=False) -> BuildReport:
-    from .encoder import Encoder  # torch: imported only where a model is loaded
-
     started = time.monotonic()
-    documents = DocumentSource(source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
+    documents = source if isinstance(source, DocumentSource) else DocumentSource(
+        source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
     with transaction(path, action, wait) as txn:
         # A rebuild carries upserted documents over, so it must read them, unless told to drop them.
         current = txn.open_current(repairable=action == "build" or prune_upserts,
                                    hint="; or 'indexer rebuild INDEX --prune-upserts' publishes the source alone")
-        encoder = Encoder.from_settings(settings, device, reuse=encoder)
+        encoder = load_encoder(settings, device, reuse=encoder)
+        if ray is not None and is_external(encoder.model_name):
+            raise ArgumentError(f"{encoder.model_name} runs in this process only; build it without --engine ray")
         settings.model, settings.max_length = encoder.model_name, encoder.max_length
-        settings.source = str(Path(source).resolve())
+        settings.source = None if isinstance(source, DocumentSource) else str(Path(source).resolve())
         # A bad index type or memory budget fails now, not after the whole corpus is encoded.
         memory = parse_memory(settings.memory)
         VectorIndex.create(encoder.dimension, choose_structure(settings.index_type, 1, encoder.dimension, memory))

@@ -30,6 +30,7 @@ import numpy as np
 from . import layout
 from .cache import EmbeddingCache, embedding_keys
 from .errors import IndexCorruptError
+from .external import load_encoder
 from .segments import Segment, segment_structure
 from .settings import IndexSettings
 from .sources import Document
@@ -150,7 +151,5 @@ class _Vectors:
 
     def _encoder(self) -> Encoder:
         if self.encoder is None:
-            from .encoder import Encoder
-
-            self.encoder = Encoder.from_settings(self.settings, self.device)
+            self.encoder = load_encoder(self.settings, self.device)
         return self.encoder

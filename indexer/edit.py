@@ -17,6 +17,7 @@ from . import layout
 from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, ModelError, SourceError
+from .external import load_encoder
 from .ingest import CachedEncoder, ingest
 from .segments import segment_structure
 from .sources import Document, DocumentSource
@@ -47,8 +48,6 @@ def upsert_documents(
     instead of loading the model when it matches the index's settings.
     Nothing is published when every document is already there as given.
     """
-    from .encoder import Encoder
-
     started = time.monotonic()
     path = existing_index(index)
     with transaction(path, "upsert", wait) as txn:
@@ -60,7 +59,7 @@ def upsert_documents(
         else:
             documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields,
                                        max_document_bytes=settings.max_document_bytes)
-        encoder = Encoder.from_settings(settings, device, reuse=encoder)
+        encoder = load_encoder(settings, device, reuse=encoder)
         if manifest.model_fingerprint and encoder.fingerprint != manifest.model_fingerprint:
             raise ModelError(
                 f"{path}: the weights of {settings.model!r} changed since this index was built; "

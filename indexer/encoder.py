@@ -348,6 +348,10 @@ class Encoder:
                     out[start : start + TOKENIZE_AHEAD] = self._embed_flat(*flat, bar)
             return out
 
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        """Embed questions: the same as ``encode_texts`` (our models embed both alike)."""
+        return self.encode_texts(queries)
+
     def embed_tokens(self, token_ids: list[list[int]], progress: bool = False) -> np.ndarray:
         """Embed texts given as token ids (``tokenize``); row i is the unit vector of ``token_ids[i]``."""
         with self._progress(len(token_ids), progress) as bar:

@@ -6,14 +6,18 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
+
 from . import layout
-from .errors import IndexCorruptError, ModelError
+from .errors import ArgumentError, IndexCorruptError, ModelError
+from .external import load_encoder
 from .query import Condition, Hit, search_texts
 from .settings import IndexSettings
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .encoder import Encoder
+    from .external import ExternalEncoder
 
 def index_info(index: str | Path) -> dict[str, Any]:
     """The current version's manifest and counts, without loading the model or any vectors."""
@@ -41,24 +45,25 @@ class Index:
 
     ``Index("products")`` opens ``indexes/products``; the model recorded in the
     manifest is loaded so queries are embedded exactly as the documents were.
-    Passing ``model`` only checks that it is the index's model. Searches are
-    safe from many threads; ``refresh()`` switches to a newly published
-    version without blocking them.
+    Passing ``model`` only checks that it is the index's model; ``encoder``
+    (an ``Encoder`` or ``ExternalEncoder``) is used instead of loading one when
+    it embeds as the index does, and is required for an index made with an
+    external encoder. Searches are safe from many threads; ``refresh()``
+    switches to a newly published version without blocking them.
     """
 
-    def __init__(self, path: str | Path, model: str | None = None, device: str | None = None):
-        from .encoder import Encoder, canonical_model_name  # torch: only once a model is needed
-
+    def __init__(self, path: str | Path, model: str | None = None, device: str | None = None, *,
+                 encoder: "Encoder | ExternalEncoder | None" = None):
         self.path = layout.index_path(path)
         self.device = device
         self._served = Snapshot.open(self.path)
         settings = self._served.manifest.settings
-        if model is not None and canonical_model_name(model) != settings.model:
+        if model is not None and _canonical(model) != settings.model:
             raise ModelError(
-                f"{self.path}: index was built with model {settings.model!r}, not {canonical_model_name(model)!r}; "
+                f"{self.path}: index was built with model {settings.model!r}, not {_canonical(model)!r}; "
                 "queries must use the index's own model (leave out --model)"
             )
-        self._encoder = Encoder.from_settings(settings, device)
+        self._encoder = load_encoder(settings, device, reuse=encoder)
         self._check_dimension(self._served, self._encoder)
         self._refresh_lock = threading.Lock()
 
@@ -117,15 +122,13 @@ class Index:
 
     def refresh(self) -> bool:
         """Switch to the index's current version if a newer one was published; True if it changed."""
-        from .encoder import Encoder
-
         with self._refresh_lock:
             if layout.current_version(self.path) == self._served.version:
                 return False
             # Segments this version shares with the one served are reused, so a small write loads only its small segment.
             loaded = {segment.meta.uid: segment for segment in self._served.segments}
             served = Snapshot.open(self.path, loaded=loaded)
-            encoder = Encoder.from_settings(served.manifest.settings, self.device, reuse=self._encoder)
+            encoder = load_encoder(served.manifest.settings, self.device, reuse=self._encoder)
             self._check_dimension(served, encoder)
             # The old version's own segments are left to the garbage collector: searches may still be reading them.
             self._served, self._encoder = served, encoder
@@ -136,12 +139,25 @@ class Index:
 
         ``fields`` are its text fields as written; the shape is one ``upsert`` accepts back.
         """
+        found = self.get_documents([doc_id])
+        return found[0] if found else None
+
+    def get_documents(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The documents with these ids, in that order, as ``get_document`` gives them; ids not in the index are left out."""
         served = self._served
-        keys = served.keys_for_ids([doc_id])
-        if not keys:
-            return None
-        row = served.fetch(keys.values())[keys[doc_id]]
-        return {name: row[name] for name in ("id", "text", "metadata", "fields")}
+        keys = served.keys_for_ids(list(ids))
+        rows = served.fetch(keys.values()) if keys else {}
+        return [{name: rows[keys[i]][name] for name in ("id", "text", "metadata", "fields")} for i in dict.fromkeys(ids) if i in keys]
+
+    def search_by_vector(self, vector: Sequence[float], k: int = 10, where: Sequence[Condition] | None = None,
+                         nprobe: int | None = None, ef_search: int | None = None) -> list[Hit]:
+        """The top-``k`` documents for a query vector of the index's dimension (scaled to unit length first): dense search."""
+        served, encoder = self._served, self._encoder
+        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if query.shape[1] != encoder.dimension:
+            raise ArgumentError(f"{self.path}: a query vector must have {encoder.dimension} numbers, not {query.shape[1]}")
+        query = query / max(float(np.linalg.norm(query)), 1e-12)
+        return search_texts(encoder, served, [""], k, "dense", where, vectors=query, nprobe=nprobe, efSearch=ef_search)[0]
 
     def info(self) -> dict[str, Any]:
         """The manifest of the version this object serves, with live counts."""
@@ -162,3 +178,9 @@ class Index:
                 raise IndexCorruptError(
                     f"{self.path}: model gives {encoder.dimension}-d vectors but segment {segment.name} holds {segment.vectors.dimension}-d"
                 )
+
+
+def _canonical(model: str) -> str:
+    from .encoder import canonical_model_name  # torch: only once a model is named
+
+    return canonical_model_name(model)

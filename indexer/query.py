@@ -232,13 +232,15 @@ def search_texts(
     mode: str = "dense",
     where: Sequence[Condition] | None = None,
     fusion: str = "score",
+    vectors: np.ndarray | None = None,
     **knobs: int | None,
 ) -> list[list[Hit]]:
     """Top-``k`` hits for each query, best first; all queries embedded in one batch.
 
     ``where`` holds (field, operator, value) filters, checked and typed by
-    ``typed_conditions``; ``knobs`` are FAISS search parameters for this call
-    (``nprobe``, ``efSearch``).
+    ``typed_conditions``; ``vectors`` (unit rows, one per query) are searched
+    instead of embedding the queries; ``knobs`` are FAISS search parameters
+    for this call (``nprobe``, ``efSearch``).
     """
     if k < 1:
         raise ArgumentError(f"k must be at least 1, got {k}")
@@ -254,7 +256,7 @@ def search_texts(
         return [[] for _ in queries]
     depth = max(k, HYBRID_DEPTH) if mode == "hybrid" else k
     if mode != "keyword":
-        dense = snapshot.dense(encoder.encode_texts(queries), depth, allowed, knobs)
+        dense = snapshot.dense(encoder.encode_queries(queries) if vectors is None else vectors, depth, allowed, knobs)
     if mode != "dense":
         keyword = [snapshot.keyword(q, depth, allowed) for q in queries]
     if mode == "dense":

@@ -1,0 +1,107 @@
+"""Which encoder a write or a search uses: ours (``encoder.Encoder``), or someone else's embedding functions.
+
+An index records its encoder in ``settings.model``: a model name or folder
+for ours, ``external:NAME`` for an ``ExternalEncoder`` (for instance a
+LangChain ``Embeddings`` object, see ``integrations.langchain``). An external
+index can only be written and searched with that encoder passed in; our own
+model (and torch) is then never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import ModelError
+from .settings import IndexSettings, embedding_config
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
+
+EXTERNAL_PREFIX = "external:"
+
+
+def is_external(model: str) -> bool:
+    return model.startswith(EXTERNAL_PREFIX)
+
+
+def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Encoder | ExternalEncoder | None" = None):
+    """The encoder ``settings`` describe: ``reuse`` if it embeds that way, else our model loaded from them.
+
+    An index made with an external encoder cannot load one: it must be passed as ``reuse``.
+    """
+    if reuse is not None and reuse.embeds_as(settings):
+        return reuse
+    if is_external(settings.model):
+        given = f"; {reuse.model_name!r} was given" if reuse is not None else ""
+        raise ModelError(f"this index's vectors come from the external encoder {settings.model!r}: "
+                         f"open it with that encoder (e.g. through the LangChain adapter){given}")
+    from .encoder import Encoder  # torch: imported only where our model is loaded
+
+    return Encoder.from_settings(settings, device)
+
+
+class ExternalEncoder:
+    """Vectors from another library's embedding functions, in the place of our model.
+
+    ``embed_documents`` (a list of texts -> a list of vectors) embeds what is
+    written, ``embed_query`` (a text -> a vector) what is searched for, as
+    LangChain's ``Embeddings`` define them. ``name`` identifies the encoder in
+    the manifest (``external:NAME``); ``config`` is whatever else decides its
+    vectors (a model name, a size): both go into the fingerprint, so the
+    embedding cache, the reuse check and the unchanged-content check tell two
+    encoders apart. Vectors are L2-normalised, as ours are, so search is by
+    cosine. Texts are handed over whole: the encoder truncates as it does.
+    """
+
+    pooling = "external"
+    precision = "fp32"
+    max_length = None
+
+    def __init__(self, embed_documents: Callable[[list[str]], Sequence[Sequence[float]]],
+                 embed_query: Callable[[str], Sequence[float]], *, name: str, config: Any = None):
+        self._embed_documents, self._embed_query = embed_documents, embed_query
+        self.model_name = EXTERNAL_PREFIX + name
+        self.config = config
+        self.dimension = len(embed_query("dimension"))
+        identity = {"name": name, "config": config, "dimension": self.dimension}
+        self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()
+
+    @property
+    def embedding_config(self) -> str:
+        return embedding_config(self.fingerprint, self.pooling, 0, self.precision)
+
+    def embeds_as(self, settings: IndexSettings) -> bool:
+        return settings.model == self.model_name
+
+    def tokenize(self, texts: Sequence[str]) -> list[str]:
+        """The pipeline's tokenising step: nothing to do, the encoder takes texts."""
+        return list(texts)
+
+    def embed_tokens(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        return self.encode_texts(texts)
+
+    def encode_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Unit vectors of documents' texts."""
+        return self._unit([] if not len(texts) else self._embed_documents(list(texts)), len(texts))
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        """Unit vectors of questions."""
+        return self._unit([self._embed_query(q) for q in queries], len(queries))
+
+    def spare_a_core(self) -> None:
+        return None
+
+    @staticmethod
+    def restore_threads(threads: None) -> None:
+        return None
+
+    def _unit(self, vectors: Sequence[Sequence[float]], count: int) -> np.ndarray:
+        matrix = np.asarray(vectors, dtype=np.float32).reshape(count, -1) if count else np.empty((0, self.dimension), np.float32)
+        if matrix.shape != (count, self.dimension):
+            raise ModelError(f"{self.model_name} gave vectors of shape {matrix.shape}, expected {(count, self.dimension)}")
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        return matrix / np.where(norms > 0, norms, 1)

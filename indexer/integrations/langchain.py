@@ -1,0 +1,182 @@
+"""A LangChain ``VectorStore`` over an indexer index (extra ``[langchain]``: langchain-core only).
+
+    from indexer.integrations.langchain import IndexerVectorStore
+
+    store = IndexerVectorStore("indexes/notes")          # the index's own model embeds
+    store.add_texts(["Rivers carve valleys."], metadatas=[{"topic": "geology"}], ids=["n1"])
+    store.similarity_search("how are valleys made", k=4, filter={"topic": "geology"})
+    store.as_retriever(search_kwargs={"k": 4, "mode": "hybrid"})
+
+Every call goes to the index on disk (writes as upserts and deletes, each a
+new version; searches on the current version): the store holds no copy of
+the documents. Given a LangChain ``Embeddings`` object, the index stores and
+searches that object's vectors instead of running our model (see
+``indexer.external``); an index is made with one or the other for good.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
+from langchain_core.vectorstores import VectorStore
+
+from .. import layout
+from ..build import build_index
+from ..edit import delete_documents, upsert_documents
+from ..errors import ArgumentError, IndexNotFoundError
+from ..external import ExternalEncoder, load_encoder
+from ..index import Index
+from ..query import Condition, Hit
+from ..settings import IndexSettings
+from ..sources import DocumentSource
+
+# LangChain's filter operators (as Chroma and PGVector spell them) and ours (``--where``).
+OPERATORS = {"$eq": "=", "$ne": "!=", "$lt": "<", "$lte": "<=", "$gt": ">", "$gte": ">=", "$in": "in"}
+
+
+def conditions(filter: dict[str, Any] | None) -> list[Condition] | None:
+    """``{"topic": "geology", "year": {"$gte": 2020}}`` as our ``where`` conditions (all must hold)."""
+    if not filter:
+        return None
+    found: list[Condition] = []
+    for name, value in filter.items():
+        if isinstance(value, dict):
+            for operator, operand in value.items():
+                if operator not in OPERATORS:
+                    raise ArgumentError(f"filter on {name!r}: unknown operator {operator!r}; use one of {', '.join(OPERATORS)}")
+                found.append((name, OPERATORS[operator], operand))
+        else:
+            found.append((name, "=", value))
+    return found
+
+
+def external_encoder(embedding: Embeddings, name: str | None = None) -> ExternalEncoder:
+    """An ``ExternalEncoder`` for a LangChain ``Embeddings``: named by its class, its settings in the fingerprint."""
+    kind = type(embedding)
+    try:
+        config = embedding.model_dump(exclude_none=True)  # pydantic models: the model name, size, ...
+    except Exception:  # not a pydantic model: its class alone names it
+        config = None
+    return ExternalEncoder(embedding.embed_documents, embedding.embed_query,
+                           name=name or f"{kind.__module__}.{kind.__qualname__}", config=config)
+
+
+class IndexerVectorStore(VectorStore):
+    """LangChain's ``VectorStore`` interface over the index at ``index`` (created by the first ``add_texts``).
+
+    ``embedding``: a LangChain ``Embeddings`` whose vectors the index holds
+    (it is called once here to learn its dimension); without it the index's
+    own model embeds (``settings`` for a new index, default all-MiniLM-L6-v2).
+    Search keyword arguments: ``k``, ``filter`` (a dict, see ``conditions``),
+    ``mode`` ("dense", "keyword", "hybrid") and ``fusion``.
+    """
+
+    def __init__(self, index: str | Path, embedding: Embeddings | None = None, *, settings: IndexSettings | None = None,
+                 device: str | None = None, embedding_name: str | None = None):
+        self.path = layout.index_path(index)
+        self.settings = settings or IndexSettings()
+        self.device = device
+        self._embedding = embedding
+        self._encoder = external_encoder(embedding, embedding_name) if embedding is not None else None
+        if self._encoder is not None:
+            self.settings = replace(self.settings, model=self._encoder.model_name)
+        self._index: Index | None = None
+
+    @property
+    def embeddings(self) -> Embeddings | None:
+        return self._embedding
+
+    # Writing ---------------------------------------------------------------------------------------
+
+    def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *, ids: list[str | None] | None = None,
+                  **kwargs: Any) -> list[str]:
+        """Upsert ``texts`` under ``ids`` (made up where missing); returns the ids."""
+        texts = list(texts)
+        ids = [i if i else uuid.uuid4().hex for i in (ids or [None] * len(texts))]
+        metadatas = metadatas or [{}] * len(texts)
+        if not (len(ids) == len(metadatas) == len(texts)):
+            raise ArgumentError(f"{len(texts)} texts, {len(metadatas)} metadatas and {len(ids)} ids: give one of each per text")
+        if not texts:
+            return []
+        records = [{"id": str(i), "text": t, "metadata": dict(m or {})} for i, t, m in zip(ids, texts, metadatas)]
+        source = DocumentSource.from_records(records, name="langchain documents", max_document_bytes=self.settings.max_document_bytes)
+        index = self._searcher()
+        if index is None:
+            self._encoder = load_encoder(self.settings, self.device, reuse=self._encoder)
+            build_index(source, self.path, self.settings, device=self.device, encoder=self._encoder)
+        else:
+            upsert_documents(self.path, source, device=self.device, encoder=index.encoder)
+        return [str(i) for i in ids]
+
+    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
+        """Delete the documents with these ids (ids not in the index are ignored)."""
+        if ids is None:
+            raise ArgumentError("give the ids of the documents to delete")
+        if ids and self._searcher() is not None:
+            delete_documents(self.path, list(ids), missing_ok=True)
+        return True
+
+    # Reading ---------------------------------------------------------------------------------------
+
+    def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
+        index = self._searcher()
+        return [_document(d["id"], d["text"], d["metadata"]) for d in index.get_documents(ids)] if index else []
+
+    def similarity_search(self, query: str, k: int = 4, filter: dict[str, Any] | None = None, **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter, **kwargs)]
+
+    def similarity_search_with_score(self, query: str, k: int = 4, filter: dict[str, Any] | None = None, *,
+                                     mode: str = "dense", fusion: str = "score", **kwargs: Any) -> list[tuple[Document, float]]:
+        """Documents with their scores: cosine in dense mode, BM25 in keyword mode, the fused score in hybrid."""
+        index = self._searcher()
+        hits = index.search(query, k=k, mode=mode, where=conditions(filter), fusion=fusion) if index else []
+        return _scored(hits)
+
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, filter: dict[str, Any] | None = None,
+                                    **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score_by_vector(embedding, k, filter)]
+
+    def similarity_search_with_score_by_vector(self, embedding: list[float], k: int = 4,
+                                               filter: dict[str, Any] | None = None) -> list[tuple[Document, float]]:
+        index = self._searcher()
+        return _scored(index.search_by_vector(embedding, k=k, where=conditions(filter)) if index else [])
+
+    def _select_relevance_score_fn(self) -> Callable[[float], float]:
+        return lambda cosine: (1.0 + cosine) / 2.0  # dense scores are cosines, in [-1, 1]
+
+    @classmethod
+    def from_texts(cls, texts: list[str], embedding: Embeddings | None = None, metadatas: list[dict] | None = None, *,
+                   ids: list[str] | None = None, index: str | Path | None = None, **kwargs: Any) -> "IndexerVectorStore":
+        """A store over ``index`` (required) holding ``texts``."""
+        if index is None:
+            raise ArgumentError("IndexerVectorStore.from_texts needs index=PATH")
+        store = cls(index, embedding, **kwargs)
+        store.add_texts(texts, metadatas, ids=ids)
+        return store
+
+    def _searcher(self) -> Index | None:
+        """The index, opened once (with the encoder already loaded) and on its newest version; None while there is none."""
+        if self._index is None:
+            if layout.read_pointer(self.path) is None:
+                return None
+            try:
+                self._index = Index(self.path, device=self.device, encoder=self._encoder)
+            except IndexNotFoundError:
+                return None
+            self._encoder = self._index.encoder
+        else:
+            self._index.refresh()
+        return self._index
+
+
+def _document(doc_id: str, text: str, metadata: dict[str, Any]) -> Document:
+    return Document(id=doc_id, page_content=text, metadata=metadata)
+
+
+def _scored(hits: list[Hit]) -> list[tuple[Document, float]]:
+    return [(_document(hit.id, hit.text, hit.metadata), hit.score) for hit in hits]
