@@ -114,6 +114,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+IndexArgument = Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")]
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hugging Face model name or local folder.")]
 PoolingOption = Annotated[Pooling, typer.Option(help="Pooling of token vectors: mean or cls.")]
 MaxLengthOption = Annotated[
@@ -274,7 +275,7 @@ def build(
 @app.command(cls=Command)
 @user_errors
 def rebuild(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     source: Annotated[Optional[Path], typer.Option(help="Read this source instead of the one the index was built from.")] = None,
     device: DeviceOption = None,
     keep: KeepOption = 3,
@@ -304,7 +305,7 @@ def rebuild(
 @app.command(cls=Command)
 @user_errors
 def upsert(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Documents to add, or to replace where the id exists.")],
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
@@ -325,7 +326,7 @@ def upsert(
 @app.command(cls=Command)
 @user_errors
 def delete(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     ids: Annotated[list[str], typer.Argument(metavar="ID", help="Ids of the documents to delete.")],
     missing_ok: Annotated[bool, typer.Option("--missing-ok", help="Skip ids that are not in the index.")] = False,
     keep: KeepOption = 3,
@@ -342,7 +343,7 @@ def delete(
 @app.command(cls=Command)
 @user_errors
 def compact(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     keep: KeepOption = 3,
     wait: WaitOption = 0,
     as_json: JsonOption = False,
@@ -357,7 +358,7 @@ def compact(
 @app.command(cls=Command)
 @user_errors
 def rollback(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     to: Annotated[Optional[str], typer.Option("--to", help="Version to make current (default: the one before).")] = None,
     wait: WaitOption = 0,
     as_json: JsonOption = False,
@@ -375,7 +376,7 @@ def rollback(
 @app.command(cls=Command)
 @user_errors
 def check(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     all_versions: Annotated[bool, typer.Option("--all", help="Check every version on disk, not only the current one.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -397,7 +398,7 @@ def check(
 @app.command(cls=Command)
 @user_errors
 def query(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     questions: Annotated[list[str], typer.Argument(metavar="QUESTION", help="One or more questions.")],
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits per question.")] = 10,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Refuse to run unless the index uses this model.")] = None,
@@ -443,7 +444,7 @@ def query(
 @app.command(cls=Command)
 @user_errors
 def evaluate(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     queries: Annotated[Path, typer.Option(help="Queries: JSONL/CSV with a relevant-id field, or BEIR queries.jsonl.")],
     qrels: Annotated[Optional[Path], typer.Option(help="BEIR qrels TSV (query-id, corpus-id, score).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Cutoff of recall, MRR and nDCG.")] = 10,
@@ -482,7 +483,7 @@ def evaluate(
 @app.command(cls=Command)
 @user_errors
 def serve(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     host: Annotated[str, typer.Option(help="Address to bind; beyond loopback an API key is required.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
@@ -499,7 +500,7 @@ def serve(
 @app.command(cls=Command)
 @user_errors
 def info(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     as_json: JsonOption = False,
 ) -> None:
     """Show an index's manifest, counts and versions."""
@@ -557,7 +558,7 @@ def embed(
 @app.command(cls=Command)
 @user_errors
 def export(
-    index: Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")],
+    index: IndexArgument,
     output: Annotated[Path, typer.Option("--output", "-o", help="Archive to write, FILE.tar.gz.")],
     version: Annotated[Optional[str], typer.Option("--version", help="Version to export (default: the current one).")] = None,
     as_json: JsonOption = False,

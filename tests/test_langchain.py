@@ -104,3 +104,13 @@ def test_external_embeddings_are_recorded_and_required_and_no_torch_is_loaded(tm
     with pytest.raises(ModelError, match="external encoder"):
         IndexerVectorStore(path, DeterministicFakeEmbedding(size=8), embedding_name="other").add_texts(["delta"], ids=["d"])
     assert [d.id for d in store.get_by_ids(["d"])] == []
+
+
+def test_from_texts_builds_the_index_and_needs_a_path(tmp_path):
+    fake = DeterministicFakeEmbedding(size=8)
+    store = IndexerVectorStore.from_texts(["red apple", "green pear"], fake, [{"kind": "apple"}, {"kind": "pear"}],
+                                          ids=["x", "y"], index=tmp_path / "fruit")
+    assert [d.id for d in store.similarity_search("green pear", k=1)] == ["y"]
+    assert store.similarity_search_with_relevance_scores("green pear", k=1)[0][1] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ArgumentError, match="index=PATH"):
+        IndexerVectorStore.from_texts(["a"], fake)
