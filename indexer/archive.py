@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import layout
-from .errors import ArgumentError, IndexCorruptError, IndexNotFoundError
-from .write import BuildReport, existing_index, transaction
+from .errors import ArgumentError, DiskFullError, IndexCorruptError, IndexNotFoundError
+from .write import BuildReport, disk_full, existing_index, transaction
 
 SNAPSHOT = "snapshot.json"
 SNAPSHOT_FORMAT = 1
@@ -87,7 +87,9 @@ def export_index(index: str | Path, output: str | Path, *, version: str | None =
             break
         except FileNotFoundError:
             # Only a writer pruning this version between reading CURRENT and opening its files gets here.
-            if version is not None or attempt == 2:
+            if version is not None:
+                raise IndexNotFoundError(f"{path}: no version {name}; 'indexer info {path}' lists the versions on disk") from None
+            if attempt == 2:
                 raise IndexNotFoundError(f"{path}: version {name} is gone (pruned by a writer while exporting)") from None
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
@@ -104,6 +106,10 @@ def export_index(index: str | Path, output: str | Path, *, version: str | None =
         os.replace(tmp, output)
     except IndexCorruptError as exc:
         raise IndexCorruptError(f"{path}: version {name}: {exc}; nothing exported") from None
+    except OSError as exc:
+        if disk_full(exc, tmp.parent):
+            raise DiskFullError(f"{output}: no space left on device; nothing exported") from None
+        raise ArgumentError(f"{output}: cannot write the archive ({exc.strerror or exc})") from None
     finally:
         for member in members:
             member.file.close()
@@ -116,7 +122,7 @@ def _open_version(path: Path, name: str) -> tuple[layout.Manifest, list[Member]]
     """The manifest of version ``name`` and every file it and its segments hold, opened."""
     folder = layout.version_dir(path, name)
     if not folder.is_dir():
-        raise IndexNotFoundError(f"{path}: no version {name}; 'indexer info {path}' lists them")
+        raise FileNotFoundError(folder)
     members: list[Member] = []
     try:
         manifest_bytes = (folder / layout.MANIFEST).read_bytes()
@@ -184,40 +190,55 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
     With ``as_version``, ``index`` may exist already: the snapshot becomes its
     new current version (its segments take fresh names; older versions stay
     for ``rollback`` as ``keep`` allows). Every member is checked against the
-    archive's checksums before anything is published.
+    archive's checksums, and everything is written to disk (fsynced), before
+    anything is published.
     """
     archive = Path(archive)
     if not archive.is_file():
         raise ArgumentError(f"{archive}: no such file")
     path = layout.index_path(index)
-    if _holds_index(path) and not as_version:
-        raise ArgumentError(f"{path}: an index is there already; pass --as-version to publish the snapshot as its new version")
+    if path.exists() and not path.is_dir():
+        raise ArgumentError(f"{path}: not a folder")
+    if path.is_dir() and not _holds_index(path) and any(path.iterdir()):
+        # A failed first write removes the folder it created: never one that holds something else.
+        raise ArgumentError(f"{path}: a folder that is neither empty nor an index; import into a new or empty folder")
     path.mkdir(parents=True, exist_ok=True)
     with transaction(path, "import", wait) as txn:
-        existing = layout.read_pointer(path) is not None or bool(layout.list_versions(path))
+        existing = _holds_index(path)
+        if existing and not as_version:
+            raise ArgumentError(f"{path}: an index is there already; pass --as-version to publish the snapshot as its new version")
         staging = layout.new_staging(path)
-        snapshot = _extract(archive, staging)
+        try:
+            snapshot = _extract(archive, staging)
+        except OSError as exc:
+            if disk_full(exc, path):
+                raise
+            raise ArgumentError(f"{archive}: cannot be unpacked into {path} ({exc.strerror or exc}); nothing imported") from None
         source_version = snapshot["version"]
         folder = staging / layout.VERSIONS / source_version
         manifest = layout.read_manifest(folder)
         segments = sorted(p.name for p in (staging / layout.SEGMENTS).iterdir()) if (staging / layout.SEGMENTS).is_dir() else []
-        if sorted(manifest.segments) != segments or manifest.version != source_version:
+        if manifest.legacy or not segments or sorted(manifest.segments) != segments or manifest.version != source_version:
             raise IndexCorruptError(f"{archive}: its manifest does not list the segments it holds; nothing imported")
         # Every file was checked against snapshot.json; these say that what the index records agrees with it.
         problems = _disagreeing(snapshot, f"{layout.VERSIONS}/{source_version}", manifest.files, [layout.DELETED])
+        metas = {name: layout.read_segment_meta(staging / layout.SEGMENTS / name) for name in manifest.segments}
+        for name, meta in metas.items():
+            problems += layout.segment_problems(staging / layout.SEGMENTS / name, meta, checksums=False)
+            problems += _disagreeing(snapshot, f"{layout.SEGMENTS}/{name}", meta.files, [])
+        if problems:
+            raise IndexCorruptError(f"{archive}: {problems[0]}; nothing imported")
         # Into an existing index the segments come under fresh names (it may have segments of the same names).
         renamed = {name: txn.allocate() if existing else name for name in manifest.segments}
+        (path / layout.SEGMENTS).mkdir(exist_ok=True)
         for old, new in renamed.items():
-            where = staging / layout.SEGMENTS / old
-            meta = layout.read_segment_meta(where)
-            problems += layout.segment_problems(where, meta, checksums=False)
-            problems += _disagreeing(snapshot, f"{layout.SEGMENTS}/{old}", meta.files, [])
-            if problems:
-                raise IndexCorruptError(f"{archive}: {problems[0]}; nothing imported")
+            where, meta = staging / layout.SEGMENTS / old, metas[old]
             meta.name = new
             (where / layout.SEGMENT_META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
-            (path / layout.SEGMENTS).mkdir(exist_ok=True)
+            layout.fsync_file(where / layout.SEGMENT_META)
+            layout.fsync_dir(where)
             os.rename(where, layout.segment_dir(path, new))
+        layout.fsync_dir(path / layout.SEGMENTS)
         manifest.segments = [renamed[name] for name in manifest.segments]
         report = BuildReport(index=str(path), version="", documents=manifest.count)
         if existing:
@@ -225,8 +246,10 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
             os.replace(folder / layout.DELETED, version_staging / layout.DELETED)
             report.version = layout.publish(path, version_staging, manifest)
         else:  # a new index keeps the version's name
+            layout.fsync_dir(folder)
             (path / layout.VERSIONS).mkdir(exist_ok=True)
             os.rename(folder, layout.version_dir(path, source_version))
+            layout.fsync_dir(path / layout.VERSIONS)
             layout.point_to(path, source_version)
             report.version = source_version
         txn.tidy(keep, report)
@@ -262,6 +285,8 @@ def _extract(archive: Path, staging: Path) -> dict[str, Any]:
                     continue
                 if member.name not in expected or member.name in seen or not member.isfile():
                     raise refuse(f"unexpected member {member.name!r}")
+                if member.size != expected[member.name]["size"]:
+                    raise refuse(f"{member.name} does not have the size snapshot.json gives")
                 target = staging / member.name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 digest, size, source = hashlib.sha256(), 0, tar.extractfile(member)
@@ -270,6 +295,8 @@ def _extract(archive: Path, staging: Path) -> dict[str, Any]:
                         digest.update(block)
                         size += len(block)
                         out.write(block)
+                    out.flush()
+                    os.fsync(out.fileno())
                 if digest.hexdigest() != expected[member.name]["sha256"] or size != expected[member.name]["size"]:
                     raise refuse(f"{member.name} does not match its checksum")
                 seen.add(member.name)

@@ -53,6 +53,7 @@ def build_index(
     progress: bool = False,
     ray: RayOptions | None = None,
     encoder: Encoder | ExternalEncoder | None = None,
+    only_if_new: bool = False,
 ) -> BuildReport:
     """Embed every document of ``source`` and publish it as a new version of ``index``.
 
@@ -65,13 +66,15 @@ def build_index(
     a ``DocumentSource`` (records in memory; no source is recorded for
     rebuilds then). ``encoder`` is used instead of loading the model; an
     ``ExternalEncoder`` makes the index one of its vectors (``settings.model``
-    becomes its ``external:NAME``).
+    becomes its ``external:NAME``). With ``only_if_new``, an index that has a
+    version already is left alone (decided under the writer lock; the report
+    says ``published`` False).
     """
     settings = replace(settings or IndexSettings())
     if encoder is not None and is_external(encoder.model_name):
         settings.model = encoder.model_name
     return _build(layout.index_path(index), source, settings, device=device, keep=keep, wait=wait, if_changed=if_changed,
-                  progress=progress, action="build", encoder=encoder, ray=ray)
+                  progress=progress, action="build", encoder=encoder, ray=ray, only_if_new=only_if_new)
 
 
 def rebuild_index(
@@ -105,7 +108,7 @@ def rebuild_index(
 
 
 def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, if_changed, progress, action,
-           encoder=None, ray=None, prune_upserts=False) -> BuildReport:
+           encoder=None, ray=None, prune_upserts=False, only_if_new=False) -> BuildReport:
     started = time.monotonic()
     documents = source if isinstance(source, DocumentSource) else DocumentSource(
         source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
@@ -113,6 +116,8 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         # A rebuild carries upserted documents over, so it must read them, unless told to drop them.
         current = txn.open_current(repairable=action == "build" or prune_upserts,
                                    hint="; or 'indexer rebuild INDEX --prune-upserts' publishes the source alone")
+        if only_if_new and current is not None:
+            return BuildReport(str(path), current.version, len(current), published=False, warnings=txn.warnings)
         encoder = load_encoder(settings, device, reuse=encoder)
         if ray is not None and is_external(encoder.model_name):
             raise ArgumentError(f"{encoder.model_name} runs in this process only; build it without --engine ray")

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 from . import layout
 from .cache import EmbeddingCache
 from .compact import after_write
-from .errors import ArgumentError, ModelError, SourceError
-from .external import load_encoder
+from .errors import ArgumentError, SourceError
+from .external import check_encoder, load_encoder
 from .ingest import CachedEncoder, ingest
 from .segments import segment_structure
 from .sources import Document, DocumentSource
@@ -60,11 +60,7 @@ def upsert_documents(
             documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields,
                                        max_document_bytes=settings.max_document_bytes)
         encoder = load_encoder(settings, device, reuse=encoder)
-        if manifest.model_fingerprint and encoder.fingerprint != manifest.model_fingerprint:
-            raise ModelError(
-                f"{path}: the weights of {settings.model!r} changed since this index was built; "
-                "run rebuild so every vector comes from the same model"
-            )
+        check_encoder(encoder, manifest.model_fingerprint, path)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding_config)

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -511,21 +512,24 @@ class _Graphed:
         self.embed = embed
         self.graphs: dict[tuple[int, ...], tuple | None] = {}
         self.pool = None
+        # A graph's input and output buffers are shared: one thread at a time fills, replays and copies them out.
+        self.lock = threading.Lock()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         shape = tuple(input_ids.shape)
         if shape[0] > QUERY_TEXTS:
             return self.embed(input_ids, attention_mask)
-        if shape not in self.graphs and len(self.graphs) < GRAPH_MAX_SHAPES:
-            self.graphs[shape] = self._capture(input_ids, attention_mask)
-        graph = self.graphs.get(shape)
-        if graph is None:
-            return self.embed(input_ids, attention_mask)
-        replay, ids, mask, out = graph
-        ids.copy_(input_ids)
-        mask.copy_(attention_mask)
-        replay.replay()
-        return out.clone()
+        with self.lock:
+            if shape not in self.graphs and len(self.graphs) < GRAPH_MAX_SHAPES:
+                self.graphs[shape] = self._capture(input_ids, attention_mask)
+            graph = self.graphs.get(shape)
+            if graph is None:
+                return self.embed(input_ids, attention_mask)
+            replay, ids, mask, out = graph
+            ids.copy_(input_ids)
+            mask.copy_(attention_mask)
+            replay.replay()
+            return out.clone()
 
     def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         expected = self.embed(input_ids, attention_mask)
@@ -687,6 +691,7 @@ CHOICES_FILE = "indexer/forwards.json"
 
 
 def _choices_path() -> Path:
+    """Where choices are remembered; raises OSError or RuntimeError where there is no home folder."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / CHOICES_FILE
 
 
@@ -701,8 +706,10 @@ def _machine_key(path: str, stamp: tuple | None) -> str:
 
 
 def _remembered(key: str) -> tuple[str, int] | None:
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        choice = json.loads(_choices_path().read_text()).get(key)
+    """The choice remembered for ``key``; None if there is none or the file is unreadable or not ours."""
+    with contextlib.suppress(OSError, RuntimeError, ValueError, TypeError):
+        choices = json.loads(_choices_path().read_text())
+        choice = choices.get(key) if isinstance(choices, dict) else None
         if isinstance(choice, list) and len(choice) == 2 and choice[0] in ("eager", "traced", "packed") and int(choice[1]) >= 1:
             return choice[0], int(choice[1])
     return None
@@ -710,8 +717,8 @@ def _remembered(key: str) -> tuple[str, int] | None:
 
 def _remember(key: str, choice: tuple[str, int]) -> None:
     """Add ``choice`` to the choices file (rewritten whole, atomically); a file that cannot be written is skipped."""
-    path = _choices_path()
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        path = _choices_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             choices = json.loads(path.read_text())
@@ -733,11 +740,13 @@ def _timed(run) -> float:
 
 @contextlib.contextmanager
 def _thread_count(threads: int, restore: int):
+    """Run on ``threads`` torch threads, then go back to ``restore`` unless another thread changed the count meanwhile."""
     torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(restore)
+        if torch.get_num_threads() == threads:  # the count is process-wide: never undo another thread's change
+            torch.set_num_threads(restore)
 
 
 def _fastest_threads(run) -> int:

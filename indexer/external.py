@@ -44,6 +44,17 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Enc
     return Encoder.from_settings(settings, device)
 
 
+def check_encoder(encoder: "Encoder | ExternalEncoder", fingerprint: str, where: object) -> None:
+    """Raise ModelError unless ``encoder`` makes the vectors whose ``fingerprint`` an index's manifest records."""
+    if not fingerprint or encoder.fingerprint == fingerprint:
+        return
+    if is_external(encoder.model_name):
+        raise ModelError(f"{where}: made with another configuration of {encoder.model_name} (its settings or dimension "
+                         "differ); pass the encoder the index was made with")
+    raise ModelError(f"{where}: the weights of {encoder.model_name!r} changed since this index was built; "
+                     "run rebuild so every vector comes from the same model")
+
+
 class ExternalEncoder:
     """Vectors from another library's embedding functions, in the place of our model.
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import layout
 from .errors import ArgumentError, IndexCorruptError, ModelError
-from .external import load_encoder
+from .external import check_encoder, is_external, load_encoder
 from .query import Condition, Hit, search_texts
 from .settings import IndexSettings
 from .snapshot import Snapshot
@@ -64,6 +64,8 @@ class Index:
                 "queries must use the index's own model (leave out --model)"
             )
         self._encoder = load_encoder(settings, device, reuse=encoder)
+        if is_external(settings.model):  # ours would need its weights hashed: a query process never pays for that
+            check_encoder(self._encoder, self._served.manifest.model_fingerprint, self.path)
         self._check_dimension(self._served, self._encoder)
         self._refresh_lock = threading.Lock()
 
@@ -129,6 +131,8 @@ class Index:
             loaded = {segment.meta.uid: segment for segment in self._served.segments}
             served = Snapshot.open(self.path, loaded=loaded)
             encoder = load_encoder(served.manifest.settings, self.device, reuse=self._encoder)
+            if is_external(encoder.model_name):
+                check_encoder(encoder, served.manifest.model_fingerprint, self.path)
             self._check_dimension(served, encoder)
             # The old version's own segments are left to the garbage collector: searches may still be reading them.
             self._served, self._encoder = served, encoder

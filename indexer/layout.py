@@ -280,12 +280,12 @@ def seal_segment(path: Path, staging: Path, meta: SegmentMeta) -> Path:
     meta.uid = uuid.uuid4().hex
     (staging / SEGMENT_META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
     for item in staging.iterdir():
-        _fsync_file(item)
-    _fsync_dir(staging)
+        fsync_file(item)
+    fsync_dir(staging)
     (path / SEGMENTS).mkdir(exist_ok=True)
     target = segment_dir(path, meta.name)
     os.rename(staging, target)
-    _fsync_dir(path / SEGMENTS)
+    fsync_dir(path / SEGMENTS)
     return target
 
 
@@ -374,11 +374,11 @@ def publish(path: Path, staging: Path, manifest: Manifest) -> str:
     manifest.files = {p.name: file_checksum(p) for p in sorted(staging.iterdir()) if p.is_file()}
     (staging / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n")
     for item in staging.iterdir():
-        _fsync_file(item)
-    _fsync_dir(staging)
+        fsync_file(item)
+    fsync_dir(staging)
     (path / VERSIONS).mkdir(exist_ok=True)
     os.rename(staging, version_dir(path, version))
-    _fsync_dir(path / VERSIONS)
+    fsync_dir(path / VERSIONS)
     point_to(path, version)
     return version
 
@@ -387,9 +387,9 @@ def point_to(path: Path, version: str) -> None:
     """Make ``version`` the current one: write a new pointer, then rename it over the old."""
     pointer_tmp = path / f"{POINTER}.{os.getpid()}.tmp"
     pointer_tmp.write_text(version + "\n")
-    _fsync_file(pointer_tmp)
+    fsync_file(pointer_tmp)
     os.replace(pointer_tmp, path / POINTER)
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 def prune(path: Path, keep: int) -> list[str]:
@@ -453,7 +453,7 @@ def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -461,7 +461,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

@@ -140,3 +140,17 @@ def test_truncated_or_damaged_archives_are_refused_and_nothing_is_published(segm
         out.addfile(evil, io.BytesIO(b"evil"))
     assert "unexpected member" in refused_import(escaping, tmp_path / "escaping")
     assert not (tmp_path / "evil.txt").exists()
+
+
+def test_import_refuses_a_folder_that_holds_something_else(segmented, tmp_path):
+    archive = tmp_path / "backup.tar.gz"
+    run_cli("export", str(segmented), "-o", str(archive))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    result = run_cli("import", str(archive), "--index", str(busy), check=False)
+    assert result.returncode == EXIT_CODES[ArgumentError] and "neither empty nor an index" in result.stderr
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    missing_folder = run_cli("export", str(segmented), "-o", str(tmp_path / "nowhere" / "x.tar.gz"), check=False)
+    assert missing_folder.returncode == EXIT_CODES[ArgumentError] and "cannot write the archive" in missing_folder.stderr
+    assert "Traceback" not in missing_folder.stderr

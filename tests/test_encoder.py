@@ -206,12 +206,12 @@ def test_later_processes_use_the_remembered_choice(tiny_model, tmp_path):
 def test_query_threads_are_the_count_that_measured_fastest(monkeypatch):
     from indexer import encoder as module
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    counts = []
+    counts = [2]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: counts[-1])
     monkeypatch.setattr(torch, "set_num_threads", counts.append)
     # On one thread this "query" takes 1 ms, on two 10 ms: one thread is chosen, and the count is restored.
     assert module._fastest_threads(lambda: time.sleep(0.001 if counts[-1] == 1 else 0.01)) == 1
-    assert counts == [1, 2, 2, 2]
+    assert counts == [2, 1, 2, 2, 2]
 
 
 def test_batch_budget_doubles_while_throughput_improves_then_keeps_the_best():

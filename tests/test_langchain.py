@@ -104,6 +104,8 @@ def test_external_embeddings_are_recorded_and_required_and_no_torch_is_loaded(tm
     with pytest.raises(ModelError, match="external encoder"):
         IndexerVectorStore(path, DeterministicFakeEmbedding(size=8), embedding_name="other").add_texts(["delta"], ids=["d"])
     assert [d.id for d in store.get_by_ids(["d"])] == []
+    with pytest.raises(ModelError, match="another configuration"):  # same class, another size: another fingerprint
+        IndexerVectorStore(path, DeterministicFakeEmbedding(size=4)).similarity_search("alpha")
 
 
 def test_from_texts_builds_the_index_and_needs_a_path(tmp_path):

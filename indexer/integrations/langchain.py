@@ -35,6 +35,9 @@ from ..query import Condition, Hit
 from ..settings import IndexSettings
 from ..sources import DocumentSource
 
+# Settings of LangChain's Embeddings classes that decide which vectors come out (OpenAI, Hugging Face, Ollama, the fakes...).
+IDENTITY_FIELDS = ("model", "model_name", "model_id", "repo_id", "deployment", "dimensions", "size",
+                   "query_instruction", "embed_instruction")
 # LangChain's filter operators (as Chroma and PGVector spell them) and ours (``--where``).
 OPERATORS = {"$eq": "=", "$ne": "!=", "$lt": "<", "$lte": "<=", "$gt": ">", "$gte": ">=", "$in": "in"}
 
@@ -56,12 +59,14 @@ def conditions(filter: dict[str, Any] | None) -> list[Condition] | None:
 
 
 def external_encoder(embedding: Embeddings, name: str | None = None) -> ExternalEncoder:
-    """An ``ExternalEncoder`` for a LangChain ``Embeddings``: named by its class, its settings in the fingerprint."""
+    """An ``ExternalEncoder`` for a LangChain ``Embeddings``: named by its class, the settings that pick its model in the fingerprint.
+
+    Only ``IDENTITY_FIELDS`` count: a device, a cache folder, a retry count or
+    a client object change no vector and must not make an index unusable.
+    """
     kind = type(embedding)
-    try:
-        config = embedding.model_dump(exclude_none=True)  # pydantic models: the model name, size, ...
-    except Exception:  # not a pydantic model: its class alone names it
-        config = None
+    fields = getattr(embedding, "__dict__", {})
+    config = {key: fields[key] for key in IDENTITY_FIELDS if fields.get(key) is not None}
     return ExternalEncoder(embedding.embed_documents, embedding.embed_query,
                            name=name or f"{kind.__module__}.{kind.__qualname__}", config=config)
 
@@ -105,12 +110,12 @@ class IndexerVectorStore(VectorStore):
             return []
         records = [{"id": str(i), "text": t, "metadata": dict(m or {})} for i, t, m in zip(ids, texts, metadatas)]
         source = DocumentSource.from_records(records, name="langchain documents", max_document_bytes=self.settings.max_document_bytes)
-        index = self._searcher()
-        if index is None:
+        if self._searcher() is None:
             self._encoder = load_encoder(self.settings, self.device, reuse=self._encoder)
-            build_index(source, self.path, self.settings, device=self.device, encoder=self._encoder)
-        else:
-            upsert_documents(self.path, source, device=self.device, encoder=index.encoder)
+            # Another process may create the index meanwhile: then these documents go in as an upsert after all.
+            if build_index(source, self.path, self.settings, device=self.device, encoder=self._encoder, only_if_new=True).published:
+                return [str(i) for i in ids]
+        upsert_documents(self.path, source, device=self.device, encoder=self._searcher().encoder)
         return [str(i) for i in ids]
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
