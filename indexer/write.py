@@ -324,12 +324,15 @@ def transaction(path: Path, action: str, wait: float) -> Iterator[Transaction]:
     """Hold the writer lock for one write; clean up whatever is not published.
 
     A new index whose first write fails is removed again (only if no version
-    was published: decided under the lock). Running out of disk space
+    was published: decided under the lock; and only a folder that was
+    missing or empty before). Running out of disk space
     anywhere in the write becomes one DiskFullError.
     """
+    # Only a folder this write creates (or found empty) is removed again: never one that holds anything else.
+    found_empty = not path.exists() or (path.is_dir() and not any(path.iterdir()))
     try:
         with layout.writer_lock(path, wait, action):
-            created = layout.read_pointer(path) is None and not layout.list_versions(path)
+            created = found_empty and layout.read_pointer(path) is None and not layout.list_versions(path)
             txn = Transaction(path, action)
             try:
                 yield txn

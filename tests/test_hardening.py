@@ -237,6 +237,16 @@ def test_current_pointing_at_a_missing_version_is_recoverable(tmp_path, tiny_mod
     assert check_index(path, all_versions=True)["problems"] == []
 
 
+def test_a_failed_first_build_leaves_a_folder_it_did_not_create(tmp_path, tiny_model):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "fine"}\nnot json\n')
+    result = run_cli("build", str(tmp_path / "bad.jsonl"), "--index", str(folder), "--model", str(tiny_model), check=False)
+    assert result.returncode == 3 and "bad.jsonl:2" in result.stderr
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
 def test_writes_never_create_a_missing_index(tmp_path):
     missing = tmp_path / "nothing"
     for command in (["delete", str(missing), "a"], ["rollback", str(missing)], ["upsert", str(missing), "x.jsonl"]):
