@@ -23,7 +23,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check indexer tests benchmarks
 
-# The whole suite: about 30 minutes on an idle 2-core machine (make test prints the slowest tests).
+# The whole suite: 17 to 33 minutes on an idle 2-core machine, by CPU (make test prints the slowest tests).
 test: lint
 	$(BIN)/python -m pytest -q --durations=15
 
