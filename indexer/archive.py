@@ -98,11 +98,9 @@ def export_index(index: str | Path, output: str | Path, *, version: str | None =
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "documents": manifest.count,
                     "files": files}
         with tarfile.open(tmp, "w:gz", compresslevel=COMPRESS_LEVEL, format=tarfile.PAX_FORMAT) as tar:
-            _add(tar, SNAPSHOT, io.BytesIO(json.dumps(snapshot, indent=2).encode()), None, None)
-            for member in members:
-                _add(tar, member.name, member.file, member.size, member.sha256)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            for member in [_in_memory(SNAPSHOT, json.dumps(snapshot, indent=2).encode()), *members]:
+                _add(tar, member)
+        layout.fsync_file(tmp)
         os.replace(tmp, output)
     except IndexCorruptError as exc:
         raise IndexCorruptError(f"{path}: version {name}: {exc}; nothing exported") from None
@@ -171,16 +169,14 @@ class _Hashing(io.RawIOBase):
         return len(data)
 
 
-def _add(tar: tarfile.TarFile, name: str, file: IO[bytes], size: int | None, sha256: str | None) -> None:
-    """Add ``file`` as ``name``; with ``sha256``, fail unless the bytes written have it."""
-    if size is None:
-        size = len(file.getbuffer())  # an in-memory file
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, int(time.time()), 0o644
-    reader = _Hashing(file)
+def _add(tar: tarfile.TarFile, member: Member) -> None:
+    """Add ``member``, failing unless the bytes written have its checksum."""
+    info = tarfile.TarInfo(member.name)
+    info.size, info.mtime, info.mode = member.size, int(time.time()), 0o644
+    reader = _Hashing(member.file)
     tar.addfile(info, reader)
-    if sha256 is not None and reader.digest.hexdigest() != sha256:
-        raise IndexCorruptError(f"{name} does not match its checksum")
+    if reader.digest.hexdigest() != member.sha256:
+        raise IndexCorruptError(f"{member.name} does not match its checksum")
 
 
 def import_index(archive: str | Path, index: str | Path, *, as_version: bool = False, wait: float = 0.0,
@@ -199,12 +195,12 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
     path = layout.index_path(index)
     if path.exists() and not path.is_dir():
         raise ArgumentError(f"{path}: not a folder")
-    if path.is_dir() and not _holds_index(path) and any(path.iterdir()):
+    if path.is_dir() and not layout.holds_index(path) and any(path.iterdir()):
         # A failed first write removes the folder it created: never one that holds something else.
         raise ArgumentError(f"{path}: a folder that is neither empty nor an index; import into a new or empty folder")
     path.mkdir(parents=True, exist_ok=True)
     with transaction(path, "import", wait) as txn:
-        existing = _holds_index(path)
+        existing = layout.holds_index(path)
         if existing and not as_version:
             raise ArgumentError(f"{path}: an index is there already; pass --as-version to publish the snapshot as its new version")
         staging = layout.new_staging(path)
@@ -261,10 +257,6 @@ def _disagreeing(snapshot: dict[str, Any], folder: str, recorded: dict[str, str]
     files = snapshot["files"]
     return [f"{folder}/{name} does not match its recorded checksum" for name in sorted({*recorded, *required})
             if name not in recorded or files.get(f"{folder}/{name}", {}).get("sha256") != recorded[name]]
-
-
-def _holds_index(path: Path) -> bool:
-    return layout.read_pointer(path) is not None or bool(layout.list_versions(path))
 
 
 def _extract(archive: Path, staging: Path) -> dict[str, Any]:

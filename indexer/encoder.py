@@ -197,10 +197,8 @@ class Encoder:
         self._embed = _Graphed(self._unit_vectors) if self.device.type == "cuda" else self._unit_vectors
 
     @classmethod
-    def from_settings(cls, settings: IndexSettings, device: str | None = None, reuse: "Encoder | None" = None) -> "Encoder":
-        """The encoder an index's settings describe: ``reuse`` if it already embeds that way, else a new one."""
-        if reuse is not None and reuse.embeds_as(settings):
-            return reuse
+    def from_settings(cls, settings: IndexSettings, device: str | None = None) -> "Encoder":
+        """A new encoder as an index's settings describe (``external.load_encoder`` reuses a loaded one first)."""
         return cls(
             settings.model,
             settings.pooling,

@@ -64,9 +64,7 @@ class Index:
                 "queries must use the index's own model (leave out --model)"
             )
         self._encoder = load_encoder(settings, device, reuse=encoder)
-        if is_external(settings.model):  # ours would need its weights hashed: a query process never pays for that
-            check_encoder(self._encoder, self._served.manifest.model_fingerprint, self.path)
-        self._check_dimension(self._served, self._encoder)
+        self._check_encoder(self._served, self._encoder)
         self._refresh_lock = threading.Lock()
 
     @property
@@ -131,9 +129,7 @@ class Index:
             loaded = {segment.meta.uid: segment for segment in self._served.segments}
             served = Snapshot.open(self.path, loaded=loaded)
             encoder = load_encoder(served.manifest.settings, self.device, reuse=self._encoder)
-            if is_external(encoder.model_name):
-                check_encoder(encoder, served.manifest.model_fingerprint, self.path)
-            self._check_dimension(served, encoder)
+            self._check_encoder(served, encoder)
             # The old version's own segments are left to the garbage collector: searches may still be reading them.
             self._served, self._encoder = served, encoder
             return True
@@ -176,7 +172,10 @@ class Index:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_dimension(self, served: Snapshot, encoder: Encoder) -> None:
+    def _check_encoder(self, served: Snapshot, encoder: Encoder | ExternalEncoder) -> None:
+        """That ``encoder`` makes the vectors of the version ``served``: an external one's fingerprint, every segment's dimension."""
+        if is_external(encoder.model_name):  # ours would need its weights hashed: a query process never pays for that
+            check_encoder(encoder, served.manifest.model_fingerprint, self.path)
         for segment in served.segments:
             if encoder.dimension != segment.vectors.dimension:
                 raise IndexCorruptError(

@@ -189,6 +189,11 @@ def read_pointer(path: Path) -> str | None:
         return None
 
 
+def holds_index(path: Path) -> bool:
+    """Whether ``path`` holds an index: a pointer, or at least one version (even with ``CURRENT`` broken)."""
+    return read_pointer(path) is not None or bool(list_versions(path))
+
+
 def version_dir(path: Path, version: str) -> Path:
     return path / VERSIONS / version
 

@@ -332,7 +332,7 @@ def transaction(path: Path, action: str, wait: float) -> Iterator[Transaction]:
     found_empty = not path.exists() or (path.is_dir() and not any(path.iterdir()))
     try:
         with layout.writer_lock(path, wait, action):
-            created = found_empty and layout.read_pointer(path) is None and not layout.list_versions(path)
+            created = found_empty and not layout.holds_index(path)
             txn = Transaction(path, action)
             try:
                 yield txn
