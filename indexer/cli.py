@@ -207,6 +207,14 @@ def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False))
 
 
+def _print_outcome(data: dict[str, Any], line: str, as_json: bool) -> None:
+    """A command's result: ``data`` as JSON with --json, else the one ``line``."""
+    if as_json:
+        _print_json(data)
+    else:
+        typer.echo(line)
+
+
 def _print_report(verb: str, report: Any, as_json: bool) -> None:
     for warning in report.warnings:
         typer.echo(f"indexer: warning: {warning}", err=True)
@@ -367,10 +375,7 @@ def rollback(
     from .write import rollback_index
 
     result = rollback_index(index, to, wait=wait)
-    if as_json:
-        _print_json(result)
-    else:
-        typer.echo(f"{result['index']}: now serving {result['version']} (was {result['previous']})")
+    _print_outcome(result, f"{result['index']}: now serving {result['version']} (was {result['previous']})", as_json)
 
 
 @app.command(cls=Command)
@@ -567,11 +572,8 @@ def export(
     from .archive import export_index
 
     result = export_index(index, output, version=version)
-    if as_json:
-        _print_json(result)
-    else:
-        typer.echo(f"{result['index']}: exported {result['version']} ({result['documents']} documents, "
-                   f"{result['bytes']} bytes) to {result['archive']}")
+    _print_outcome(result, f"{result['index']}: exported {result['version']} ({result['documents']} documents, "
+                           f"{result['bytes']} bytes) to {result['archive']}", as_json)
 
 
 @app.command("import", cls=Command)
@@ -588,9 +590,7 @@ def import_(
     from .archive import import_index
 
     report = import_index(archive, index, as_version=as_version, keep=keep, wait=wait)
-    if as_json:
-        _print_json(report.to_dict())
-    else:
-        typer.echo(f"{report.index}: imported {report.source_version} as {report.version} ({report.documents} documents)")
+    _print_outcome(report.to_dict(), f"{report.index}: imported {report.source_version} as {report.version} "
+                                     f"({report.documents} documents)", as_json)
     for warning in report.warnings:
         typer.echo(f"indexer: warning: {warning}", err=True)
