@@ -103,13 +103,6 @@ class ExternalEncoder:
         """Unit vectors of questions."""
         return self._unit([self._embed_query(q) for q in queries], len(queries))
 
-    def spare_a_core(self) -> None:
-        return None
-
-    @staticmethod
-    def restore_threads(threads: None) -> None:
-        return None
-
     def _unit(self, vectors: Sequence[Sequence[float]], count: int) -> np.ndarray:
         matrix = np.asarray(vectors, dtype=np.float32).reshape(count, -1) if count else np.empty((0, self.dimension), np.float32)
         if matrix.shape != (count, self.dimension):

@@ -35,10 +35,6 @@ if TYPE_CHECKING:
 
 CHUNK_SIZE = 4096
 PIPELINE_DEPTH = 2
-# After this many chunks the pipeline compares the other stages' busy time with the model's: above
-# SIDE_SHARE of it, the model gives up a CPU thread to them (oversubscribed cores make everything slower).
-SHARE_AFTER = 4
-SIDE_SHARE = 0.25
 STAGES = ("read", "tokenize", "encode", "write")
 Sink = Callable[[list[Document], np.ndarray], object]
 
@@ -128,10 +124,6 @@ class IngestStats:
     documents: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
-    def side_busy(self) -> float:
-        """Seconds the stages around the model were busy."""
-        return self.seconds["read"] + self.seconds["tokenize"] + self.seconds["write"]
-
     def rounded(self) -> dict[str, float]:
         return {stage: round(seconds, 3) for stage, seconds in self.seconds.items()}
 
@@ -156,9 +148,9 @@ def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink
     them up in the cache and tokenises what is missing; this thread runs the
     model; a writing thread hands finished chunks to ``sink`` and stores fresh
     vectors in the cache. The tokenizer, the model and SQLite release the
-    GIL, so the stages run on different cores; where the stages around the
-    model keep a core busy (a small model on a few cores), the model gives up
-    one of its CPU threads to them. The first error of any stage
+    GIL, so the stages run on different cores (on CPU the model runs its
+    batches side by side, one thread each, so a core taken by another stage
+    holds up one batch, not all of them). The first error of any stage
     is raised here, unchanged, and nothing after it is written.
     """
     cached = encoder if isinstance(encoder, CachedEncoder) else CachedEncoder(encoder)
@@ -199,7 +191,6 @@ def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="ingest-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="ingest-write")
-    threads, chunks_encoded = None, 0
     try:
         with tqdm(desc="indexing", unit="doc", disable=not progress, file=sys.stderr) as bar:
             ahead = deque(reader.submit(prepare) for _ in range(PIPELINE_DEPTH))
@@ -210,9 +201,6 @@ def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink
                 started = time.perf_counter()
                 cached.encode(chunk)
                 stats.timed("encode", started)
-                chunks_encoded += 1
-                if chunks_encoded == SHARE_AFTER and stats.side_busy() > SIDE_SHARE * stats.seconds["encode"]:
-                    threads = cached.encoder.spare_a_core()
                 behind.append(writer.submit(write, docs, chunk))
                 while behind and (len(behind) > PIPELINE_DEPTH or behind[0].done()):
                     behind.popleft().result()
@@ -227,8 +215,6 @@ def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink
         # After an error nothing more is read or written; a stage already running finishes first.
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
-        if threads is not None:
-            cached.encoder.restore_threads(threads)
     return stats
 
 
