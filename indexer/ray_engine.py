@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from .shards import vector_table
 
 # Rows handed to one actor call; the encoder sorts them by length inside.
 ROWS_PER_CALL = 2048
+# Batches an encoder actor works on at once: one tokenised while the other runs on the model.
+CALLS_IN_FLIGHT = 2
 # CPUs per node left to Ray Data's read and write tasks: actors reserving every CPU starve them (a deadlock on 2 CPUs).
 CPUS_FOR_IO = 1.0
 
@@ -80,16 +83,26 @@ def pool_size(nodes: list[dict[str, float]], options: RayOptions) -> PoolSize:
 
 
 class EncodeBatch:
-    """A Ray Data actor: one encoder replica turning (key, id, text) batches into (key, id, vector) tables."""
+    """A Ray Data actor: one encoder replica turning (key, id, text) batches into (key, id, vector) tables.
+
+    Ray Data hands it ``CALLS_IN_FLIGHT`` batches at once, on as many
+    threads: a batch is tokenised while the one before it runs on the model
+    (one batch at a time, behind a lock), so a replica overlaps its stages as
+    a local build's pipeline does, instead of leaving the GPU idle while it
+    tokenises.
+    """
 
     def __init__(self, settings: dict, device: str, threads: int):
         import torch
 
         torch.set_num_threads(threads)
         self.encoder = Encoder.from_settings(IndexSettings.from_dict(settings), device)
+        self.model = threading.Lock()
 
     def __call__(self, batch):
-        vectors = self.encoder.encode_texts(batch.column("text").to_pylist())
+        tokens = self.encoder.tokenize(batch.column("text").to_pylist())
+        with self.model:
+            vectors = self.encoder.embed_tokens(tokens)
         return vector_table(batch.column("key").to_numpy(), batch.column("id").to_pylist(), vectors)
 
 
@@ -113,7 +126,8 @@ def encode_shards(documents_dir: Path, vectors_dir: Path, settings: IndexSetting
             EncodeBatch,
             batch_format="pyarrow",
             batch_size=ROWS_PER_CALL,
-            compute=ray.data.ActorPoolStrategy(size=size.replicas),
+            compute=ray.data.ActorPoolStrategy(size=size.replicas, max_concurrent_calls_per_actor=CALLS_IN_FLIGHT,
+                                               enable_true_multi_threading=True),
             num_cpus=size.cpus_per_replica,
             num_gpus=options.gpus_per_replica or None,
             fn_constructor_kwargs={

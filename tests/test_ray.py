@@ -88,6 +88,42 @@ def test_worker_shards_hold_plain_fixed_size_lists(tmp_path, encoder):
     assert np.abs(vectors_of(table) - encoder.encode_texts(texts)).max() < 1e-5
 
 
+def test_a_replica_tokenises_one_batch_while_the_model_runs_another(tiny_model):
+    """Two calls in flight on an actor (as Ray Data makes them): both come back right, the model runs one at a time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    from indexer.ray_engine import CALLS_IN_FLIGHT, EncodeBatch
+    from indexer.shards import vectors_of
+
+    replica = EncodeBatch(IndexSettings(model=str(tiny_model)).to_dict(), "cpu", 1)
+    embed, running, most = replica.encoder.embed_tokens, [0], [0]
+    guard = threading.Lock()
+
+    def counted(tokens):
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return embed(tokens)
+        finally:
+            with guard:
+                running[0] -= 1
+
+    replica.encoder.embed_tokens = counted
+    batches = [[f"text {b}-{i} about " + "lamps and rivers " * (i % 9) for i in range(300)] for b in range(6)]
+    tables = [pa.table({"key": np.arange(300) + 300 * b, "id": [f"{b}-{i}" for i in range(300)], "text": texts})
+              for b, texts in enumerate(batches)]
+    with ThreadPoolExecutor(CALLS_IN_FLIGHT) as pool:
+        results = list(pool.map(replica, tables))
+    assert most[0] == 1
+    for texts, table, result in zip(batches, tables, results):
+        assert result.column("key").to_pylist() == table.column("key").to_pylist()
+        np.testing.assert_allclose(vectors_of(result), embed(replica.encoder.tokenize(texts)), atol=1e-6, rtol=0)
+
+
 def test_ray_build_over_the_memory_budget_keeps_ivf_lists_on_disk(tmp_path, tiny_model):
     words = "river stone lamp garden engine violin harbour pepper cloud market silver ladder".split()
     rng = np.random.default_rng(3)
