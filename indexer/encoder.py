@@ -193,6 +193,9 @@ class Encoder:
         self._pad_id = self.tokenizer.pad_token_id or 0
         self._backend = self._plain_backend()
         self.query_threads: int | None = None  # None: queries run on torch's thread count like everything else
+        # Workers for batches side by side on CPU: the thread count at load (the process-wide count changes
+        # while batches or queries run, and another thread's query may be holding it when a build starts).
+        self.workers = torch.get_num_threads()
         if precision == "fp32" and self.device.type == "cpu":
             self._forward = self._fastest_forward()
         self._embed = _Graphed(self._unit_vectors) if self.device.type == "cuda" else self._unit_vectors
@@ -359,9 +362,8 @@ class Encoder:
         order = np.argsort(-lengths, kind="stable")
         batches = length_batches(order, lengths, self.batch_size, self.budget)
         first = next(batches)
-        workers = torch.get_num_threads()
-        if self.device.type == "cpu" and workers > 1 and len(first) < len(lengths):
-            return self._embed_on_workers(flat, starts, lengths, itertools.chain([first], batches), workers, out, bar)
+        if self.device.type == "cpu" and self.workers > 1 and len(first) < len(lengths):
+            return self._embed_on_workers(flat, starts, lengths, itertools.chain([first], batches), out, bar)
         # Vectors stay on the device, in length order, until the end: on a GPU no sync per batch, so the next
         # batch is padded, copied and queued while this one runs (syncs only while the budget is measured).
         found, done = torch.empty(out.shape, device=self.device), 0
@@ -378,8 +380,7 @@ class Encoder:
             out[order] = found.cpu().numpy()
         return out
 
-    def _embed_on_workers(self, flat, starts, lengths, batches: Iterator[np.ndarray], workers: int, out: np.ndarray,
-                          bar: tqdm) -> np.ndarray:
+    def _embed_on_workers(self, flat, starts, lengths, batches: Iterator[np.ndarray], out: np.ndarray, bar: tqdm) -> np.ndarray:
         """On CPU, batches side by side on ``workers`` threads, each running the model on one torch thread.
 
         One thread per batch beats all threads on each batch: small matrices
@@ -401,11 +402,11 @@ class Encoder:
             self.budget.record(int(lengths[rows].sum()), seconds)
             bar.update(len(rows))
 
-        with _thread_count(1, workers), ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
+        with _thread_count(1, torch.get_num_threads()), ThreadPoolExecutor(self.workers, thread_name_prefix="encode") as pool:
             pending: deque[Future] = deque()
             for rows in batches:
                 pending.append(pool.submit(run, rows))
-                while pending and (len(pending) > 2 * workers or pending[0].done()):
+                while pending and (len(pending) > 2 * self.workers or pending[0].done()):
                     collect(pending.popleft())
             while pending:
                 collect(pending.popleft())

@@ -189,6 +189,22 @@ def test_the_choice_is_made_once_per_process_so_vectors_agree_bit_for_bit(tiny_m
     assert torch.get_num_threads() == threads  # a query's thread count is put back
 
 
+def test_batches_side_by_side_give_the_same_vectors_whatever_the_worker_count(tiny_model):
+    """On CPU each batch runs on one thread, so the number of workers (cores) changes no bit of any vector."""
+    encoder = Encoder(str(tiny_model), batch_tokens=256)  # many batches
+    texts = [f"text {i} " + "about boots and coffee, " * (i % 17) for i in range(300)]
+    threads = torch.get_num_threads()
+    found = {}
+    for workers in (4, 2, 1):
+        encoder.workers = workers
+        found[workers] = encoder.encode_texts(texts)
+        assert torch.get_num_threads() == threads
+    assert found[4].tobytes() == found[2].tobytes()
+    # One worker: every thread on each batch, one batch after another (bits may differ with the thread count).
+    np.testing.assert_allclose(found[1], found[2], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(found[2][:5], np.vstack([encoder.encode_texts([t]) for t in texts[:5]]), atol=1e-6, rtol=0)
+
+
 def test_later_processes_use_the_remembered_choice(tiny_model, tmp_path):
     """The choice is remembered on disk per model, torch, CPU and thread count; a new process reads it instead of timing."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
