@@ -40,6 +40,8 @@ CPU_BATCH_TOKENS = 1024
 GPU_BATCH_TOKENS = 65536
 # Unless batch_tokens is given, the budget grows from the above by doubling, up to these, while
 # throughput measured on the batches themselves improves: a tiny model wants far larger batches than MiniLM.
+# On CPU the limit is shared by the batches running side by side (one per worker), so memory stays that
+# of one 32k-token batch however many cores there are.
 CPU_BATCH_TOKENS_MAX = 32768
 GPU_BATCH_TOKENS_MAX = 262144
 # Texts longer than max_length times this many characters are tokenised from a prefix (see Encoder.tokenize);
@@ -169,8 +171,12 @@ class Encoder:
         if precision == "int8" and self.device.type != "cpu":
             raise ModelError("precision int8 runs on the CPU only")
         cpu = self.device.type == "cpu"
+        # Workers for batches side by side on CPU: the thread count at load (the process-wide count changes
+        # while batches or queries run, and another thread's query may be holding it when a build starts).
+        self.workers = torch.get_num_threads() if cpu else 1
+        cpu_limit = max(CPU_BATCH_TOKENS, CPU_BATCH_TOKENS_MAX // self.workers)
         self.budget = BatchBudget(batch_tokens or (CPU_BATCH_TOKENS if cpu else GPU_BATCH_TOKENS),
-                                  limit=batch_tokens or (CPU_BATCH_TOKENS_MAX if cpu else GPU_BATCH_TOKENS_MAX))
+                                  limit=batch_tokens or (cpu_limit if cpu else GPU_BATCH_TOKENS_MAX))
         path = self._path = resolve_model_path(model)
         self._stamp = _file_stamp(path)
         self.tokenizer, self._weights = _load(self.model_name, path)
@@ -193,9 +199,6 @@ class Encoder:
         self._pad_id = self.tokenizer.pad_token_id or 0
         self._backend = self._plain_backend()
         self.query_threads: int | None = None  # None: queries run on torch's thread count like everything else
-        # Workers for batches side by side on CPU: the thread count at load (the process-wide count changes
-        # while batches or queries run, and another thread's query may be holding it when a build starts).
-        self.workers = torch.get_num_threads()
         if precision == "fp32" and self.device.type == "cpu":
             self._forward = self._fastest_forward()
         self._embed = _Graphed(self._unit_vectors) if self.device.type == "cuda" else self._unit_vectors

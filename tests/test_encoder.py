@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.encoder import BatchBudget, Encoder, canonical_model_name, length_batches, resolve_model_path
+from indexer.encoder import (
+    CPU_BATCH_TOKENS,
+    CPU_BATCH_TOKENS_MAX,
+    BatchBudget,
+    Encoder,
+    canonical_model_name,
+    length_batches,
+    resolve_model_path,
+)
 from indexer.errors import ModelError
 from indexer.settings import DEFAULT_MODEL
 
@@ -203,6 +211,20 @@ def test_batches_side_by_side_give_the_same_vectors_whatever_the_worker_count(ti
     # One worker: every thread on each batch, one batch after another (bits may differ with the thread count).
     np.testing.assert_allclose(found[1], found[2], atol=1e-6, rtol=0)
     np.testing.assert_allclose(found[2][:5], np.vstack([encoder.encode_texts([t]) for t in texts[:5]]), atol=1e-6, rtol=0)
+
+
+def test_batches_side_by_side_share_the_token_limit(tiny_model):
+    """Memory in flight stays that of one budget-limit batch whatever the number of cores (workers)."""
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 4):
+            torch.set_num_threads(count)
+            encoder = Encoder(str(tiny_model))
+            assert encoder.workers == count
+            assert encoder.budget.limit == max(CPU_BATCH_TOKENS, CPU_BATCH_TOKENS_MAX // count)
+    finally:
+        torch.set_num_threads(threads)
+    assert Encoder(str(tiny_model), batch_tokens=4096).budget.limit == 4096  # a budget given is kept as given
 
 
 def test_later_processes_use_the_remembered_choice(tiny_model, tmp_path):
