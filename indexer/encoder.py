@@ -365,7 +365,7 @@ class Encoder:
         order = np.argsort(-lengths, kind="stable")
         batches = length_batches(order, lengths, self.batch_size, self.budget)
         first = next(batches)
-        if self.device.type == "cpu" and self.workers > 1 and len(first) < len(lengths):
+        if self.workers > 1 and len(first) < len(lengths):  # workers is 1 off the CPU
             return self._embed_on_workers(flat, starts, lengths, itertools.chain([first], batches), out, bar)
         # Vectors stay on the device, in length order, until the end: on a GPU no sync per batch, so the next
         # batch is padded, copied and queued while this one runs (syncs only while the budget is measured).
