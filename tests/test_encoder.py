@@ -268,3 +268,30 @@ def test_batch_budget_given_by_the_user_never_changes():
     assert budget.settled
     budget.record(10**6, 1.0)
     assert int(budget) == 512
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_ascii_texts_tokenise_as_the_whole_tokenizer(tiny_model, tmp_path, lowercase):
+    # ASCII texts skip the Rust normalizer (Python drops control characters and lowercases): every ASCII
+    # character, in mixes with non-ASCII texts and past the truncation, gives the tokenizer's own ids.
+    import random
+    import shutil
+
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = {**spec["normalizer"], "lowercase": lowercase}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((folder / "tokenizer_config.json").read_text())  # transformers sets lowercasing from here
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": lowercase}))
+    encoder = Encoder(str(folder))
+    normalizer = json.loads(encoder.tokenizer.backend_tokenizer.to_str())["normalizer"]
+    assert normalizer["lowercase"] == lowercase
+    rng = random.Random(7)
+    ascii = [chr(c) for c in range(128)]
+    texts = ["".join(rng.choice(ascii) for _ in range(rng.randint(0, 300))) for _ in range(300)]
+    texts += ["".join(rng.choice("aB \t\n\r\x0b\x0c\x1c\x1f\x7f\x00.,-") for _ in range(40)) for _ in range(300)]
+    texts += ["Naïve Café\tAU\x00LAIT", "日本語 text", "Plain ASCII Words. " * 40, ""]
+    rng.shuffle(texts)
+    expected = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+    assert encoder.tokenize(texts) == expected
+    assert encoder.tokenize([t for t in texts if t.isascii()]) == [ids for t, ids in zip(texts, expected) if t.isascii()]
