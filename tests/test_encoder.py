@@ -18,6 +18,7 @@ from indexer.encoder import (
     BatchBudget,
     Encoder,
     canonical_model_name,
+    flatten,
     length_batches,
     resolve_model_path,
 )
@@ -295,3 +296,24 @@ def test_ascii_texts_tokenise_as_the_whole_tokenizer(tiny_model, tmp_path, lower
     expected = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
     assert encoder.tokenize(texts) == expected
     assert encoder.tokenize([t for t in texts if t.isascii()]) == [ids for t, ids in zip(texts, expected) if t.isascii()]
+
+
+def test_uniform_batches_stop_where_their_first_length_does():
+    lengths = np.array([5, 300, 40, 40, 12, 7, 100, 40, 40])
+    order = np.argsort(-lengths, kind="stable")
+    batches = [b.tolist() for b in length_batches(order, lengths, batch_size=6, batch_tokens=256, uniform=True)]
+    # 100 fills no half of a 2-text batch with itself alone: it runs alone; four 40s fill 4 of 6; the rest mix.
+    assert batches == [[1], [6], [2, 3, 7, 8], [4, 5, 0]]
+    assert [b.tolist() for b in length_batches(order, lengths, 6, 256)] == [[1], [6, 2], [3, 7, 8, 4, 5, 0]]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_a_text_embeds_alike_with_its_own_length_unmasked_and_among_longer_ones_masked(tiny_model, pooling):
+    encoder = Encoder(str(tiny_model), pooling=pooling, batch_tokens=4096)
+    same = ["one two three four five", "six seven eight nine ten"]  # five words, one token each
+    flat, starts, lengths = flatten(encoder.tokenize(same))
+    assert lengths.min() == lengths.max() and encoder._pad(flat, starts, lengths)[1] is None  # runs unmasked
+    alone = encoder.encode_texts(same)
+    mixed = encoder.encode_texts([*same, "a longer text that pads the other two in one batch with an attention mask"])
+    np.testing.assert_allclose(alone, mixed[:2], atol=1e-6)
+    assert not np.array_equal(encoder.encode_texts(same[:1]), encoder.encode_texts(same[1:]))
