@@ -699,8 +699,7 @@ def _ascii_shortcut(plain):
     and ``str.lower`` do in C, while the Rust normalizer tracks every
     character's alignment (a third of tokenising time, measured on the Debian
     descriptions). Other texts keep the whole tokenizer. A test compares the
-    ids with the tokenizer's over every
-    ASCII character, lowercasing or not.
+    ids with the tokenizer's over every ASCII character, lowercasing or not.
     """
     spec = json.loads(plain.to_str())
     normalizer = spec.get("normalizer") or {}
