@@ -493,9 +493,7 @@ class Encoder:
                 timings["eager"] = seconds(self._eager_forward) if chosen is None else 0.0
             if chosen in (None, "traced"):
                 try:
-                    traced = torch.jit.freeze(
-                        torch.jit.trace(_HiddenStates(self.model).eval(), example, strict=False, check_trace=False)
-                    )
+                    traced = _frozen_trace(self.model, *example)
                     if matches(traced):
                         timings["traced"] = seconds(traced) if chosen is None else 0.0
                 except Exception:  # any model the tracer cannot handle runs another way
@@ -524,7 +522,7 @@ class Encoder:
         """The model traced without attention mask, if it matches eager's within 1e-5 (else eager's)."""
         example, check = torch.tensor(self.tokenize(["two words"] * 2)), torch.tensor(self.tokenize(["a check text of one length"] * 3))
         try:
-            traced = torch.jit.freeze(torch.jit.trace(_HiddenStates(self.model).eval(), (example,), strict=False, check_trace=False))
+            traced = _frozen_trace(self.model, example)
             if (traced(check) - self._eager_unmasked(check)).abs().max().item() <= 1e-5:
                 return traced
         except Exception:  # a model the tracer cannot handle runs eager
@@ -626,6 +624,11 @@ class _HiddenStates(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _frozen_trace(model: torch.nn.Module, *example: torch.Tensor):
+    """``model``'s last hidden state as a frozen TorchScript trace, traced on ``example`` (ids, or ids and mask)."""
+    return torch.jit.freeze(torch.jit.trace(_HiddenStates(model).eval(), example, strict=False, check_trace=False))
 
 
 class _PackedLinear(torch.nn.Module):
