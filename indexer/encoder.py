@@ -190,7 +190,8 @@ class Encoder:
             self._weights.to(HALF_DTYPES[precision])
         self.model = _quantized(self._weights) if precision == "int8" else self._weights
         self._forward = self._eager_forward
-        self._broadcast_mask = self.device.type == "cuda" and getattr(self._weights.config, "_attn_implementation", None) == "sdpa"
+        sdpa = getattr(self._weights.config, "_attn_implementation", None) == "sdpa"
+        self._mask_form = ("square" if self.device.type == "cuda" else "row") if sdpa else None
         limit = model_max_length(path, self.tokenizer, self._weights.config)
         if max_length is not None and not 1 <= max_length <= MAX_LENGTH_CAP:
             raise ModelError(f"max length must be between 1 and {MAX_LENGTH_CAP}, got {max_length}")
@@ -435,13 +436,7 @@ class Encoder:
         return torch.nn.functional.normalize(self._pool(hidden.float(), attention_mask), p=2, dim=1)
 
     def _eager_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self._broadcast_mask:
-            # transformers checks a 2-D mask for padding on the host (a device sync per forward pass); the
-            # 4-D boolean mask it would build for SDPA is used as given, so batches queue up on the GPU.
-            width = attention_mask.shape[1]
-            mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, width, width)
-            return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model(input_ids=input_ids, attention_mask=model_mask(attention_mask, self._mask_form)).last_hidden_state
 
     def _eager_unmasked(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).last_hidden_state
@@ -493,7 +488,7 @@ class Encoder:
                 timings["eager"] = seconds(self._eager_forward) if chosen is None else 0.0
             if chosen in (None, "traced"):
                 try:
-                    traced = _frozen_trace(self.model, *example)
+                    traced = _frozen_trace(self.model, *example, mask_form=self._mask_form)
                     if matches(traced):
                         timings["traced"] = seconds(traced) if chosen is None else 0.0
                 except Exception:  # any model the tracer cannot handle runs another way
@@ -501,15 +496,16 @@ class Encoder:
             if chosen in (None, "packed") and torch.backends.mkldnn.is_available():
                 try:
                     pack_linears(self.model)
-                    if matches(_HiddenStates(self.model)):
-                        timings["packed"] = seconds(_HiddenStates(self.model)) if chosen is None else 0.0
+                    packed = _HiddenStates(self.model, self._mask_form)
+                    if matches(packed):
+                        timings["packed"] = seconds(packed) if chosen is None else 0.0
                 except Exception:  # a model or torch build without these kernels runs another way
                     pass
             chosen = min(timings, key=timings.__getitem__) if timings else "eager"
             if chosen != "packed" and any(isinstance(m, _PackedLinear) for m in self.model.modules()):
                 self.tokenizer, self._weights = _load(self.model_name, self._path)
                 self.model = self._weights.eval()
-            forward = {"packed": lambda: _HiddenStates(self.model), "traced": lambda: traced}.get(chosen, lambda: self._eager_forward)()
+            forward = {"packed": lambda: _HiddenStates(self.model, self._mask_form), "traced": lambda: traced}.get(chosen, lambda: self._eager_forward)()
             if self.query_threads is None:
                 self.query_threads = _fastest_threads(lambda: forward(*query))
             unmasked = {"packed": lambda: None, "traced": self._traced_unmasked}.get(chosen, lambda: self._eager_unmasked)()
@@ -615,20 +611,40 @@ class _Graphed:
             return None
         return replay, ids, mask, out
 
-class _HiddenStates(torch.nn.Module):
-    """A model's last hidden state as a plain tensor function, for tracing."""
+def model_mask(attention_mask: torch.Tensor, form: str | None) -> torch.Tensor:
+    """A [batch, width] attention mask in the form the model is given it.
 
-    def __init__(self, model: torch.nn.Module):
+    ``form`` None: as it is. A model with SDPA attention is given the boolean
+    4-D mask SDPA takes, which transformers uses as given instead of building
+    its own: ``row`` ([batch, 1, 1, width], broadcast over the queries) on CPU,
+    where building the mask took a sixth of a tiny model's padded batches;
+    ``square`` ([batch, 1, width, width], what transformers builds) on a GPU,
+    where from a 2-D mask it also checks for padding on the host, a device
+    sync per forward pass.
+    """
+    if form is None:
+        return attention_mask
+    mask = attention_mask.bool()[:, None, None, :]
+    return mask.expand(-1, 1, mask.shape[-1], -1) if form == "square" else mask
+
+
+class _HiddenStates(torch.nn.Module):
+    """A model's last hidden state as a plain tensor function of ids and a [batch, width] mask, for tracing."""
+
+    def __init__(self, model: torch.nn.Module, mask_form: str | None = None):
         super().__init__()
         self.model = model
+        self.mask_form = mask_form
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None:
+            attention_mask = model_mask(attention_mask, self.mask_form)
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def _frozen_trace(model: torch.nn.Module, *example: torch.Tensor):
+def _frozen_trace(model: torch.nn.Module, *example: torch.Tensor, mask_form: str | None = None):
     """``model``'s last hidden state as a frozen TorchScript trace, traced on ``example`` (ids, or ids and mask)."""
-    return torch.jit.freeze(torch.jit.trace(_HiddenStates(model).eval(), example, strict=False, check_trace=False))
+    return torch.jit.freeze(torch.jit.trace(_HiddenStates(model, mask_form).eval(), example, strict=False, check_trace=False))
 
 
 class _PackedLinear(torch.nn.Module):

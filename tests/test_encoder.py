@@ -317,3 +317,15 @@ def test_a_text_embeds_alike_with_its_own_length_unmasked_and_among_longer_ones_
     mixed = encoder.encode_texts([*same, "a longer text that pads the other two in one batch with an attention mask"])
     np.testing.assert_allclose(alone, mixed[:2], atol=1e-6)
     assert not np.array_equal(encoder.encode_texts(same[:1]), encoder.encode_texts(same[1:]))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_sdpa_model_given_its_mask_as_sdpa_takes_it_embeds_as_with_the_plain_mask(tiny_model, precision):
+    """On CPU a padded batch goes to an SDPA model with a [batch, 1, 1, width] boolean mask (transformers builds none then)."""
+    encoder = Encoder(str(tiny_model), precision=precision)
+    assert encoder._mask_form == "row"
+    input_ids, attention_mask = encoder._pad(*flatten(encoder.tokenize(TEXTS)))
+    with torch.inference_mode(), encoder._autocast():
+        plain = encoder._vectors(encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask)
+        for forward in {encoder._eager_forward, encoder._forward}:  # the chosen forward may be a trace or the packed model
+            np.testing.assert_allclose(encoder._vectors(forward(input_ids, attention_mask), attention_mask), plain, atol=1e-5)
