@@ -16,6 +16,7 @@ or the rebuild is told to ``prune_upserts``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +28,8 @@ from . import layout
 from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, SourceError
-from .external import is_external, load_encoder
-from .ingest import CachedEncoder, ingest
+from .external import is_external, load_encoder, load_tokenizer
+from .ingest import CachedEncoder, ReadAhead, ingest
 from .segments import segment_structure
 from .settings import IndexSettings
 from .sources import DocumentSource
@@ -112,13 +113,20 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
     started = time.monotonic()
     documents = source if isinstance(source, DocumentSource) else DocumentSource(
         source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
-    with transaction(path, action, wait) as txn:
+    with transaction(path, action, wait) as txn, contextlib.ExitStack() as stack:
         # A rebuild carries upserted documents over, so it must read them, unless told to drop them.
         current = txn.open_current(repairable=action == "build" or prune_upserts,
                                    hint="; or 'indexer rebuild INDEX --prune-upserts' publishes the source alone")
         if only_if_new and current is not None:
             return BuildReport(str(path), current.version, len(current), published=False, warnings=txn.warnings)
-        encoder = load_encoder(settings, device, reuse=encoder)
+        ahead = tokenizer = None
+        if current is None and encoder is None and ray is None and not is_external(settings.model):
+            # Nothing to compare with or carry over: every document is written, so reading and tokenising
+            # them starts now, beside the model's load.
+            tokenizer = load_tokenizer(settings)
+            diff = Diff(None, carry=False, keep_upserts=False)
+            ahead = stack.enter_context(ReadAhead(diff.changed(documents), tokenizer.tokenize))
+        encoder = load_encoder(settings, device, reuse=encoder, tokenizer=tokenizer)
         if ray is not None and is_external(encoder.model_name):
             raise ArgumentError(f"{encoder.model_name} runs in this process only; build it without --engine ray")
         settings.model, settings.max_length = encoder.model_name, encoder.max_length
@@ -129,14 +137,15 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         carry = current is not None and _carries_over(txn, encoder, settings)
         if not carry:
             txn.reset()
-        diff = Diff(current, carry=carry, keep_upserts=action == "rebuild" and not prune_upserts)
+        if ahead is None:
+            diff = Diff(current, carry=carry, keep_upserts=action == "rebuild" and not prune_upserts)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding_config)
             cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
             stages: dict[str, float] = {}
             if ray is None:
-                stages = ingest(diff.changed(documents), cached, writer.add, progress=progress).rounded()
+                stages = ingest(ahead if ahead is not None else diff.changed(documents), cached, writer.add, progress=progress).rounded()
                 built = None
             else:
                 from .ray_engine import ingest_on_ray

@@ -136,132 +136,29 @@ def model_max_length(model_path: str, tokenizer, config) -> int:
     return min(limit, MAX_LENGTH_CAP)
 
 
-class Encoder:
-    """A loaded model that turns texts into L2-normalised float32 vectors.
+class TextTokenizer:
+    """A model's tokenizer with the encoder's ``max_length``: token ids without the model.
 
-    Texts are batched by length: a batch holds at most ``batch_size`` texts and
-    at most ``batch_tokens`` padded tokens. ``precision`` is ``fp32`` (exact),
-    ``bf16`` (autocast on CPU, fast with AVX512-BF16 or AMX; on a GPU the
-    model is cast to bf16), ``fp16`` (GPU only, model cast to fp16) or
-    ``int8`` (dynamic quantisation of the linear layers, CPU only); see the
-    README for what each costs in quality.
+    An ``Encoder`` loads one (or is given one loaded already); loaded alone,
+    a first build reads and tokenises documents with it while the model
+    still loads (``ingest.ReadAhead``).
     """
 
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        pooling: str = "mean",
-        max_length: int | None = None,
-        device: str | None = None,
-        batch_size: int | None = None,
-        batch_tokens: int | None = None,
-        precision: str = "fp32",
-    ):
-        if pooling not in POOLINGS:
-            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-        if precision not in PRECISIONS:
-            raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if batch_size is not None and batch_size < 1:
-            raise ModelError(f"batch size must be at least 1, got {batch_size}")
-        self.model_name = canonical_model_name(model)
-        self.pooling = pooling
-        self.precision = precision
-        self.batch_size = batch_size
-        self.device = choose_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ModelError("precision fp16 needs a CUDA device; use bf16 on CPU")
-        if precision == "int8" and self.device.type != "cpu":
-            raise ModelError("precision int8 runs on the CPU only")
-        cpu = self.device.type == "cpu"
-        # Workers for batches side by side on CPU: the thread count at load (the process-wide count changes
-        # while batches or queries run, and another thread's query may be holding it when a build starts).
-        self.workers = torch.get_num_threads() if cpu else 1
-        cpu_limit = max(CPU_BATCH_TOKENS, CPU_BATCH_TOKENS_MAX // self.workers)
-        self.budget = BatchBudget(batch_tokens or (CPU_BATCH_TOKENS if cpu else GPU_BATCH_TOKENS),
-                                  limit=batch_tokens or (cpu_limit if cpu else GPU_BATCH_TOKENS_MAX))
-        path = self._path = resolve_model_path(model)
-        self._stamp = _file_stamp(path)
-        self.tokenizer, self._weights = _load(self.model_name, path)
-        self._weights.to(self.device).eval()
-        # On a GPU the half precisions run a half model (no per-op casts, the same fast path as fp32); on CPU
-        # bf16 stays autocast, which keeps layer norms and softmax in fp32. The fingerprint reads the files again.
-        self._cast = self.device.type == "cuda" and precision in HALF_DTYPES
-        if self._cast:
-            self._weights.to(HALF_DTYPES[precision])
-        self.model = _quantized(self._weights) if precision == "int8" else self._weights
-        self._forward = self._eager_forward
-        sdpa = getattr(self._weights.config, "_attn_implementation", None) == "sdpa"
-        self._mask_form = ("square" if self.device.type == "cuda" else "row") if sdpa else None
-        limit = model_max_length(path, self.tokenizer, self._weights.config)
+    def __init__(self, model: str = DEFAULT_MODEL, max_length: int | None = None):
         if max_length is not None and not 1 <= max_length <= MAX_LENGTH_CAP:
             raise ModelError(f"max length must be between 1 and {MAX_LENGTH_CAP}, got {max_length}")
+        self.model_name = canonical_model_name(model)
+        self.path = resolve_model_path(model)
+        self.tokenizer, config = _load_tokenizer(self.model_name, self.path)
+        limit = model_max_length(self.path, self.tokenizer, config)
         self.max_length = min(max_length, limit) if max_length else limit
-        self._positions = int(getattr(self._weights.config, "max_position_embeddings", None) or self.max_length)
-        self.dimension = int(self._weights.config.hidden_size)
-        self._pool = POOLERS[pooling]
-        self._pad_id = self.tokenizer.pad_token_id or 0
         self._backend = self._plain_backend()
         self._ascii = _ascii_shortcut(self._backend) if self._backend is not None else None
-        self.query_threads: int | None = None  # None: queries run on torch's thread count like everything else
-        # On CPU a batch of texts of one length runs without padding or attention mask (``_unmasked``): for a small
-        # model the mask is a real share of the work (a 2-layer BERT ran 12-14% faster on such batches).
-        self._unmasked = None
-        if cpu:
-            self._forward, self._unmasked = self._fastest_forward() if precision == "fp32" else (self._eager_forward, self._eager_unmasked)
-        self._embed = _Graphed(self._unit_vectors) if self.device.type == "cuda" else self._unit_vectors
 
     @classmethod
-    def from_settings(cls, settings: IndexSettings, device: str | None = None) -> "Encoder":
-        """A new encoder as an index's settings describe (``external.load_encoder`` reuses a loaded one first)."""
-        return cls(
-            settings.model,
-            settings.pooling,
-            settings.max_length,
-            device,
-            settings.batch_size,
-            settings.batch_tokens,
-            settings.precision,
-        )
-
-    def embeds_as(self, settings: IndexSettings) -> bool:
-        """Whether this encoder embeds texts exactly as ``settings`` describe."""
-        return (self.model_name, self.pooling, self.max_length, self.precision) == (
-            canonical_model_name(settings.model),
-            settings.pooling,
-            settings.max_length,
-            settings.precision,
-        )
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """SHA-256 of the (unquantised) weights and the tokenizer: it changes whenever the vectors could.
-
-        Packed or half-cast models no longer hold their fp32 weights; those are
-        read again from the same files (checked unchanged since the model was loaded).
-        Only writes need the fingerprint, so query processes never pay for it.
-        """
-        weights = self._weights
-        if self._cast or any(isinstance(m, _PackedLinear) for m in weights.modules()):
-            if _file_stamp(self._path) != self._stamp:
-                raise ModelError(f"the files of model {self.model_name!r} changed since it was loaded; restart")
-            weights = _load(self.model_name, self._path)[1]
-        digest = hashlib.sha256()
-        for name, tensor in sorted(weights.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            # Truncation and padding are call-time state the tokenizer keeps in its JSON; not part of its identity.
-            tokenizer = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-        else:
-            tokenizer = sorted(self.tokenizer.get_vocab().items())
-        digest.update(json.dumps(tokenizer, sort_keys=True).encode())
-        return digest.hexdigest()
-
-    @property
-    def embedding_config(self) -> str:
-        """Everything besides the text that decides a vector: the embedding cache's key prefix."""
-        return embedding_config(self.fingerprint, self.pooling, self.max_length, self.precision)
+    def from_settings(cls, settings: IndexSettings) -> "TextTokenizer":
+        """The tokenizer an index's settings describe (model and max length)."""
+        return cls(settings.model, settings.max_length)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to ``max_length``, unpadded.
@@ -330,6 +227,141 @@ class Encoder:
             **options,
         )
         return out if options else out["input_ids"]
+
+
+class Encoder:
+    """A loaded model that turns texts into L2-normalised float32 vectors.
+
+    Texts are batched by length: a batch holds at most ``batch_size`` texts and
+    at most ``batch_tokens`` padded tokens. ``precision`` is ``fp32`` (exact),
+    ``bf16`` (autocast on CPU, fast with AVX512-BF16 or AMX; on a GPU the
+    model is cast to bf16), ``fp16`` (GPU only, model cast to fp16) or
+    ``int8`` (dynamic quantisation of the linear layers, CPU only); see the
+    README for what each costs in quality. ``tokenizer``: this model's
+    ``TextTokenizer`` with the same ``max_length``, if one is loaded already.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        pooling: str = "mean",
+        max_length: int | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        batch_tokens: int | None = None,
+        precision: str = "fp32",
+        *,
+        tokenizer: TextTokenizer | None = None,
+    ):
+        if pooling not in POOLINGS:
+            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if precision not in PRECISIONS:
+            raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if batch_size is not None and batch_size < 1:
+            raise ModelError(f"batch size must be at least 1, got {batch_size}")
+        self.model_name = canonical_model_name(model)
+        self.pooling = pooling
+        self.precision = precision
+        self.batch_size = batch_size
+        self.device = choose_device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ModelError("precision fp16 needs a CUDA device; use bf16 on CPU")
+        if precision == "int8" and self.device.type != "cpu":
+            raise ModelError("precision int8 runs on the CPU only")
+        cpu = self.device.type == "cpu"
+        # Workers for batches side by side on CPU: the thread count at load (the process-wide count changes
+        # while batches or queries run, and another thread's query may be holding it when a build starts).
+        self.workers = torch.get_num_threads() if cpu else 1
+        cpu_limit = max(CPU_BATCH_TOKENS, CPU_BATCH_TOKENS_MAX // self.workers)
+        self.budget = BatchBudget(batch_tokens or (CPU_BATCH_TOKENS if cpu else GPU_BATCH_TOKENS),
+                                  limit=batch_tokens or (cpu_limit if cpu else GPU_BATCH_TOKENS_MAX))
+        self.text = tokenizer or TextTokenizer(model, max_length)
+        self.tokenizer, self.max_length = self.text.tokenizer, self.text.max_length
+        path = self._path = self.text.path
+        self._stamp = _file_stamp(path)
+        self._weights = _load_model(self.model_name, path)
+        self._weights.to(self.device).eval()
+        # On a GPU the half precisions run a half model (no per-op casts, the same fast path as fp32); on CPU
+        # bf16 stays autocast, which keeps layer norms and softmax in fp32. The fingerprint reads the files again.
+        self._cast = self.device.type == "cuda" and precision in HALF_DTYPES
+        if self._cast:
+            self._weights.to(HALF_DTYPES[precision])
+        self.model = _quantized(self._weights) if precision == "int8" else self._weights
+        self._forward = self._eager_forward
+        sdpa = getattr(self._weights.config, "_attn_implementation", None) == "sdpa"
+        self._mask_form = ("square" if self.device.type == "cuda" else "row") if sdpa else None
+        self._positions = int(getattr(self._weights.config, "max_position_embeddings", None) or self.max_length)
+        self.dimension = int(self._weights.config.hidden_size)
+        self._pool = POOLERS[pooling]
+        self._pad_id = self.tokenizer.pad_token_id or 0
+        self.query_threads: int | None = None  # None: queries run on torch's thread count like everything else
+        # On CPU a batch of texts of one length runs without padding or attention mask (``_unmasked``): for a small
+        # model the mask is a real share of the work (a 2-layer BERT ran 12-14% faster on such batches).
+        self._unmasked = None
+        if cpu:
+            self._forward, self._unmasked = self._fastest_forward() if precision == "fp32" else (self._eager_forward, self._eager_unmasked)
+        self._embed = _Graphed(self._unit_vectors) if self.device.type == "cuda" else self._unit_vectors
+
+    @classmethod
+    def from_settings(cls, settings: IndexSettings, device: str | None = None, *, tokenizer: TextTokenizer | None = None) -> "Encoder":
+        """A new encoder as an index's settings describe (``external.load_encoder`` reuses a loaded one first).
+
+        ``tokenizer``: the one ``TextTokenizer.from_settings`` loaded from the same settings, if it has.
+        """
+        return cls(
+            settings.model,
+            settings.pooling,
+            settings.max_length,
+            device,
+            settings.batch_size,
+            settings.batch_tokens,
+            settings.precision,
+            tokenizer=tokenizer,
+        )
+
+    def embeds_as(self, settings: IndexSettings) -> bool:
+        """Whether this encoder embeds texts exactly as ``settings`` describe."""
+        return (self.model_name, self.pooling, self.max_length, self.precision) == (
+            canonical_model_name(settings.model),
+            settings.pooling,
+            settings.max_length,
+            settings.precision,
+        )
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the (unquantised) weights and the tokenizer: it changes whenever the vectors could.
+
+        Packed or half-cast models no longer hold their fp32 weights; those are
+        read again from the same files (checked unchanged since the model was loaded).
+        Only writes need the fingerprint, so query processes never pay for it.
+        """
+        weights = self._weights
+        if self._cast or any(isinstance(m, _PackedLinear) for m in weights.modules()):
+            if _file_stamp(self._path) != self._stamp:
+                raise ModelError(f"the files of model {self.model_name!r} changed since it was loaded; restart")
+            weights = _load_model(self.model_name, self._path)
+        digest = hashlib.sha256()
+        for name, tensor in sorted(weights.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # Truncation and padding are call-time state the tokenizer keeps in its JSON; not part of its identity.
+            tokenizer = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        else:
+            tokenizer = sorted(self.tokenizer.get_vocab().items())
+        digest.update(json.dumps(tokenizer, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    @property
+    def embedding_config(self) -> str:
+        """Everything besides the text that decides a vector: the embedding cache's key prefix."""
+        return embedding_config(self.fingerprint, self.pooling, self.max_length, self.precision)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, truncated to ``max_length``, unpadded (``TextTokenizer.tokenize``)."""
+        return self.text.tokenize(texts)
 
     @property
     def batch_tokens(self) -> int:
@@ -503,7 +535,7 @@ class Encoder:
                     pass
             chosen = min(timings, key=timings.__getitem__) if timings else "eager"
             if chosen != "packed" and any(isinstance(m, _PackedLinear) for m in self.model.modules()):
-                self.tokenizer, self._weights = _load(self.model_name, self._path)
+                self._weights = _load_model(self.model_name, self._path)
                 self.model = self._weights.eval()
             forward = {"packed": lambda: _HiddenStates(self.model, self._mask_form), "traced": lambda: traced}.get(chosen, lambda: self._eager_forward)()
             if self.query_threads is None:
@@ -902,16 +934,30 @@ def _file_stamp(path: str) -> tuple | None:
     return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
 
 
-def _load(name: str, path: str):
-    from transformers import AutoModel, AutoTokenizer
+def _load_tokenizer(name: str, path: str):
+    """The model's tokenizer and configuration (no model code is imported)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    with _loading(name):
+        return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+
+
+def _load_model(name: str, path: str):
+    from transformers import AutoModel
+
+    with _loading(name):
+        return AutoModel.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def _loading(name: str):
+    """transformers without its progress bars and warnings; its load errors as ModelError."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
+        yield
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {name!r}: {first}") from None
-    return tokenizer, model

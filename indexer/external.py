@@ -21,7 +21,7 @@ from .errors import ModelError
 from .settings import IndexSettings, embedding_config
 
 if TYPE_CHECKING:
-    from .encoder import Encoder
+    from .encoder import Encoder, TextTokenizer
 
 EXTERNAL_PREFIX = "external:"
 
@@ -30,8 +30,10 @@ def is_external(model: str) -> bool:
     return model.startswith(EXTERNAL_PREFIX)
 
 
-def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Encoder | ExternalEncoder | None" = None):
-    """The encoder ``settings`` describe: ``reuse`` if it embeds that way, else our model loaded from them.
+def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Encoder | ExternalEncoder | None" = None, *,
+                 tokenizer: "TextTokenizer | None" = None):
+    """The encoder ``settings`` describe: ``reuse`` if it embeds that way, else our model loaded from them
+    (with ``tokenizer``, if ``load_tokenizer`` loaded it from the same settings).
 
     An index made with an external encoder cannot load one: it must be passed as ``reuse``.
     """
@@ -44,12 +46,20 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Enc
     with _collection_paused():
         from .encoder import Encoder  # torch: imported only where our model is loaded
 
-        return Encoder.from_settings(settings, device)
+        return Encoder.from_settings(settings, device, tokenizer=tokenizer)
+
+
+def load_tokenizer(settings: IndexSettings) -> "TextTokenizer":
+    """Our model's tokenizer as ``settings`` describe, without the model (``load_encoder`` takes it to load the rest)."""
+    with _collection_paused():
+        from .encoder import TextTokenizer
+
+        return TextTokenizer.from_settings(settings)
 
 
 @contextlib.contextmanager
 def _collection_paused():
-    """No garbage collection while torch, transformers and a model load.
+    """No garbage collection while torch, transformers and a model (or its tokenizer) load.
 
     They make millions of objects and next to no garbage; the collector's
     passes over them took 0.7 s of a 3.9 s load (tiny model, this repo's CI box).

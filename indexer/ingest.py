@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 CHUNK_SIZE = 4096
 PIPELINE_DEPTH = 2
+# At most this many chunks are read and tokenised ahead while the model loads (see ReadAhead): about what the
+# tokenizer gets through on one core in the seconds a model takes to load, and a bound on memory.
+READ_AHEAD_CHUNKS = 8
 STAGES = ("read", "tokenize", "encode", "write")
 Sink = Callable[[list[Document], np.ndarray], object]
 
@@ -76,13 +79,19 @@ class CachedEncoder:
             self.cache.mark_used([key for key in keys if key in cached], self.segment)
         return keys, hit, np.stack(known) if known else np.empty((0, self.dimension), dtype=np.float32)
 
-    def prepare(self, texts: Sequence[str]) -> Chunk:
-        """A chunk of ``texts`` with its cached vectors filled in and the token ids of the texts still to encode."""
+    def prepare(self, texts: Sequence[str], tokens: list[list[int]] | None = None) -> Chunk:
+        """A chunk of ``texts`` with its cached vectors filled in and the token ids of the texts still to encode.
+
+        ``tokens``: the token ids of all ``texts``, if they were tokenised already (``ReadAhead``).
+        """
         keys, hit, known = self.lookup(texts)
         vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
         vectors[hit] = known
         missing = np.flatnonzero(~hit)
-        tokens = self.encoder.tokenize([texts[i] for i in missing]) if len(missing) else []
+        if tokens is None:
+            tokens = self.encoder.tokenize([texts[i] for i in missing]) if len(missing) else []
+        elif len(missing) < len(texts):
+            tokens = [tokens[i] for i in missing]
         return Chunk(keys, vectors, missing, tokens)
 
     def encode(self, chunk: Chunk) -> np.ndarray:
@@ -142,7 +151,60 @@ def document_chunks(documents: Iterable[Document]) -> Iterator[list[Document]]:
         yield docs
 
 
-def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink: Sink, *, progress: bool = False) -> IngestStats:
+class ReadAhead:
+    """The first chunks of ``documents``, read and tokenised in a thread while the model loads.
+
+    Loading the model (importing its code, reading the weights, choosing
+    the forward) takes seconds on one core, mostly holding the GIL; the
+    tokenizer, loaded first, runs outside it on another. A build whose
+    documents are all written (a first build: nothing to compare or reuse)
+    gives ``ingest`` this in place of its documents. Reading stops after
+    ``chunks`` chunks, or when ``ingest`` starts (after the chunk in hand);
+    iterating gives each chunk with its token ids in order, then the rest
+    with None (the pipeline tokenises what the cache lacks). An error while
+    reading ahead is raised where its chunk is reached, as the pipeline
+    would raise it.
+    """
+
+    def __init__(self, documents: Iterable[Document], tokenize: Callable[[list[str]], list[list[int]]], *,
+                 chunks: int = READ_AHEAD_CHUNKS):
+        self._chunks = document_chunks(documents)
+        self._read: list[tuple[list[Document], list[list[int]]]] = []
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read_ahead, args=(tokenize, chunks), name="ingest-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _read_ahead(self, tokenize: Callable[[list[str]], list[list[int]]], chunks: int) -> None:
+        try:
+            while len(self._read) < chunks and not self._stop.is_set() and (docs := next(self._chunks, None)) is not None:
+                self._read.append((docs, tokenize([d.text for d in docs])))
+        except BaseException as exc:  # raised to the pipeline when it reaches this chunk
+            self._error = exc
+
+    def close(self) -> None:
+        """Stop reading ahead, once the chunk in hand is done."""
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[tuple[list[Document], list[list[int]] | None]]:
+        self.close()
+        read, self._read = self._read, []
+        yield from read
+        if self._error is not None:
+            raise self._error
+        for docs in self._chunks:
+            yield docs, None
+
+
+def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedEncoder, sink: Sink, *,
+           progress: bool = False) -> IngestStats:
     """Embed ``documents`` a chunk at a time and hand each chunk with its vectors to ``sink``, in order.
 
     Three stages overlap, joined by queues ``PIPELINE_DEPTH`` chunks deep (so
@@ -157,7 +219,7 @@ def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink
     """
     cached = encoder if isinstance(encoder, CachedEncoder) else CachedEncoder(encoder)
     stats = IngestStats()
-    chunks = document_chunks(documents)
+    chunks = iter(documents) if isinstance(documents, ReadAhead) else ((docs, None) for docs in document_chunks(documents))
     failed = threading.Event()  # set by the first error: the other stages do no more work
 
     def stage(work: Callable) -> Callable:
@@ -174,11 +236,11 @@ def ingest(documents: Iterable[Document], encoder: Encoder | CachedEncoder, sink
         if failed.is_set():
             return None
         started = time.perf_counter()
-        docs = next(chunks, None)
+        docs, tokens = next(chunks, (None, None))
         read = stats.timed("read", started)
         if docs is None:
             return None
-        chunk = cached.prepare([d.text for d in docs])
+        chunk = cached.prepare([d.text for d in docs], tokens)
         stats.timed("tokenize", read)
         return docs, chunk
 

@@ -15,8 +15,10 @@ import pytest
 from helpers import tree_digest, write_jsonl
 
 import indexer.ingest
-from indexer import Index, IndexSettings, SourceError, build_index, layout
-from indexer.encoder import Encoder
+from indexer import Index, IndexNotFoundError, IndexSettings, SourceError, build_index, layout
+from indexer.encoder import Encoder, TextTokenizer
+from indexer.ingest import ReadAhead
+from indexer.sources import Document
 
 
 def records(n: int) -> list[dict]:
@@ -79,6 +81,43 @@ def test_a_bad_record_mid_source_publishes_nothing_and_names_its_line(tmp_path, 
     assert not staging.exists() or not any(staging.iterdir())
     with Index(path) as index:
         assert len(index) == 50
+
+
+def test_a_bad_record_read_ahead_in_a_first_build_publishes_nothing_and_names_its_line(tmp_path, tiny_model, small_chunks):
+    """A first build reads the first chunks while the model loads (ReadAhead); an error there is the pipeline's error."""
+    source = write_jsonl(tmp_path / "bad.jsonl", records(300))
+    lines = source.read_text().splitlines()
+    lines[100] = '{"id": "broken", "text": '  # line 101, in the third chunk, read ahead
+    source.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError, match=r"bad\.jsonl:101: malformed JSON"):
+        build_index(source, tmp_path / "idx", settings=IndexSettings(model=str(tiny_model)))
+    with pytest.raises(IndexNotFoundError):
+        Index(tmp_path / "idx")
+
+
+def test_read_ahead_gives_the_first_chunks_tokenised_then_the_rest_in_order(tiny_model, small_chunks):
+    tokenizer = TextTokenizer(str(tiny_model))
+    docs = [Document(d["id"], d["text"]) for d in records(200)]
+    ahead = ReadAhead(docs, tokenizer.tokenize, chunks=3)
+    ahead._thread.join()  # all three read before the pipeline asks (else it stops reading at its first chunk)
+    chunks = list(ahead)
+    assert [d for chunk, _ in chunks for d in chunk] == docs and [len(chunk) for chunk, _ in chunks] == [37] * 5 + [15]
+    assert [tokens is not None for _, tokens in chunks] == [True] * 3 + [False] * 3
+    for chunk, tokens in chunks[:3]:
+        assert tokens == tokenizer.tokenize([d.text for d in chunk])
+
+
+def test_read_ahead_raises_an_error_where_its_chunk_is_reached(tiny_model, small_chunks):
+    def documents():
+        yield from (Document(d["id"], d["text"]) for d in records(50))
+        raise SourceError("source.jsonl:51: malformed JSON")
+
+    ahead = ReadAhead(documents(), TextTokenizer(str(tiny_model)).tokenize)
+    chunks = iter(ahead)
+    first, tokens = next(chunks)
+    assert len(first) == 37 and tokens is not None
+    with pytest.raises(SourceError, match="source.jsonl:51"):
+        next(chunks)
 
 
 def test_a_failing_writer_stops_the_build(tmp_path, tiny_model, small_chunks, monkeypatch):
