@@ -119,12 +119,14 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
                                    hint="; or 'indexer rebuild INDEX --prune-upserts' publishes the source alone")
         if only_if_new and current is not None:
             return BuildReport(str(path), current.version, len(current), published=False, warnings=txn.warnings)
+        keep_upserts = action == "rebuild" and not prune_upserts
         ahead = tokenizer = None
         if current is None and encoder is None and ray is None and not is_external(settings.model):
+            tokenizer = load_tokenizer(settings, device)
+        if tokenizer is not None:
             # Nothing to compare with or carry over: every document is written, so reading and tokenising
             # them starts now, beside the model's load.
-            tokenizer = load_tokenizer(settings)
-            diff = Diff(None, carry=False, keep_upserts=False)
+            diff = Diff(None, carry=False, keep_upserts=keep_upserts)
             ahead = stack.enter_context(ReadAhead(diff.changed(documents), tokenizer.tokenize))
         encoder = load_encoder(settings, device, reuse=encoder, tokenizer=tokenizer)
         if ray is not None and is_external(encoder.model_name):
@@ -138,7 +140,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         if not carry:
             txn.reset()
         if ahead is None:
-            diff = Diff(current, carry=carry, keep_upserts=action == "rebuild" and not prune_upserts)
+            diff = Diff(current, carry=carry, keep_upserts=keep_upserts)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding_config)

@@ -44,7 +44,7 @@ GPU_BATCH_TOKENS = 65536
 # of one 32k-token batch however many cores there are.
 CPU_BATCH_TOKENS_MAX = 32768
 GPU_BATCH_TOKENS_MAX = 262144
-# Texts longer than max_length times this many characters are tokenised from a prefix (see Encoder.tokenize);
+# Texts longer than max_length times this many characters are tokenised from a prefix (see TextTokenizer.tokenize);
 # English runs about 4-5 characters a token, so the first prefix nearly always holds enough.
 CUT_CHARS_PER_TOKEN = 16
 # Batches of at most this many texts are queries: on CUDA they replay a CUDA graph captured once per shape
@@ -149,6 +149,7 @@ class TextTokenizer:
             raise ModelError(f"max length must be between 1 and {MAX_LENGTH_CAP}, got {max_length}")
         self.model_name = canonical_model_name(model)
         self.path = resolve_model_path(model)
+        self.settings = (self.model_name, max_length)  # what an Encoder given this tokenizer checks it was asked for
         self.tokenizer, config = _load_tokenizer(self.model_name, self.path)
         limit = model_max_length(self.path, self.tokenizer, config)
         self.max_length = min(max_length, limit) if max_length else limit
@@ -275,6 +276,8 @@ class Encoder:
         cpu_limit = max(CPU_BATCH_TOKENS, CPU_BATCH_TOKENS_MAX // self.workers)
         self.budget = BatchBudget(batch_tokens or (CPU_BATCH_TOKENS if cpu else GPU_BATCH_TOKENS),
                                   limit=batch_tokens or (cpu_limit if cpu else GPU_BATCH_TOKENS_MAX))
+        if tokenizer is not None and tokenizer.settings != (self.model_name, max_length):
+            raise ModelError(f"the tokenizer given was loaded for {tokenizer.settings}, not {(self.model_name, max_length)}")
         self.text = tokenizer or TextTokenizer(model, max_length)
         self.tokenizer, self.max_length = self.text.tokenizer, self.text.max_length
         path = self._path = self.text.path
@@ -289,7 +292,7 @@ class Encoder:
         self.model = _quantized(self._weights) if precision == "int8" else self._weights
         self._forward = self._eager_forward
         sdpa = getattr(self._weights.config, "_attn_implementation", None) == "sdpa"
-        self._mask_form = ("square" if self.device.type == "cuda" else "row") if sdpa else None
+        self._mask_form = {"cuda": "square", "cpu": "row"}.get(self.device.type) if sdpa else None
         self._positions = int(getattr(self._weights.config, "max_position_embeddings", None) or self.max_length)
         self.dimension = int(self._weights.config.hidden_size)
         self._pool = POOLERS[pooling]
@@ -644,15 +647,12 @@ class _Graphed:
         return replay, ids, mask, out
 
 def model_mask(attention_mask: torch.Tensor, form: str | None) -> torch.Tensor:
-    """A [batch, width] attention mask in the form the model is given it.
+    """A [batch, width] attention mask as the model is given it: as it is (``form`` None), or as SDPA's boolean mask.
 
-    ``form`` None: as it is. A model with SDPA attention is given the boolean
-    4-D mask SDPA takes, which transformers uses as given instead of building
-    its own: ``row`` ([batch, 1, 1, width], broadcast over the queries) on CPU,
-    where building the mask took a sixth of a tiny model's padded batches;
-    ``square`` ([batch, 1, width, width], what transformers builds) on a GPU,
-    where from a 2-D mask it also checks for padding on the host, a device
-    sync per forward pass.
+    transformers uses a 4-D mask as given instead of building one: ``row``
+    ([batch, 1, 1, width]) on CPU, where building it took a sixth of a tiny
+    model's padded batches; ``square`` (what transformers builds) on CUDA,
+    where it would also check a 2-D mask on the host, a device sync per batch.
     """
     if form is None:
         return attention_mask
@@ -854,6 +854,18 @@ def _choices_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / CHOICES_FILE
 
 
+def times_forwards(settings: IndexSettings, device: str | None = None) -> bool:
+    """Whether loading the model ``settings`` describe will time its forwards (nothing remembered for this machine yet).
+
+    Those timings want the cores to themselves: nothing else should run beside such a load.
+    """
+    if settings.precision != "fp32" or choose_device(device).type != "cpu":
+        return False
+    path = resolve_model_path(settings.model)
+    key = _machine_key(path, _file_stamp(path))
+    return key not in _CHOSEN and _remembered(key) is None
+
+
 def _machine_key(path: str, stamp: tuple | None) -> str:
     """What the fastest forward depends on: the model's files, torch, the CPU and the thread count."""
     cpu = ""
@@ -943,6 +955,7 @@ def _load_tokenizer(name: str, path: str):
 
 
 def _load_model(name: str, path: str):
+    """The model's weights (importing its code: most of a load)."""
     from transformers import AutoModel
 
     with _loading(name):

@@ -49,12 +49,16 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Enc
         return Encoder.from_settings(settings, device, tokenizer=tokenizer)
 
 
-def load_tokenizer(settings: IndexSettings) -> "TextTokenizer":
-    """Our model's tokenizer as ``settings`` describe, without the model (``load_encoder`` takes it to load the rest)."""
-    with _collection_paused():
-        from .encoder import TextTokenizer
+def load_tokenizer(settings: IndexSettings, device: str | None = None) -> "TextTokenizer | None":
+    """Our model's tokenizer as ``settings`` describe, without the model (``load_encoder`` takes it to load the rest).
 
-        return TextTokenizer.from_settings(settings)
+    None where loading the model will time its forwards (its first load on
+    this machine): those timings want the cores to themselves.
+    """
+    with _collection_paused():
+        from .encoder import TextTokenizer, times_forwards
+
+        return None if times_forwards(settings, device) else TextTokenizer.from_settings(settings)
 
 
 @contextlib.contextmanager

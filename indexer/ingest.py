@@ -39,7 +39,7 @@ CHUNK_SIZE = 4096
 PIPELINE_DEPTH = 2
 # At most this many chunks are read and tokenised ahead while the model loads (see ReadAhead): about what the
 # tokenizer gets through on one core in the seconds a model takes to load, and a bound on memory.
-READ_AHEAD_CHUNKS = 8
+READ_AHEAD_CHUNKS = 4
 STAGES = ("read", "tokenize", "encode", "write")
 Sink = Callable[[list[Document], np.ndarray], object]
 
@@ -163,13 +163,15 @@ class ReadAhead:
     iterating gives each chunk with its token ids in order, then the rest
     with None (the pipeline tokenises what the cache lacks). An error while
     reading ahead is raised where its chunk is reached, as the pipeline
-    would raise it.
+    would raise it. ``seconds`` holds its busy time by stage (``ingest``
+    adds it to its own).
     """
 
     def __init__(self, documents: Iterable[Document], tokenize: Callable[[list[str]], list[list[int]]], *,
                  chunks: int = READ_AHEAD_CHUNKS):
         self._chunks = document_chunks(documents)
-        self._read: list[tuple[list[Document], list[list[int]]]] = []
+        self._read: deque[tuple[list[Document], list[list[int]]]] = deque()
+        self.seconds = {"read": 0.0, "tokenize": 0.0}
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read_ahead, args=(tokenize, chunks), name="ingest-read-ahead", daemon=True)
@@ -177,8 +179,15 @@ class ReadAhead:
 
     def _read_ahead(self, tokenize: Callable[[list[str]], list[list[int]]], chunks: int) -> None:
         try:
-            while len(self._read) < chunks and not self._stop.is_set() and (docs := next(self._chunks, None)) is not None:
+            while len(self._read) < chunks and not self._stop.is_set():
+                started = time.perf_counter()
+                docs = next(self._chunks, None)
+                read = time.perf_counter()
+                self.seconds["read"] += read - started
+                if docs is None:
+                    return
                 self._read.append((docs, tokenize([d.text for d in docs])))
+                self.seconds["tokenize"] += time.perf_counter() - read
         except BaseException as exc:  # raised to the pipeline when it reaches this chunk
             self._error = exc
 
@@ -195,8 +204,8 @@ class ReadAhead:
 
     def __iter__(self) -> Iterator[tuple[list[Document], list[list[int]] | None]]:
         self.close()
-        read, self._read = self._read, []
-        yield from read
+        while self._read:  # handed out one by one, so each is freed once the pipeline is done with it
+            yield self._read.popleft()
         if self._error is not None:
             raise self._error
         for docs in self._chunks:
@@ -279,6 +288,9 @@ def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedE
         # After an error nothing more is read or written; a stage already running finishes first.
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
+    if isinstance(documents, ReadAhead):
+        for stage, seconds in documents.seconds.items():
+            stats.seconds[stage] += seconds
     return stats
 
 

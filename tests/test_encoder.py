@@ -17,6 +17,7 @@ from indexer.encoder import (
     CPU_BATCH_TOKENS_MAX,
     BatchBudget,
     Encoder,
+    TextTokenizer,
     canonical_model_name,
     flatten,
     length_batches,
@@ -329,3 +330,12 @@ def test_an_sdpa_model_given_its_mask_as_sdpa_takes_it_embeds_as_with_the_plain_
         plain = encoder._vectors(encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask)
         for forward in {encoder._eager_forward, encoder._forward}:  # the chosen forward may be a trace or the packed model
             np.testing.assert_allclose(encoder._vectors(forward(input_ids, attention_mask), attention_mask), plain, atol=1e-5)
+
+
+def test_an_encoder_takes_a_tokenizer_loaded_for_its_model_and_max_length_only(tiny_model):
+    tokenizer = TextTokenizer(str(tiny_model), 16)
+    encoder = Encoder(str(tiny_model), max_length=16, tokenizer=tokenizer)
+    assert encoder.text is tokenizer and encoder.max_length == 16
+    assert encoder.tokenize(["a text that runs well past sixteen tokens " * 4]) == tokenizer.tokenize(["a text that runs well past sixteen tokens " * 4])
+    with pytest.raises(ModelError, match="tokenizer given"):
+        Encoder(str(tiny_model), tokenizer=tokenizer)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import tree_digest, write_jsonl
 
+import indexer.encoder
 import indexer.ingest
 from indexer import Index, IndexNotFoundError, IndexSettings, SourceError, build_index, layout
 from indexer.encoder import Encoder, TextTokenizer
@@ -95,6 +96,30 @@ def test_a_bad_record_read_ahead_in_a_first_build_publishes_nothing_and_names_it
         Index(tmp_path / "idx")
 
 
+def test_a_first_build_reads_ahead_unless_loading_the_model_times_its_forwards(tmp_path, tiny_model, small_chunks, monkeypatch):
+    prepare, given = indexer.ingest.CachedEncoder.prepare, []
+
+    def spy(self, texts, tokens=None):  # records which chunks come tokenised already, and prepares them as ever
+        given.append(tokens is not None)
+        return prepare(self, texts, tokens)
+
+    monkeypatch.setattr(indexer.ingest.CachedEncoder, "prepare", spy)
+    source, settings = write_jsonl(tmp_path / "a.jsonl", records(300)), IndexSettings(model=str(tiny_model))
+    Encoder(str(tiny_model))  # the choice of forward is made, so the build's model load only uses it
+    read_ahead = build_index(source, tmp_path / "one", settings=settings)
+    assert given[0] and not given[-1] and len(given) == 9  # the first chunks come read ahead, the rest from the pipeline
+    assert read_ahead.stages["read"] > 0 and read_ahead.stages["tokenize"] > 0
+
+    given.clear()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing remembered: this load times the forwards
+    monkeypatch.setattr(indexer.encoder, "_CHOSEN", {})
+    build_index(source, tmp_path / "two", settings=settings)
+    assert given == [False] * 9
+    (rows, vectors), (rows_again, vectors_again) = stored(tmp_path / "one"), stored(tmp_path / "two")
+    assert rows == rows_again
+    np.testing.assert_allclose(vectors, vectors_again, atol=1e-5, rtol=0)
+
+
 def test_read_ahead_gives_the_first_chunks_tokenised_then_the_rest_in_order(tiny_model, small_chunks):
     tokenizer = TextTokenizer(str(tiny_model))
     docs = [Document(d["id"], d["text"]) for d in records(200)]
@@ -113,6 +138,7 @@ def test_read_ahead_raises_an_error_where_its_chunk_is_reached(tiny_model, small
         raise SourceError("source.jsonl:51: malformed JSON")
 
     ahead = ReadAhead(documents(), TextTokenizer(str(tiny_model)).tokenize)
+    ahead._thread.join()  # read ahead up to the error before the pipeline asks
     chunks = iter(ahead)
     first, tokens = next(chunks)
     assert len(first) == 37 and tokens is not None
