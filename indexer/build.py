@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import layout
+from . import collector, layout
 from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, SourceError
@@ -114,6 +114,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
     documents = source if isinstance(source, DocumentSource) else DocumentSource(
         source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
     with transaction(path, action, wait) as txn, contextlib.ExitStack() as stack:
+        stack.enter_context(collector.frozen())  # see collector: the model's load and the write skip what they start with
         # A rebuild carries upserted documents over, so it must read them, unless told to drop them.
         current = txn.open_current(repairable=action == "build" or prune_upserts,
                                    hint="; or 'indexer rebuild INDEX --prune-upserts' publishes the source alone")

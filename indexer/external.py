@@ -9,14 +9,13 @@ model (and torch) is then never loaded.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from . import collector
 from .errors import ModelError
 from .settings import IndexSettings, embedding_config
 
@@ -43,7 +42,7 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Enc
         given = f"; {reuse.model_name!r} was given" if reuse is not None else ""
         raise ModelError(f"this index's vectors come from the external encoder {settings.model!r}: "
                          f"open it with that encoder (e.g. through the LangChain adapter){given}")
-    with _collection_paused():
+    with collector.paused():
         from .encoder import Encoder  # torch: imported only where our model is loaded
 
         return Encoder.from_settings(settings, device, tokenizer=tokenizer)
@@ -55,26 +54,10 @@ def load_tokenizer(settings: IndexSettings, device: str | None = None) -> "TextT
     None where loading the model will time its forwards (its first load on
     this machine): those timings want the cores to themselves.
     """
-    with _collection_paused():
+    with collector.paused():
         from .encoder import TextTokenizer, times_forwards
 
         return None if times_forwards(settings, device) else TextTokenizer.from_settings(settings)
-
-
-@contextlib.contextmanager
-def _collection_paused():
-    """No garbage collection while torch, transformers and a model (or its tokenizer) load.
-
-    They make millions of objects and next to no garbage; the collector's
-    passes over them took 0.7 s of a 3.9 s load (tiny model, this repo's CI box).
-    """
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def check_encoder(encoder: "Encoder | ExternalEncoder", fingerprint: str, where: object) -> None:
