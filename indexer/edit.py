@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from . import layout
+from . import collector, layout
 from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, SourceError
@@ -50,7 +50,7 @@ def upsert_documents(
     """
     started = time.monotonic()
     path = existing_index(index)
-    with transaction(path, "upsert", wait) as txn:
+    with transaction(path, "upsert", wait) as txn, collector.frozen():  # see collector: the load and the write skip what they start with
         current = txn.open_current()
         manifest = current.manifest
         settings = manifest.settings
