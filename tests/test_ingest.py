@@ -168,24 +168,3 @@ def test_a_failing_writer_stops_the_build(tmp_path, tiny_model, small_chunks, mo
     assert len(calls) == 4  # nothing written after the failure
     assert tree_digest(path) == before
 
-
-def test_a_write_leaves_what_it_starts_with_and_loads_out_of_collection_until_the_outermost_write_ends():
-    import gc
-
-    from indexer import collector
-
-    assert gc.get_freeze_count() == 0
-    with collector.frozen():
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        with collector.paused():  # a model load
-            assert not gc.isenabled()
-            loaded = [[i] for i in range(1000)]
-        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(loaded)
-        with collector.frozen():  # the write's own ingest
-            pass
-        assert gc.get_freeze_count() >= frozen + len(loaded)
-    assert gc.get_freeze_count() == 0
-    with collector.paused():  # a load outside any write (a search process): its objects are collected as ever
-        loaded = [[i] for i in range(1000)]
-    assert gc.isenabled() and gc.get_freeze_count() == 0
