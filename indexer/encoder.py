@@ -510,7 +510,7 @@ class Encoder:
             return min(_timed(lambda: (forward(*query), forward(*work))) for _ in range(runs))
 
         key = _machine_key(self._path, self._stamp)
-        chosen, self.query_threads = _CHOSEN.get(key) or _remembered(key) or (None, None)
+        chosen, self.query_threads = _known_choice(key) or (None, None)
         example = batch(["a short example", "a rather longer example sentence, padded against the short one"])
         check = batch(["one", "two words", "and a third text that is longer than both of the others together"])
         query = batch(["a short question about packages"])
@@ -863,7 +863,12 @@ def times_forwards(settings: IndexSettings, device: str | None = None) -> bool:
         return False
     path = resolve_model_path(settings.model)
     key = _machine_key(path, _file_stamp(path))
-    return key not in _CHOSEN and _remembered(key) is None
+    return _known_choice(key) is None
+
+
+def _known_choice(key: str) -> tuple[str, int] | None:
+    """The forward and query threads chosen for ``key`` in this process, else remembered from an earlier one."""
+    return _CHOSEN.get(key) or _remembered(key)
 
 
 def _machine_key(path: str, stamp: tuple | None) -> str:
