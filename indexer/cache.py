@@ -65,6 +65,8 @@ class EmbeddingCache:
         # The ingest pipeline looks vectors up in its reading thread and stores them in its writing thread.
         self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), check_same_thread=False))
         self.db.enable_wal()
+        # WAL with NORMAL never corrupts the file; a power cut may lose the last commits, which are only a cache's.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         if TABLE not in self.db.table_names():
             self.db[TABLE].create({"key": str, "vector": bytes, "used": int}, pk="key")
             self.db[TABLE].create_index(["used"])
@@ -119,11 +121,16 @@ class EmbeddingCache:
         return found
 
     def put(self, keys: Sequence[str], vectors: np.ndarray, used: int) -> None:
-        rows = [(k, np.ascontiguousarray(v, dtype=np.float32).tobytes(), used) for k, v in zip(keys, vectors)]
+        # One statement, the vectors in one blob cut by substr: executemany takes the GIL back for every row,
+        # which in the pipeline's writing thread waits on the other stages (see DocumentStore.add).
+        blob = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
+        width = 4 * self.dimension
+        sql = (f"INSERT OR REPLACE INTO {TABLE} (key, vector, used) "
+               "SELECT value, substr(?, key * ? + 1, ?), ? FROM json_each(?)")
 
         def insert() -> None:
             with self.db.conn:
-                self.db.conn.executemany(f"INSERT OR REPLACE INTO {TABLE} (key, vector, used) VALUES (?, ?, ?)", rows)
+                self.db.execute(sql, [blob, width, width, used, json.dumps(list(keys))])
 
         self._safely(None, insert)
 

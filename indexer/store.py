@@ -77,12 +77,19 @@ class DocumentStore:
 
     def add(self, keys: Sequence[int], documents: Sequence[Any]) -> None:
         """Insert documents (objects with ``id``, ``text``, ``metadata``, ``fields``, ``origin``); ``keys[i]`` is the FAISS id of ``documents[i]``."""
-        rows = (
-            (int(k), d.id, d.text, json.dumps(d.metadata, ensure_ascii=False), json.dumps(d.fields, ensure_ascii=False), d.origin)
-            for k, d in zip(keys, documents)
-        )
+        # One statement a chunk: executemany takes the GIL back for every row, and in the pipeline's writing
+        # thread each of those waits on the other stages (60k Debian documents: 2.5 s instead of 0.6 s).
+        # The strings travel as UTF-8 bytes end to end, cut by substr (which counts bytes in a blob, so a NUL
+        # character survives, as it would not through JSON); the keys and the cuts as JSON numbers.
+        strings = ([d.id for d in documents], [d.text for d in documents],
+                   [json.dumps(d.metadata, ensure_ascii=False) for d in documents],
+                   [json.dumps(d.fields, ensure_ascii=False) for d in documents], [d.origin for d in documents])
+        blobs, cuts = zip(*map(_packed, strings))
+        rows = np.column_stack([np.asarray(keys, dtype=np.int64), *cuts])  # key, then each string's start and length
+        values = ", ".join(f"CAST(substr(?{n}, value ->> {2 * n - 1}, value ->> {2 * n}) AS TEXT)" for n in range(1, len(blobs) + 1))
+        sql = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT value ->> 0, {values} FROM json_each(?{len(blobs) + 1})"
         with self._lock, self.db.conn:
-            self.db.conn.executemany(f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self.db.execute(sql, [*blobs, json.dumps(rows.tolist())])
 
     def fetch(self, keys: Iterable[int]) -> dict[int, dict[str, Any]]:
         """Rows for ``keys`` as ``{key: {"id", "text", "metadata", "fields", "origin"}}``, in one query."""
@@ -306,9 +313,19 @@ def _row(row: Sequence[Any]) -> dict[str, Any]:
     return {"id": doc_id, "text": text, "metadata": json.loads(metadata or "{}"), "fields": json.loads(fields or "{}"), "origin": origin}
 
 
+def _packed(strings: Sequence[str]) -> tuple[bytes, np.ndarray]:
+    """``strings`` as UTF-8 bytes end to end, and a column each of their 1-based starts and their lengths in them."""
+    encoded = [s.encode() for s in strings]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    return b"".join(encoded), np.column_stack([np.cumsum(lengths) - lengths + 1, lengths])
+
+
 def _open_writable(path: str | Path) -> sqlite_utils.Database:
     # A URI connection, so that immutable stores of other versions can be ATTACHed read-only.
     conn = sqlite3.connect(Path(path).resolve().as_uri(), uri=True, check_same_thread=False)
     db = sqlite_utils.Database(conn)
     db.enable_wal()
+    # Only new segments are written, under staging/, and sealing fsyncs every file before publishing one:
+    # a commit need not wait for the disk.
+    db.execute("PRAGMA synchronous=OFF")
     return db

@@ -168,3 +168,27 @@ def test_a_failing_writer_stops_the_build(tmp_path, tiny_model, small_chunks, mo
     assert len(calls) == 4  # nothing written after the failure
     assert tree_digest(path) == before
 
+
+
+def test_a_chunk_is_stored_exactly_as_one_insert_per_row_stores_it(tmp_path):
+    """The store's one-statement insert keeps every string byte for byte: NUL, quotes, backslashes, any script."""
+    from indexer.store import COLUMNS, DocumentStore
+
+    docs = [Document("1", "a\x00b", {"k": "x\x00y", "big": 2**62, "f": 1.5e300, "b": True, "none": None}, {"text": "a\x00b"}),
+            Document('é"\\', 'emoji 😀 \u2028 \t\n quote" back\\ \x7f \x01 ﻿', {"nested": {"a": [1, "2"]}}, {"t": ["x", "y"]}, "upsert"),
+            Document("3", "", {}, {}),
+            Document("日本", "テキスト", {"名": "値"}, {"text": "テキスト"})]
+    keys = [5, 9, 2**40, 0]
+    store = DocumentStore.create(tmp_path / "one.db")
+    store.add(keys, docs)
+    store.add([], [])
+    reference = DocumentStore.create(tmp_path / "rows.db")
+    with reference.db.conn:
+        for key, d in zip(keys, docs):
+            reference.db.execute(f"INSERT INTO documents ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)",
+                                 [key, d.id, d.text, json.dumps(d.metadata, ensure_ascii=False), json.dumps(d.fields, ensure_ascii=False), d.origin])
+    sql = "SELECT key, id, text, metadata, fields, origin, typeof(id), typeof(text), hex(text), hex(id) FROM documents ORDER BY key"
+    assert store.db.execute(sql).fetchall() == reference.db.execute(sql).fetchall()
+    assert [row["text"] for row in store.fetch(keys).values()] == [docs[3].text, docs[0].text, docs[1].text, docs[2].text]
+    store.close()
+    reference.close()
