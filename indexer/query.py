@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import ArgumentError
 from .settings import FUSIONS, MODES
+from .sources import surrogate_fault
 from .store import FIELD_NAME_FORBIDDEN, FILTER_OPERATORS
 
 if TYPE_CHECKING:
@@ -153,7 +154,8 @@ def typed_conditions(conditions: Iterable[Condition], field_types: dict[str, set
             raise ArgumentError(f"filter {condition!r} is not a (field, operator, value) triple") from None
         label = _printable(condition.text if isinstance(condition, TextCondition) else f"{field_} {operator} {value!r}")
         if not isinstance(field_, str) or not field_ or FIELD_NAME_FORBIDDEN.search(field_):
-            raise ArgumentError(f"filter {label}: field name {field_!r} cannot be filtered on (empty, or holds a double quote or a control character)")
+            raise ArgumentError(f"filter {label}: field name {field_!r} cannot be filtered on "
+                                "(empty, or holds a double quote, a control character or a lone surrogate)")
         if operator not in FILTER_OPERATORS:
             raise ArgumentError(f"filter {label}: unknown operator {operator!r}; use one of {', '.join(FILTER_OPERATORS)}")
         types = {"text"} if field_ == "id" else field_types.get(field_)
@@ -170,6 +172,8 @@ def typed_conditions(conditions: Iterable[Condition], field_types: dict[str, set
             if operator == "in" and (isinstance(value, (str, bytes)) or not isinstance(value, Iterable)):
                 raise ArgumentError(f"filter {label}: 'in' takes a list of values")
             values = [_from_python(v, field_, types, label) for v in (value if operator == "in" else [value])]
+        if fault := next((f for v in values if isinstance(v, str) and (f := surrogate_fault(v))), None):
+            raise ArgumentError(f"filter {label}: the value {fault}")
         typed.append((field_, operator, values if operator == "in" else values[0]))
     return typed
 
@@ -248,6 +252,8 @@ def search_texts(
         raise ArgumentError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
     if fusion not in FUSIONS:
         raise ArgumentError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+    if fault := next((f"query {q!r} {f}" for q in queries if isinstance(q, str) and (f := surrogate_fault(q))), None):
+        raise ArgumentError(fault)
     conditions = typed_conditions(where, snapshot.field_types()) if where else None
     if not len(queries):
         return []

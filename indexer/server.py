@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -223,6 +225,12 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
     @app.exception_handler(IndexerError)
     async def user_error(request: Request, exc: IndexerError):
         return JSONResponse({"detail": str(exc)}, status_code=status_code(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError):
+        # FastAPI's own answer echoes the input, which may hold a lone surrogate (a JSON "\ud800" escape) that
+        # UTF-8 cannot carry: it failed with a 500. ASCII escapes carry anything.
+        return Response(json.dumps({"detail": jsonable_encoder(exc.errors())}), status_code=422, media_type="application/json")
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, exc: RecursionError):

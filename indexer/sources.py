@@ -64,6 +64,10 @@ MAX_NESTING = 64
 INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
 DECIMAL = re.compile(r"-?(?:(?:0|[1-9][0-9]{0,17})(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 TYPE_CHUNK_ROWS = 10_000  # rows whose values are checked at once, column by column
+# A lone UTF-16 surrogate is no Unicode text: UTF-8, the tokenizer and SQLite all refuse it. Python strings get
+# one from a JSON escape ("\ud800" with no pair), or from bytes that are not UTF-8 in a file name or an argument.
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # in JSON text; a proper pair decodes to one character
 # The keys of a record in the document shape GET /documents/{id} returns.
 DOCUMENT_KEYS = frozenset({"id", "text", "metadata", "fields"})
 
@@ -143,7 +147,7 @@ class DocumentSource:
     def __iter__(self) -> Iterator[Document]:
         seen: set[str] = set()
         if self._records is not None:
-            records = ((f"{self.path}: record {n}", r) for n, r in enumerate(self._records, 1))
+            records = ((f"{self.path}: record {n}", refuse_surrogates(f"{self.path}: record {n}", r)) for n, r in enumerate(self._records, 1))
         else:
             records = read_records(self.path, self.format)
         try:
@@ -330,6 +334,34 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER = json.JSONDecoder(object_pairs_hook=_json_object)
 
 
+def surrogate_fault(text: str) -> str | None:
+    """What makes ``text`` no Unicode text (a lone surrogate, see ``SURROGATE``), in words; None if nothing does."""
+    if text.isascii() or not (found := SURROGATE.search(text)):
+        return None
+    return f"holds \\u{ord(found.group()):04x} at character {found.start() + 1}, a lone UTF-16 surrogate, which is not Unicode text"
+
+
+def refuse_surrogates(where: str, record: Any) -> Any:
+    """``record``, unless a string in it (a key or a value, at any depth) holds a lone surrogate: then SourceError."""
+    stack = [record]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if fault := surrogate_fault(item):
+                raise SourceError(f"{where}: {_quoted(item)} {fault}")
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return record
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """``text`` quoted for a one-line message, cut to ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def _refuse_repeats(where: str, record: Any) -> None:
     if isinstance(record, _Repeated):
         raise SourceError(f"{where}: duplicate field {record.key!r}")
@@ -405,6 +437,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                 continue
             record = _parse_json(line, path, number)
             _refuse_repeats(f"{path}:{number}", record)
+            if "\\u" in line and SURROGATE_ESCAPE.search(line):
+                refuse_surrogates(f"{path}:{number}", record)
             yield f"{path}:{number}", record
 
 
@@ -471,10 +505,13 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     with open_text(path) as f:
         text = f.read()
     data = _parse_json(text, path)
+    escapes = SURROGATE_ESCAPE.search(text) is not None
     del text
     if isinstance(data, list):
         for number, record in enumerate(data, 1):
             _refuse_repeats(f"{path}: record {number}", record)
+            if escapes:
+                refuse_surrogates(f"{path}: record {number}", record)
             yield f"{path}: record {number}", record
     elif isinstance(data, dict):
         # An {id: text} map (a label file) or an {id: record} map; a repeated key is a repeated id.
@@ -484,6 +521,8 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
             _refuse_repeats(f"{path}: key {key!r}", value)
             record = dict(value) if isinstance(value, dict) else {"text": value}
             record.setdefault("id", key)
+            if escapes:
+                refuse_surrogates(f"{path}: key {key!r}", record)
             yield f"{path}: key {key!r}", record
     else:
         raise SourceError(f"{path}: expected a list of records or an {{id: text}} object")
@@ -495,6 +534,8 @@ def _text_folder_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise SourceError(f"{path}: folder holds no .txt files")
     for file in files:
         relative = file.relative_to(path).as_posix()
+        if fault := surrogate_fault(relative):
+            raise SourceError(f"{file}: the file name {fault} (its bytes are not UTF-8); rename it")
         try:
             text = file.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:

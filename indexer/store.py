@@ -30,8 +30,9 @@ from .errors import ArgumentError, IndexCorruptError
 TABLE = "documents"
 KEYWORDS = "documents_fts"
 FILTER_OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "in")
-# A field name with a double quote cannot be quoted in an SQLite JSON path; control characters are never meant.
-FIELD_NAME_FORBIDDEN = re.compile(r'["\x00-\x1f\x7f-\x9f]')
+# A field name with a double quote cannot be quoted in an SQLite JSON path; control characters are never meant,
+# and a lone surrogate cannot be passed to SQLite at all.
+FIELD_NAME_FORBIDDEN = re.compile(r'["\x00-\x1f\x7f-\x9f\ud800-\udfff]')
 # json_each/json_type's names for JSON types, and the kinds filters and field_types() speak of.
 JSON_KINDS = {"integer": "number", "real": "number", "text": "text", "true": "boolean", "false": "boolean",
               "null": "null", "array": "array", "object": "object"}

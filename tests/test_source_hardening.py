@@ -313,3 +313,51 @@ def test_nan_and_infinity_in_metadata_are_refused(tmp_path, value):
         list(DocumentSource(path))
     with pytest.raises(SourceError, match="documents: record 1: field 'x'"):
         list(DocumentSource.from_records([{"id": "b", "text": "bad", "x": float("nan")}]))
+
+
+# Lone surrogates: a JSON escape without its pair, or bytes that are not UTF-8 in a file name or an argument.
+
+
+def test_a_lone_surrogate_is_refused_where_it_is_and_a_pair_is_kept(tmp_path):
+    """Neither the tokenizer nor SQLite takes one (the tokenizer raised a TypeError): refused, naming the record."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "a", "text": "emoji \\ud83d\\ude00 kept"}\n{"id": "b", "text": "fine", "tags": {"k": ["x", "\\udc00"]}}\n')
+    with pytest.raises(SourceError, match=r"d.jsonl:2: '\\udc00' holds \\udc00 at character 1, a lone UTF-16 surrogate"):
+        list(DocumentSource(path))
+    path.write_text('{"id": "a", "text": "emoji \\ud83d\\ude00 kept", "escaped": "\\\\ud800 is six characters"}\n')
+    (doc,) = read(path)
+    assert doc.text == "emoji \U0001f600 kept" and doc.metadata == {"escaped": "\\ud800 is six characters"}
+    (tmp_path / "d.json").write_text('{"a": "fine", "b": {"text": "half \\uD83D"}}')
+    with pytest.raises(SourceError, match=r"d.json: key 'b': 'half \\ud83d' holds \\ud83d at character 6"):
+        read(tmp_path / "d.json")
+    with pytest.raises(SourceError, match=r"documents: record 2: 'k\\udfff' holds"):
+        list(DocumentSource.from_records([{"id": "a", "text": "fine"}, {"id": "b", "text": "t", "meta": {"k\udfff": 1}}]))
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "good.txt").write_text("fine")
+    try:
+        with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:
+            f.write(b"a Latin-1 name")
+    except OSError:  # a file system that only takes UTF-8 names: nothing to refuse
+        return
+    with pytest.raises(SourceError, match=r"the file name holds \\udce9 at character 4"):
+        read(folder)
+
+
+def test_the_cli_refuses_lone_surrogates_in_one_line_and_keeps_the_index(tmp_path, tiny_model):
+    from helpers import run_cli, tree_digest
+
+    index = tmp_path / "idx"
+    run_cli("build", str(write_jsonl(tmp_path / "good.jsonl", [{"id": "a", "text": "fine"}])), "--index", str(index), "--model", str(tiny_model))
+    before = tree_digest(index)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "half \\ud800 a pair"}\n')
+    build = run_cli("build", str(bad), "--index", str(index), "--model", str(tiny_model), check=False)
+    assert build.returncode == 3 and build.stderr.strip().splitlines() == [
+        f"indexer: error: {bad}:2: 'half \\ud800 a pair' holds \\ud800 at character 6, a lone UTF-16 surrogate, which is not Unicode text"]
+    # An argument with bytes that are not UTF-8 reaches Python as lone surrogates too.
+    for mode in ("dense", "keyword", "hybrid"):
+        query = run_cli("query", str(index), "caf\udce9", "--mode", mode, check=False)
+        assert query.returncode == 2 and query.stderr.strip().splitlines() == [
+            "indexer: error: query 'caf\\udce9' holds \\udce9 at character 4, a lone UTF-16 surrogate, which is not Unicode text"]
+    assert tree_digest(index) == before
