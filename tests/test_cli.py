@@ -122,7 +122,14 @@ def test_unreadable_source_unknown_model_and_missing_index(workdir, tmp_path):
     source = write_jsonl(tmp_path / "ok.jsonl", [{"id": 1, "text": "fine"}])
     unknown = run_cli("build", str(source), "--index", "products", "--model", "no-such-org/no-such-model", cwd=workdir, check=False)
     assert_user_error(unknown, 4, "cannot load model 'no-such-org/no-such-model'")
+    # Spelled as a path: said at once, not after transformers has asked the hub for it.
+    folder = run_cli("build", str(source), "--index", "products", "--model", str(tmp_path / "no-model"), cwd=workdir, check=False)
+    assert_user_error(folder, 4, f"{tmp_path / 'no-model'}: no such model folder")
     assert tree_digest(workdir / "indexes" / "products") == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert_user_error(run_cli("build", str(source), "--index", str(notes), cwd=workdir, check=False), 2, f"{notes}: is a file, not an index folder")
+    assert notes.read_text() == "mine"
     assert_user_error(run_cli("query", "nothing-here", "x", cwd=workdir, check=False), 5, "no such index")
 
 
