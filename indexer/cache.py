@@ -123,6 +123,8 @@ class EmbeddingCache:
     def put(self, keys: Sequence[str], vectors: np.ndarray, used: int) -> None:
         # One statement, the vectors in one blob cut by substr: executemany takes the GIL back for every row,
         # which in the pipeline's writing thread waits on the other stages (see DocumentStore.add).
+        if vectors.shape != (len(keys), self.dimension):
+            raise ValueError(f"{len(keys)} keys and vectors of shape {vectors.shape} for a cache of dimension {self.dimension}")
         blob = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
         width = 4 * self.dimension
         sql = (f"INSERT OR REPLACE INTO {TABLE} (key, vector, used) "

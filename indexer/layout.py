@@ -433,9 +433,11 @@ def writer_lock(path: Path, wait: float = 0.0, action: str = "write") -> Iterato
         raise ArgumentError(f"{path}: is a file, not an index folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise ArgumentError(f"{path}: cannot create the index folder ({exc.strerror or exc})") from None
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, which the write reports as such
+            raise
+        raise ArgumentError(f"{path}: cannot write the index folder ({exc.strerror or exc})") from None
     try:
         deadline = time.monotonic() + max(wait, 0.0)
         while True:

@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ArgumentError
 from .settings import FUSIONS, MODES
-from .sources import surrogate_fault
+from .sources import quoted, surrogate_fault
 from .store import FIELD_NAME_FORBIDDEN, FILTER_OPERATORS
 
 if TYPE_CHECKING:
@@ -252,7 +252,7 @@ def search_texts(
         raise ArgumentError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
     if fusion not in FUSIONS:
         raise ArgumentError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
-    if fault := next((f"query {q!r} {f}" for q in queries if isinstance(q, str) and (f := surrogate_fault(q))), None):
+    if fault := next((f"query {quoted(q)} {f}" for q in queries if isinstance(q, str) and (f := surrogate_fault(q))), None):
         raise ArgumentError(fault)
     conditions = typed_conditions(where, snapshot.field_types()) if where else None
     if not len(queries):

@@ -228,9 +228,10 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError):
-        # FastAPI's own answer echoes the input, which may hold a lone surrogate (a JSON "\ud800" escape) that
-        # UTF-8 cannot carry: it failed with a 500. ASCII escapes carry anything.
-        return Response(json.dumps({"detail": jsonable_encoder(exc.errors())}), status_code=422, media_type="application/json")
+        # FastAPI's own answer echoes the input, which may hold what JSON cannot (NaN) or UTF-8 cannot (a lone
+        # surrogate, from a "\ud800" escape): it failed with a 500. Without it, in ASCII escapes, anything goes.
+        errors = [{key: value for key, value in error.items() if key != "input"} for error in exc.errors()]
+        return Response(json.dumps({"detail": jsonable_encoder(errors)}), status_code=422, media_type="application/json")
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, exc: RecursionError):

@@ -49,7 +49,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import SourceError
 from .settings import MAX_DOCUMENT_BYTES
@@ -114,6 +114,8 @@ class DocumentSource:
         self.text_fields = list(text_fields or [])
         self.max_document_bytes = max_document_bytes
         self._records: list[Any] | None = None
+        if fault := name_fault(str(self.path)):  # it is recorded in the manifest, as UTF-8
+            raise SourceError(f"in the source's name {str(self.path)!r}, {fault}; rename it")
         if not self.path.exists():
             raise SourceError(f"{self.path}: no such file or folder")
         self.format = "folder" if self.path.is_dir() else source_format(self.path)
@@ -341,6 +343,15 @@ def surrogate_fault(text: str) -> str | None:
     return f"holds \\u{ord(found.group()):04x} at character {found.start() + 1}, a lone UTF-16 surrogate, which is not Unicode text"
 
 
+def name_fault(name: str) -> str | None:
+    """What makes a file name no text, in words: bytes that are not UTF-8 (which Python holds as lone surrogates)."""
+    if name.isascii() or not (found := SURROGATE.search(name)):
+        return None
+    code = ord(found.group())
+    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"  # as os.fsdecode made it
+    return f"{what} at character {found.start() + 1} is not UTF-8"
+
+
 def refuse_surrogates(where: str, record: Any) -> Any:
     """``record``, unless a string in it (a key or a value, at any depth) holds a lone surrogate: then SourceError."""
     stack = [record]
@@ -348,16 +359,16 @@ def refuse_surrogates(where: str, record: Any) -> Any:
         item = stack.pop()
         if isinstance(item, str):
             if fault := surrogate_fault(item):
-                raise SourceError(f"{where}: {_quoted(item)} {fault}")
-        elif isinstance(item, dict):
+                raise SourceError(f"{where}: {quoted(item)} {fault}")
+        elif isinstance(item, Mapping):
             stack.extend(item)
             stack.extend(item.values())
-        elif isinstance(item, list):
+        elif isinstance(item, (list, tuple)):
             stack.extend(item)
     return record
 
 
-def _quoted(text: str, limit: int = 40) -> str:
+def quoted(text: str, limit: int = 40) -> str:
     """``text`` quoted for a one-line message, cut to ``limit`` characters."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -534,8 +545,8 @@ def _text_folder_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise SourceError(f"{path}: folder holds no .txt files")
     for file in files:
         relative = file.relative_to(path).as_posix()
-        if fault := surrogate_fault(relative):
-            raise SourceError(f"{file}: the file name {fault} (its bytes are not UTF-8); rename it")
+        if fault := name_fault(relative):
+            raise SourceError(f"{path}: in the file name {relative!r}, {fault}; rename it")
         try:
             text = file.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:

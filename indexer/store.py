@@ -39,6 +39,9 @@ JSON_KINDS = {"integer": "number", "real": "number", "text": "text", "true": "bo
 KIND_SQL_TYPES = {"number": "'integer', 'real'", "text": "'text'", "boolean": "'true', 'false'"}
 COLUMNS = ("key", "id", "text", "metadata", "fields", "origin")
 KEYWORD_TOKENIZER = "porter unicode61"
+# Bytes of strings one insert statement carries at most (one document over it goes alone): far below
+# SQLite's limit of 1e9 bytes a value, far above what makes a statement's overhead count.
+INSERT_BYTES = 64 * 2**20
 
 
 class DocumentStore:
@@ -78,19 +81,21 @@ class DocumentStore:
 
     def add(self, keys: Sequence[int], documents: Sequence[Any]) -> None:
         """Insert documents (objects with ``id``, ``text``, ``metadata``, ``fields``, ``origin``); ``keys[i]`` is the FAISS id of ``documents[i]``."""
-        # One statement a chunk: executemany takes the GIL back for every row, and in the pipeline's writing
-        # thread each of those waits on the other stages (60k Debian documents: 2.5 s instead of 0.6 s).
-        # The strings travel as UTF-8 bytes end to end, cut by substr (which counts bytes in a blob, so a NUL
-        # character survives, as it would not through JSON); the keys and the cuts as JSON numbers.
+        # Statements of about INSERT_BYTES of strings each (see _INSERT), not executemany: that takes the GIL back
+        # for every row, and in the pipeline's writing thread each of those waits on the other stages (60k Debian
+        # documents: 2.5 s, not 0.6 s).
         strings = ([d.id for d in documents], [d.text for d in documents],
                    [json.dumps(d.metadata, ensure_ascii=False) for d in documents],
                    [json.dumps(d.fields, ensure_ascii=False) for d in documents], [d.origin for d in documents])
-        blobs, cuts = zip(*map(_packed, strings))
-        rows = np.column_stack([np.asarray(keys, dtype=np.int64), *cuts])  # key, then each string's start and length
-        values = ", ".join(f"CAST(substr(?{n}, value ->> {2 * n - 1}, value ->> {2 * n}) AS TEXT)" for n in range(1, len(blobs) + 1))
-        sql = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT value ->> 0, {values} FROM json_each(?{len(blobs) + 1})"
+        encoded = [[s.encode() for s in column] for column in strings]
+        lengths = np.array([[len(b) for b in column] for column in encoded], dtype=np.int64).reshape(len(encoded), len(documents))
+        keys = np.asarray(keys, dtype=np.int64)
+        sizes = lengths.sum(axis=0)
+        groups = (np.cumsum(sizes) - sizes) // INSERT_BYTES
+        bounds = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(documents)]
         with self._lock, self.db.conn:
-            self.db.execute(sql, [*blobs, json.dumps(rows.tolist())])
+            for first, last in zip(bounds, bounds[1:]):
+                self.db.execute(_INSERT, _insert_values(keys[first:last], [c[first:last] for c in encoded], lengths[:, first:last]))
 
     def fetch(self, keys: Iterable[int]) -> dict[int, dict[str, Any]]:
         """Rows for ``keys`` as ``{key: {"id", "text", "metadata", "fields", "origin"}}``, in one query."""
@@ -314,11 +319,22 @@ def _row(row: Sequence[Any]) -> dict[str, Any]:
     return {"id": doc_id, "text": text, "metadata": json.loads(metadata or "{}"), "fields": json.loads(fields or "{}"), "origin": origin}
 
 
-def _packed(strings: Sequence[str]) -> tuple[bytes, np.ndarray]:
-    """``strings`` as UTF-8 bytes end to end, and a column each of their 1-based starts and their lengths in them."""
-    encoded = [s.encode() for s in strings]
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    return b"".join(encoded), np.column_stack([np.cumsum(lengths) - lengths + 1, lengths])
+# The rows of documents in one statement: ?1 to ?5 hold the id, text, metadata, fields and origin of every row as
+# UTF-8 bytes end to end, cut by substr (which counts bytes in a blob, so a NUL character survives, as it would
+# not through JSON; an empty blob binds as NULL, hence ifnull), ?6 the rows as JSON [key, start, length, ...].
+_INSERT = (f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT json_extract(value, '$[0]'), "
+           + ", ".join(f"ifnull(CAST(substr(?{n}, json_extract(value, '$[{2 * n - 1}]'), json_extract(value, '$[{2 * n}]')) AS TEXT), '')"
+                       for n in range(1, len(COLUMNS)))
+           + f" FROM json_each(?{len(COLUMNS)})")
+
+
+def _insert_values(keys: np.ndarray, columns: list[list[bytes]], lengths: np.ndarray) -> list:
+    """The parameters of ``_INSERT`` for rows with these ``keys``, string ``columns`` and their ``lengths`` (a row each)."""
+    rows = np.empty((len(keys), 1 + 2 * len(columns)), dtype=np.int64)
+    rows[:, 0] = keys
+    rows[:, 1::2] = (np.cumsum(lengths, axis=1) - lengths + 1).T
+    rows[:, 2::2] = lengths.T
+    return [*(b"".join(column) for column in columns), json.dumps(rows.tolist())]
 
 
 def _open_writable(path: str | Path) -> sqlite_utils.Database:

@@ -170,9 +170,15 @@ def test_a_failing_writer_stops_the_build(tmp_path, tiny_model, small_chunks, mo
 
 
 
-def test_a_chunk_is_stored_exactly_as_one_insert_per_row_stores_it(tmp_path):
-    """The store's one-statement insert keeps every string byte for byte: NUL, quotes, backslashes, any script."""
+@pytest.mark.parametrize("statement_bytes", [None, 1, 60])
+def test_a_chunk_is_stored_exactly_as_one_insert_per_row_stores_it(tmp_path, monkeypatch, statement_bytes):
+    """The store's insert keeps every string byte for byte (NUL, quotes, backslashes, any script, empty), in
+    one statement or split into several (a document alone, or a few)."""
+    import indexer.store
     from indexer.store import COLUMNS, DocumentStore
+
+    if statement_bytes:
+        monkeypatch.setattr(indexer.store, "INSERT_BYTES", statement_bytes)
 
     docs = [Document("1", "a\x00b", {"k": "x\x00y", "big": 2**62, "f": 1.5e300, "b": True, "none": None}, {"text": "a\x00b"}),
             Document('é"\\', 'emoji 😀 \u2028 \t\n quote" back\\ \x7f \x01 ﻿', {"nested": {"a": [1, "2"]}}, {"t": ["x", "y"]}, "upsert"),

@@ -77,6 +77,17 @@ def test_malformed_json_is_422_not_500(client):
     assert response.status_code == 422
 
 
+@pytest.mark.parametrize("body", ['{"query": "x", "k": NaN}', '{"query": "half a pair \\ud800"}'])
+def test_a_body_failing_validation_is_answered_422_in_strict_json(client, body):
+    """The answer leaves out the input, which may hold what JSON (NaN) or UTF-8 (a lone surrogate) cannot: both were 500s."""
+    response = client.post("/search", content=body, headers={"content-type": "application/json"})
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the answer")
+
+    assert response.status_code == 422 and json.loads(response.content.decode("ascii"), parse_constant=refuse)["detail"]
+
+
 def test_documents_upsert_get_delete_and_rebuild(client):
     assert client.get("/documents/P0026").json()["text"].startswith("Espresso Machine")
     assert client.get("/documents/NOPE").status_code == 404

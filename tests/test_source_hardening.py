@@ -332,16 +332,23 @@ def test_a_lone_surrogate_is_refused_where_it_is_and_a_pair_is_kept(tmp_path):
         read(tmp_path / "d.json")
     with pytest.raises(SourceError, match=r"documents: record 2: 'k\\udfff' holds"):
         list(DocumentSource.from_records([{"id": "a", "text": "fine"}, {"id": "b", "text": "t", "meta": {"k\udfff": 1}}]))
+    with pytest.raises(SourceError, match=r"documents: record 1: 'ok\\ud800' holds"):  # in a tuple, as Python callers pass
+        list(DocumentSource.from_records([{"id": "a", "text": "fine", "tags": ("x", "ok\ud800")}]))
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "good.txt").write_text("fine")
     try:
         with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:
             f.write(b"a Latin-1 name")
+        with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jsonl"), "wb") as f:
+            f.write(b'{"id": "a", "text": "fine"}\n')
     except OSError:  # a file system that only takes UTF-8 names: nothing to refuse
         return
-    with pytest.raises(SourceError, match=r"the file name holds \\udce9 at character 4"):
+    with pytest.raises(SourceError, match=r"docs: in the file name 'caf\\udce9.txt', byte 0xe9 at character 4 is not UTF-8; rename it"):
         read(folder)
+    # The source's own name is recorded in the manifest: refused before anything is read.
+    with pytest.raises(SourceError, match=r"in the source's name '.*caf\\udce9.jsonl', byte 0xe9 at character \d+ is not UTF-8"):
+        DocumentSource(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jsonl")))
 
 
 def test_the_cli_refuses_lone_surrogates_in_one_line_and_keeps_the_index(tmp_path, tiny_model):
