@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -358,6 +359,7 @@ def serve(
     """Run the service with uvicorn until interrupted (graceful shutdown on SIGTERM/SIGINT)."""
     import uvicorn
 
+    check_address(host, port)
     public = host not in LOOPBACK
     api_key = api_key_from_environment()
     index = layout.index_path(index).resolve()  # resolved once, for the app, its workers and the rebuild thread alike
@@ -373,6 +375,20 @@ def serve(
         uvicorn.run("indexer.server:app_from_environment", factory=True, host=host, port=port, workers=workers, access_log=False)
     else:
         uvicorn.run(create_app(index, api_key, public), host=host, port=port, access_log=False)
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse an address that cannot be listened on now: uvicorn would say so only once the index and model are loaded."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ArgumentError(f"{host}: not an address to listen on ({getattr(exc, 'strerror', None) or exc})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ArgumentError(f"{host}:{port}: cannot listen ({exc.strerror or exc})") from None
 
 
 def app_from_environment() -> FastAPI:

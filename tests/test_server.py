@@ -10,12 +10,12 @@ import time
 import urllib.request
 
 import pytest
-from helpers import DATASET, free_port, run_cli
+from helpers import DATASET, free_port, run_cli, write_jsonl
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from indexer import build_index  # noqa: E402
+from indexer import IndexSettings, build_index  # noqa: E402
 from indexer.errors import ArgumentError  # noqa: E402
 from indexer.server import MAX_K, create_app, parse_duration  # noqa: E402
 
@@ -209,6 +209,21 @@ def test_real_server_over_http(products):
     # uvicorn finishes its graceful shutdown, then re-raises the SIGTERM it caught.
     assert server.returncode in (0, -15) and "Application shutdown complete" in output, output
     assert '"path": "/search"' in output  # structured access log
+
+
+def test_serve_on_a_taken_port_says_so_in_one_line_before_loading(tmp_path, tiny_model):
+    import socket
+
+    path = tmp_path / "idx"
+    build_index(write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "fine"}]), path, IndexSettings(model=str(tiny_model)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", str(path), "--port", str(port), check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"indexer: error: 127.0.0.1:{port}: cannot listen (Address already in use)"]
+    result = run_cli("serve", str(path), "--host", "no-such-host.invalid", check=False)
+    assert result.returncode == 2 and result.stderr.strip().startswith("indexer: error: no-such-host.invalid: not an address to listen on")
 
 
 def test_scheduled_rebuilds_publish_and_survive_failures(tmp_path, caplog):
