@@ -10,6 +10,7 @@ encoder replaced by a pool of remote replicas.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from . import collector
 from .cache import EmbeddingCache, embedding_keys
-from .errors import ArgumentError, SourceError
+from .errors import ArgumentError, DiskFullError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
 
@@ -302,6 +303,11 @@ class ArrayFile:
         self.output = Path(output)
         if self.output.suffix not in self.SUFFIXES:
             raise ArgumentError(f"{self.output}: output must end in .pt or .npy")
+        # Said before the encoding, not after it.
+        if not self.output.parent.is_dir():
+            raise ArgumentError(f"{self.output}: no folder {self.output.parent} to write it in")
+        if self.output.is_dir():
+            raise ArgumentError(f"{self.output}: is a folder")
         self.ids: list[str] = []
         self.parts: list[np.ndarray] = []
 
@@ -310,21 +316,28 @@ class ArrayFile:
         self.parts.append(vectors)
 
     def write(self) -> None:
-        matrix = np.concatenate(self.parts)
+        """Write the file (and a .npy's ids beside it) under temporary names, then rename them into place."""
         output = self.output
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        if output.suffix == ".pt":
-            import torch
+        ids_path = output.with_name(output.name + ".ids.json")
+        tmp, ids_tmp = (path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in (output, ids_path))
+        try:
+            matrix = np.concatenate(self.parts)
+            if output.suffix == ".pt":
+                import torch
 
-            torch.save({"ids": self.ids, "embeddings": torch.from_numpy(matrix)}, tmp)
-        else:
-            with open(tmp, "wb") as f:
-                np.save(f, matrix)
-            ids_path = output.with_name(output.name + ".ids.json")
-            ids_tmp = ids_path.with_name(f".{ids_path.name}.tmp")
-            ids_tmp.write_text(json.dumps(self.ids, ensure_ascii=False))
-            os.replace(ids_tmp, ids_path)
-        os.replace(tmp, output)
+                torch.save({"ids": self.ids, "embeddings": torch.from_numpy(matrix)}, tmp)
+            else:
+                with open(tmp, "wb") as f:
+                    np.save(f, matrix)
+                ids_tmp.write_text(json.dumps(self.ids, ensure_ascii=False))
+                os.replace(ids_tmp, ids_path)
+            os.replace(tmp, output)
+        except OSError as exc:
+            for path in (tmp, ids_tmp):
+                path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"{output}: the disk is full") from None
+            raise ArgumentError(f"{output}: cannot write ({exc.strerror or exc})") from None
 
 
 def embed_source(

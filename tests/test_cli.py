@@ -79,6 +79,10 @@ def test_embed_writes_torch_and_numpy_files(workdir, encoder):
     run_cli("embed", CORPUS, "-o", "corpus.npy", cwd=workdir)
     np.testing.assert_allclose(np.load(workdir / "corpus.npy"), expected, atol=1e-5)
     assert json.loads((workdir / "corpus.npy.ids.json").read_text()) == saved["ids"]
+    # An output with nowhere to go is said before the encoding, in one line.
+    assert_user_error(run_cli("embed", CORPUS, "-o", "missing/corpus.npy", cwd=workdir, check=False), 2, "no folder missing to write it in")
+    (workdir / "taken.pt").mkdir()
+    assert_user_error(run_cli("embed", CORPUS, "-o", "taken.pt", cwd=workdir, check=False), 2, "taken.pt: is a folder")
 
 
 @pytest.mark.parametrize("command", ["build", "query", "info", "embed"])
