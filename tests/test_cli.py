@@ -155,3 +155,25 @@ def test_build_with_precision_and_ann_structure(tmp_path, sample_queries):
     bad = run_cli("build", CORPUS, "--index", str(tmp_path / "x"), "--index-type", "NoSuch9", check=False)
     assert_user_error(bad, 2, "'NoSuch9' is not an index type")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_hub_model_in_the_hugging_face_cache_loads_without_asking_the_hub(tmp_path, tiny_model):
+    """By its name, transformers asked an unreachable hub about every file first (minutes of retries)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hf" / "hub" / "models--acme--tiny-bert" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    # Not offline, and a hub that refuses every connection: any question to it would show.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    source = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "boots that keep feet dry"}, {"id": "b", "text": "espresso"}])
+    for args in (["build", str(source), "--index", str(tmp_path / "idx"), "--model", "acme/tiny-bert"], ["query", str(tmp_path / "idx"), "boots", "--json"]):
+        result = subprocess.run([sys.executable, "-m", "indexer", *args], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "Hub" not in result.stderr and "127.0.0.1:9" not in result.stderr, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["hits"][0]["id"] == "a"
+    assert json.loads(run_cli("info", str(tmp_path / "idx"), "--json").stdout)["settings"]["model"] == "acme/tiny-bert"
