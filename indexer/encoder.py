@@ -54,6 +54,7 @@ QUERY_TEXTS = 4
 # On an accelerator, encode_texts tokenises inputs longer than this in parts, the next while the model runs.
 TOKENIZE_AHEAD = 8192
 GRAPH_MAX_SHAPES = 64
+SBERT_CONFIG = "sentence_bert_config.json"
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -82,9 +83,10 @@ def resolve_model_path(model: str) -> str:
     return name if Path(name).is_dir() else _cached_snapshot(name) or name
 
 
-# What a model needs in the Hugging Face cache to load from there alone: its config, weights and tokenizer.
+# What a model needs in the Hugging Face cache to load from there alone: its config, weights (every shard an index
+# names) and a tokenizer with its vocabulary (tokenizer_config.json alone makes an empty one, silently).
 CACHED_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
-                ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+                ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"))
 
 
 def _cached_snapshot(name: str) -> str | None:
@@ -93,19 +95,31 @@ def _cached_snapshot(name: str) -> str | None:
     Loading from it asks the hub nothing: by its name, transformers checks every
     file with the hub first, and an unreachable hub took minutes of retries
     (2 min 48 s for a cached tiny model). A newer revision on the hub is not
-    looked for; ``huggingface-cli download NAME`` fetches it.
+    looked for; ``huggingface-cli download NAME`` fetches it. The cache must
+    also know whether the model has a ``sentence_bert_config.json`` (its
+    ``max_seq_length`` sets the default max length): the file, or the hub's
+    answer that there is none.
     """
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    folder = None
+    found = []
     for choices in CACHED_FILES:
-        found = next((f for f in (try_to_load_from_cache(name, c) for c in choices) if isinstance(f, str)), None)
-        if found is None or (folder is not None and Path(found).parent != folder):
+        path = next((p for p in (try_to_load_from_cache(name, c) for c in choices) if isinstance(p, str)), None)
+        if path is None:
             return None
-        folder = Path(found).parent
-    return str(folder)
+        found.append(Path(path))
+    if found[1].name.endswith(".index.json"):
+        try:
+            shards = set(json.loads(found[1].read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        if not all(isinstance(try_to_load_from_cache(name, shard), str) for shard in shards):
+            return None
+    if try_to_load_from_cache(name, SBERT_CONFIG) is None:  # neither the file nor the hub's "none"
+        return None
+    return str(found[0].parent)
 
 
 def choose_device(device: str | None = None) -> torch.device:
@@ -151,7 +165,7 @@ def model_max_length(model_path: str, tokenizer, config) -> int:
 
         found = cached_file(
             model_path,
-            "sentence_bert_config.json",
+            SBERT_CONFIG,
             _raise_exceptions_for_missing_entries=False,
             _raise_exceptions_for_connection_errors=False,
         )

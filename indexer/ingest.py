@@ -325,7 +325,8 @@ class ArrayFile:
             if output.suffix == ".pt":
                 import torch
 
-                torch.save({"ids": self.ids, "embeddings": torch.from_numpy(matrix)}, tmp)
+                with open(tmp, "wb") as f:  # given a path, torch reports a full disk as a RuntimeError
+                    torch.save({"ids": self.ids, "embeddings": torch.from_numpy(matrix)}, f)
             else:
                 with open(tmp, "wb") as f:
                     np.save(f, matrix)

@@ -379,16 +379,19 @@ def serve(
 
 def check_address(host: str, port: int) -> None:
     """Refuse an address that cannot be listened on now: uvicorn would say so only once the index and model are loaded."""
-    try:
-        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    try:  # "" is every interface, as uvicorn takes it
+        family, kind, protocol, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as exc:
         raise ArgumentError(f"{host}: not an address to listen on ({getattr(exc, 'strerror', None) or exc})") from None
     with socket.socket(family, kind, protocol) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        if family == socket.AF_INET6:  # as asyncio binds "::": beside an IPv4 listener on the same port
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            raise ArgumentError(f"{host}:{port}: cannot listen ({exc.strerror or exc})") from None
+            shown = f"[{host}]" if ":" in host else host or "*"
+            raise ArgumentError(f"{shown}:{port}: cannot listen ({exc.strerror or exc})") from None
 
 
 def app_from_environment() -> FastAPI:

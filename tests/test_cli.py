@@ -157,17 +157,34 @@ def test_build_with_precision_and_ann_structure(tmp_path, sample_queries):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_hub_model_in_the_hugging_face_cache_loads_without_asking_the_hub(tmp_path, tiny_model):
+def test_a_hub_model_in_the_hugging_face_cache_loads_without_asking_the_hub(tmp_path, tiny_model, monkeypatch):
     """By its name, transformers asked an unreachable hub about every file first (minutes of retries)."""
     import os
     import shutil
     import subprocess
     import sys
 
+    import huggingface_hub.constants
+
+    from indexer.encoder import resolve_model_path
+
     snapshot = tmp_path / "hf" / "hub" / "models--acme--tiny-bert" / "snapshots" / "abc123"
     shutil.copytree(tiny_model, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    no_sbert = snapshot.parents[1] / ".no_exist" / "abc123" / "sentence_bert_config.json"  # the hub's "none", as cached
+    no_sbert.parent.mkdir(parents=True)
+    no_sbert.touch()
+    # Only a cache that holds all a load needs is used (else the hub is asked for the rest, as before).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    assert resolve_model_path("acme/tiny-bert") == str(snapshot)
+    for missing in ("tokenizer.json", "model.safetensors"):
+        (snapshot / missing).rename(tmp_path / missing)
+        assert resolve_model_path("acme/tiny-bert") == "acme/tiny-bert"
+        (tmp_path / missing).rename(snapshot / missing)
+    no_sbert.unlink()  # whether it has a sentence_bert_config.json (its max length) is unknown
+    assert resolve_model_path("acme/tiny-bert") == "acme/tiny-bert"
+    no_sbert.touch()
     # Not offline, and a hub that refuses every connection: any question to it would show.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
