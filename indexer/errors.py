@@ -4,6 +4,11 @@ Library callers catch :class:`IndexerError`; the CLI turns each subclass into
 a one-line message and its own exit code (see ``indexer.cli.EXIT_CODES``).
 """
 
+import errno
+
+# What the OS says when the disk or the quota runs out (see DiskFullError).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class IndexerError(Exception):
     """Base class: a problem with the user's input, model or index, not a bug."""

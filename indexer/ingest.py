@@ -10,7 +10,6 @@ encoder replaced by a pool of remote replicas.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from . import collector
 from .cache import EmbeddingCache, embedding_keys
-from .errors import ArgumentError, DiskFullError, SourceError
+from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
 
@@ -336,7 +335,7 @@ class ArrayFile:
         except OSError as exc:
             for path in (tmp, ids_tmp):
                 path.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in DISK_FULL_ERRNOS:
                 raise DiskFullError(f"{output}: the disk is full") from None
             raise ArgumentError(f"{output}: cannot write ({exc.strerror or exc})") from None
 

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import ArgumentError, IndexCorruptError, IndexLockedError, IndexNotFoundError
+from .errors import DISK_FULL_ERRNOS, ArgumentError, IndexCorruptError, IndexLockedError, IndexNotFoundError
 from .settings import IndexSettings
 
 FORMAT_VERSION = 2
@@ -435,7 +435,7 @@ def writer_lock(path: Path, wait: float = 0.0, action: str = "write") -> Iterato
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, which the write reports as such
+        if exc.errno in DISK_FULL_ERRNOS:  # a full disk, which the write reports as such
             raise
         raise ArgumentError(f"{path}: cannot write the index folder ({exc.strerror or exc})") from None
     try:

@@ -336,16 +336,21 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER = json.JSONDecoder(object_pairs_hook=_json_object)
 
 
+def _lone_surrogate(text: str) -> re.Match | None:
+    """The first lone surrogate in ``text`` (see ``SURROGATE``); an ASCII text, the usual case, is not searched."""
+    return None if text.isascii() else SURROGATE.search(text)
+
+
 def surrogate_fault(text: str) -> str | None:
-    """What makes ``text`` no Unicode text (a lone surrogate, see ``SURROGATE``), in words; None if nothing does."""
-    if text.isascii() or not (found := SURROGATE.search(text)):
+    """What makes ``text`` no Unicode text (a lone surrogate), in words; None if nothing does."""
+    if not (found := _lone_surrogate(text)):
         return None
     return f"holds \\u{ord(found.group()):04x} at character {found.start() + 1}, a lone UTF-16 surrogate, which is not Unicode text"
 
 
 def name_fault(name: str) -> str | None:
     """What makes a file name no text, in words: bytes that are not UTF-8 (which Python holds as lone surrogates)."""
-    if name.isascii() or not (found := SURROGATE.search(name)):
+    if not (found := _lone_surrogate(name)):
         return None
     code = ord(found.group())
     what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"  # as os.fsdecode made it

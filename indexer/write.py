@@ -13,7 +13,6 @@ bookkeeping) are warnings on the report, never errors.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import numpy as np
 from . import layout
 from .cache import EmbeddingCache
 from .check import check_version
-from .errors import ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexNotFoundError
+from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexNotFoundError
 from .ingest import CHUNK_SIZE, document_chunks
 from .segments import Segment, SegmentWriter
 from .settings import IndexSettings, embedding_config
@@ -355,7 +354,7 @@ def disk_full(exc: BaseException, path: Path) -> bool:
     when its shared-memory file cannot grow; FAISS says "write error". For
     the vague ones, the filesystem's free space decides.
     """
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         return True
     code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
     if code == sqlite3.SQLITE_FULL or "No space left on device" in str(exc):
