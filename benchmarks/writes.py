@@ -10,6 +10,8 @@ hnsw), in one run:
 * one-document upsert and delete through the CLI, each a fresh process (median
   of --cli-repeats), with the bytes the process wrote (``/proc/self/io``:
   ``wchar``, every write() call, and ``write_bytes``, what reached the block layer);
+  and two CLI writes that encode nothing: an upsert of the same document with a
+  new field, and ``rebuild --if-changed`` of the unchanged source;
 * the same through the library in this process (median of 10);
 * the same through a running ``indexer serve`` (POST /documents, DELETE
   /documents/ID; median of 10);
@@ -82,16 +84,23 @@ def median(values: list[float]) -> float:
 
 
 def measure_cli(index: Path, tmp: Path, repeats: int, tag: str) -> dict:
-    upserts, deletes = [], []
+    upserts, deletes, relabels, rebuilds = [], [], [], []
     for i in range(repeats):
-        doc = write_jsonl(tmp / "one.jsonl", [{"id": f"cli-{tag}-{i}", "text": f"a freshly packaged tool number {i} for {tag}"}])
-        _, wall, io = cli("upsert", str(index), str(doc))
+        record = {"id": f"cli-{tag}-{i}", "text": f"a freshly packaged tool number {i} for {tag}"}
+        _, wall, io = cli("upsert", str(index), str(write_jsonl(tmp / "one.jsonl", [record])))
         upserts.append((wall, io["wchar"], io["write_bytes"]))
+        # The same text with a new field: its vector is in the embedding cache, so the model is never loaded.
+        report, wall, _ = cli("upsert", str(index), str(write_jsonl(tmp / "one.jsonl", [{**record, "label": "moved"}])))
+        assert report["encoded"] == 0 and report["published"], report
+        relabels.append(wall)
         _, wall, io = cli("delete", str(index), f"cli-{tag}-{i}")
         deletes.append((wall, io["wchar"], io["write_bytes"]))
+        report, wall, _ = cli("rebuild", str(index), "--if-changed")  # the source is unchanged: nothing is published
+        assert not report["published"], report
+        rebuilds.append(wall)
     return {
         f"cli_{verb}_s": median([w for w, _, _ in rows]) for verb, rows in (("upsert", upserts), ("delete", deletes))
-    } | {
+    } | {"cli_metadata_upsert_s": median(relabels), "cli_unchanged_rebuild_s": median(rebuilds)} | {
         f"cli_{verb}_wchar_mb": round(median([c for _, c, _ in rows]) / 1e6, 3) for verb, rows in (("upsert", upserts), ("delete", deletes))
     } | {
         f"cli_{verb}_write_bytes_mb": round(median([b for _, _, b in rows]) / 1e6, 3) for verb, rows in (("upsert", upserts), ("delete", deletes))
@@ -226,7 +235,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         quality = bm25_after_small_writes(tmp, model, encoder, args.bm25_documents) if args.bm25_documents else {}
     small, large = min(args.sizes), max(args.sizes)
-    writes = ["cli_upsert_s", "cli_delete_s", "library_upsert_s", "library_delete_s", "http_upsert_s", "http_delete_s",
+    writes = ["cli_upsert_s", "cli_metadata_upsert_s", "cli_delete_s", "cli_unchanged_rebuild_s", "library_upsert_s", "library_delete_s", "http_upsert_s", "http_delete_s",
               "cli_upsert_wchar_mb", "cli_delete_wchar_mb"]
     print(f"\n{machine()}; CPU flags: {' '.join(flags) or 'none'}")
     columns = ["documents", "index_type", "build_s", "index_mb", *writes, "search_dense_p50_ms_segmented", "search_dense_p50_ms_compacted",

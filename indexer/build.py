@@ -28,7 +28,7 @@ from . import collector, layout
 from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, SourceError
-from .external import is_external, load_encoder, load_tokenizer
+from .external import encoder_for_write, is_external, load_encoder, load_tokenizer
 from .ingest import CachedEncoder, ReadAhead, ingest
 from .segments import segment_structure
 from .settings import IndexSettings
@@ -129,7 +129,10 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
             # them starts now, beside the model's load.
             diff = Diff(None, carry=False, keep_upserts=keep_upserts)
             ahead = stack.enter_context(ReadAhead(diff.changed(documents), tokenizer.tokenize))
-        encoder = load_encoder(settings, device, reuse=encoder, tokenizer=tokenizer)
+        if current is not None and ray is None:  # the model loads once a text must be encoded (writes that change little)
+            encoder = encoder_for_write(settings, device, reuse=encoder)
+        else:
+            encoder = load_encoder(settings, device, reuse=encoder, tokenizer=tokenizer)
         if ray is not None and is_external(encoder.model_name):
             raise ArgumentError(f"{encoder.model_name} runs in this process only; build it without --engine ray")
         settings.model, settings.max_length = encoder.model_name, encoder.max_length

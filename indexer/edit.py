@@ -17,7 +17,7 @@ from . import collector, layout
 from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, SourceError
-from .external import check_encoder, load_encoder
+from .external import check_encoder, encoder_for_write
 from .ingest import CachedEncoder, ingest
 from .segments import segment_structure
 from .sources import Document, DocumentSource
@@ -59,7 +59,7 @@ def upsert_documents(
         else:
             documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields,
                                        max_document_bytes=settings.max_document_bytes)
-        encoder = load_encoder(settings, device, reuse=encoder)
+        encoder = encoder_for_write(settings, device, reuse=encoder)  # the model loads only if a text must be encoded
         check_encoder(encoder, manifest.model_fingerprint, path)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:

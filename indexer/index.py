@@ -11,6 +11,7 @@ import numpy as np
 from . import layout
 from .errors import ArgumentError, IndexCorruptError, ModelError
 from .external import check_encoder, is_external, load_encoder
+from .models import canonical_model_name
 from .query import Condition, Hit, search_texts
 from .settings import IndexSettings
 from .snapshot import Snapshot
@@ -58,9 +59,9 @@ class Index:
         self.device = device
         self._served = Snapshot.open(self.path)
         settings = self._served.manifest.settings
-        if model is not None and _canonical(model) != settings.model:
+        if model is not None and canonical_model_name(model) != settings.model:
             raise ModelError(
-                f"{self.path}: index was built with model {settings.model!r}, not {_canonical(model)!r}; "
+                f"{self.path}: index was built with model {settings.model!r}, not {canonical_model_name(model)!r}; "
                 "queries must use the index's own model (leave out --model)"
             )
         self._encoder = load_encoder(settings, device, reuse=encoder)
@@ -181,9 +182,3 @@ class Index:
                 raise IndexCorruptError(
                     f"{self.path}: model gives {encoder.dimension}-d vectors but segment {segment.name} holds {segment.vectors.dimension}-d"
                 )
-
-
-def _canonical(model: str) -> str:
-    from .encoder import canonical_model_name  # torch: only once a model is named
-
-    return canonical_model_name(model)

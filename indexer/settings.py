@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .errors import ModelError
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -56,3 +58,13 @@ class IndexSettings:
 def embedding_config(fingerprint: str, pooling: str, max_length: int, precision: str) -> str:
     """What, besides the text, decides a vector (see ``Encoder.embedding_config``)."""
     return f"{fingerprint}|{pooling}|{max_length}|{precision}"
+
+
+def check_embedding(*, pooling: str = "mean", precision: str = "fp32", max_length: int | None = None) -> None:
+    """Raise ModelError unless these are a pooling, a precision and a max length an encoder can embed with."""
+    if pooling not in POOLINGS:
+        raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if max_length is not None and not 1 <= max_length <= MAX_LENGTH_CAP:
+        raise ModelError(f"max length must be between 1 and {MAX_LENGTH_CAP}, got {max_length}")

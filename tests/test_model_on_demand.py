@@ -1,0 +1,143 @@
+"""Writes that encode nothing never load the model; what stands in for it is checked against the model's files.
+
+A tiny random BERT copied per test (so its files can be changed), real
+indexes, real subprocesses with their own ``XDG_CACHE_HOME`` (where
+``models.json`` remembers what a load of the model's files gave).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import write_jsonl
+
+from indexer import layout
+from indexer.errors import ModelError
+from indexer.models import MODELS_FILE, ModelFacts
+from indexer.settings import IndexSettings
+
+RECORDS = [{"id": f"d{i}", "text": f"document number {i} about {word}", "shelf": "a"}
+           for i, word in enumerate(["rivers", "granite", "lanterns", "orchards", "quartz", "timber"])]
+
+
+@pytest.fixture
+def model(tiny_model, tmp_path):
+    return shutil.copytree(tiny_model, tmp_path / "model")
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+
+def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "indexer", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def write(env: dict, call: str) -> dict:
+    """Run one library write in a fresh process; its report, and whether torch was imported."""
+    code = ("import json, sys; from dataclasses import asdict; from indexer import rebuild_index, upsert_documents; "
+            f"report = {call}; print(json.dumps({{**asdict(report), 'torch': 'torch' in sys.modules}}))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def remembered(tmp_path) -> dict:
+    return json.loads((tmp_path / "cache" / "indexer" / MODELS_FILE).read_text())
+
+
+def stored_vector(path, doc_id: str) -> np.ndarray:
+    from indexer.snapshot import Snapshot
+
+    snapshot = Snapshot.open(path)
+    key = np.array([snapshot.keys_for_ids([doc_id])[doc_id]])
+    segment = next(s for s in snapshot.segments if s.holds(key).all())
+    return segment.vectors.reconstruct(key)[0]
+
+
+def test_writes_that_encode_nothing_never_load_the_model(model, env, tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
+    path = tmp_path / "index"
+    assert cli(env, "build", str(source), "--index", str(path), "--model", str(model)).returncode == 0
+    (facts,) = remembered(tmp_path).values()  # the build's load, remembered
+    manifest = layout.read_manifest(layout.version_dir(path, layout.current_version(path)))
+    assert (facts["fingerprint"], facts["dimension"], facts["max_length"]) == (manifest.model_fingerprint, 32, 128)
+
+    unchanged = write(env, f"rebuild_index({str(path)!r}, if_changed=True)")
+    assert (unchanged["torch"], unchanged["published"], unchanged["encoded"]) == (False, False, 0)
+
+    # New metadata, same text: the vector comes from the embedding cache, and a version is published.
+    moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": "b"}])
+    upserted = write(env, f"upsert_documents({str(path)!r}, {str(moved)!r})")
+    assert (upserted["torch"], upserted["published"], upserted["encoded"], upserted["reused"]) == (False, True, 0, 1)
+    assert "load" not in upserted["stages"]
+
+    # A new text: the model loads then, on the first text to encode, and embeds exactly as a loaded one does.
+    text = "a lantern that floats down the river"
+    fresh = write(env, f"upsert_documents({str(path)!r}, {str(write_jsonl(tmp_path / 'new.jsonl', [{'id': 'new', 'text': text}]))!r})")
+    assert (fresh["torch"], fresh["published"], fresh["encoded"]) == (True, True, 1)
+    assert fresh["stages"]["load"] > 0
+    from indexer.encoder import Encoder
+
+    assert stored_vector(path, "new").tobytes() == Encoder(str(model)).encode_texts([text])[0].tobytes()
+    assert stored_vector(path, "d1").tobytes() == Encoder(str(model)).encode_texts([RECORDS[1]["text"]])[0].tobytes()
+    assert cli(env, "check", str(path)).returncode == 0
+
+
+def test_changed_model_files_are_loaded_and_never_taken_for_the_remembered_ones(model, env, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
+    path = tmp_path / "index"
+    assert cli(env, "build", str(source), "--index", str(path), "--model", str(model)).returncode == 0
+    before = layout.current_version(path)
+    # New weights of the same size in the same file (as a fine-tune saved over the old one would be).
+    weights = load_file(model / "model.safetensors")
+    save_file({name: tensor + 0.01 if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
+              str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert torch.is_tensor(next(iter(weights.values())))
+
+    moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": "b"}])
+    refused = cli(env, "upsert", str(path), str(moved))
+    assert refused.returncode == 4, refused.stderr
+    assert refused.stderr.count("\n") == 1 and "changed since this index was built; run rebuild" in refused.stderr
+    assert layout.current_version(path) == before
+
+    rebuilt = write(env, f"rebuild_index({str(path)!r})")
+    assert (rebuilt["torch"], rebuilt["encoded"], rebuilt["reused"]) == (True, len(RECORDS), 0)  # nothing carried over
+    assert len(remembered(tmp_path)) == 2  # both versions of the files, each under its own stamp
+
+
+def test_a_model_that_disagrees_with_what_was_remembered_fails_the_write(model):
+    from indexer.external import DeferredEncoder
+
+    settings = IndexSettings(model=str(model))
+    deferred = DeferredEncoder(settings, "cpu", ModelFacts("0" * 64, 32, 128))
+    assert (deferred.dimension, deferred.max_length) == (32, 128)
+    with pytest.raises(ModelError, match="changed during this write"):
+        deferred.tokenize(["anything"])
+    with pytest.raises(ModelError, match="unknown pooling"):
+        DeferredEncoder(IndexSettings(model=str(model), pooling="max"), None, ModelFacts("0" * 64, 32, 128))
+
+
+def test_an_unreadable_or_foreign_memo_only_costs_a_load(model, env, tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
+    path = tmp_path / "index"
+    memo = tmp_path / "cache" / "indexer" / MODELS_FILE
+    memo.parent.mkdir(parents=True)
+    memo.write_text("[not, json")
+    assert cli(env, "build", str(source), "--index", str(path), "--model", str(model)).returncode == 0
+    (key,) = remembered(tmp_path)  # rewritten whole
+    memo.write_text(json.dumps({key: {"fingerprint": "short", "dimension": 32, "max_length": 128}}))
+    moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": "b"}])
+    report = write(env, f"upsert_documents({str(path)!r}, {str(moved)!r})")
+    assert (report["torch"], report["published"], report["reused"]) == (True, True, 1)
+    assert remembered(tmp_path)[key]["fingerprint"] != "short"
