@@ -130,7 +130,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
             diff = Diff(None, carry=False, keep_upserts=keep_upserts)
             ahead = stack.enter_context(ReadAhead(diff.changed(documents), tokenizer.tokenize))
         if current is not None and ray is None:  # the model loads once a text must be encoded (writes that change little)
-            encoder = encoder_for_write(settings, device, reuse=encoder)
+            encoder = encoder_for_write(settings, device=device, reuse=encoder)
         else:
             encoder = load_encoder(settings, device, reuse=encoder, tokenizer=tokenizer)
         if ray is not None and is_external(encoder.model_name):

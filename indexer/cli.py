@@ -92,7 +92,21 @@ def _usage_message(exc: ClickException) -> str:
     if message[1:2].islower():
         message = message[0].lower() + message[1:]
     ctx = getattr(exc, "ctx", None)
-    return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
+    if ctx is None:
+        return message
+    argument = _argument_meant(ctx, exc.option_name) if type(exc).__name__ == "NoSuchOption" else None
+    if argument:
+        # ``upsert --index products`` after ``build --index products``: say where this command wants it.
+        usage = " ".join(ctx.command.collect_usage_pieces(ctx))
+        return f"no such option: {exc.option_name}; {argument} is an argument here: {ctx.command_path} {usage}"
+    return f"{message} (see '{ctx.command_path} --help')"
+
+
+def _argument_meant(ctx: Any, option: str) -> str | None:
+    """The argument of ctx's command that ``option`` stands for in a sibling command (``--index``, ``-i``: INDEX), if any."""
+    siblings = ctx.parent.command.commands.values() if ctx.parent is not None else ()
+    names = {param.name for command in siblings for param in command.params if option in param.opts} | {option.lstrip("-")}
+    return next((param.name.upper() for param in ctx.command.params if param.param_type_name == "argument" and param.name in names), None)
 
 
 def _choice(name: str, values: Sequence[str]) -> Any:

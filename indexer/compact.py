@@ -29,7 +29,7 @@ import numpy as np
 
 from . import layout
 from .cache import EmbeddingCache, embedding_keys
-from .errors import IndexCorruptError
+from .errors import IndexCorruptError, ModelError
 from .external import load_encoder
 from .segments import Segment, segment_structure
 from .settings import IndexSettings
@@ -83,7 +83,12 @@ def after_write(txn: Transaction, report: BuildReport, settings: IndexSettings, 
     names = merge_plan(txn.segments, txn.deleted)
     if not names:
         return
-    merge(txn, names, settings, encoder=encoder)
+    try:
+        merge(txn, names, settings, encoder=encoder)
+    except ModelError as exc:  # re-embedding for the merge (a deferred model loads only now): the write itself stands
+        report.warnings.append(f"{txn.path}: published {report.version}, but merging its segments failed ({exc}); "
+                               "'indexer compact' retries")
+        return
     report.merged += len(names)
     txn.publish(settings, txn.manifest.dimension, txn.manifest.model_fingerprint, report, keep)
 

@@ -59,7 +59,7 @@ def upsert_documents(
         else:
             documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields,
                                        max_document_bytes=settings.max_document_bytes)
-        encoder = encoder_for_write(settings, device, reuse=encoder)  # the model loads only if a text must be encoded
+        encoder = encoder_for_write(settings, device=device, reuse=encoder)  # the model loads only if a text must be encoded
         check_encoder(encoder, manifest.model_fingerprint, path)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:

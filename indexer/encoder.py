@@ -27,8 +27,9 @@ import torch
 from tqdm import tqdm
 
 from .errors import ModelError
-from .models import SBERT_CONFIG, ModelFacts, canonical_model_name, file_stamp, read_memo, remember_facts, resolve_model_path, write_memo
-from .settings import DEFAULT_MODEL, MAX_LENGTH_CAP, IndexSettings, check_embedding, embedding_config
+from .models import (SBERT_CONFIG, ModelFacts, canonical_model_name, file_stamp, files_identity, read_memo, remember_facts,
+                     resolve_model_path, write_memo)
+from .settings import DEFAULT_MODEL, MAX_LENGTH_CAP, IndexSettings, check_embedding, embedding_config, resolved_max_length
 
 PROGRESS_MIN_TEXTS = 1000
 PAD_MULTIPLE = 8
@@ -128,10 +129,12 @@ class TextTokenizer:
         self.model_name = canonical_model_name(model)
         self.path = resolve_model_path(model)
         self.settings = (self.model_name, max_length)  # what an Encoder given this tokenizer checks it was asked for
-        self.stamp = file_stamp(self.path)  # the model's files before anything of them is read
+        # The model's files before anything of them is read: what forward choices are remembered by, and what the
+        # facts a write remembers from this load are (see models.remember_facts).
+        self.stamp, self.identity = file_stamp(self.path), files_identity(self.path)
         self.tokenizer, config = _load_tokenizer(self.model_name, self.path)
         self.limit = model_max_length(self.path, self.tokenizer, config)
-        self.max_length = min(max_length, self.limit) if max_length else self.limit
+        self.max_length = resolved_max_length(max_length, self.limit)
         self._backend = self._plain_backend()
         self._ascii = _ascii_shortcut(self._backend) if self._backend is not None else None
 
@@ -241,10 +244,7 @@ class Encoder:
         self.precision = precision
         self.batch_size = batch_size
         self.device = choose_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ModelError("precision fp16 needs a CUDA device; use bf16 on CPU")
-        if precision == "int8" and self.device.type != "cpu":
-            raise ModelError("precision int8 runs on the CPU only")
+        check_embedding(precision=precision, device_type=self.device.type)
         cpu = self.device.type == "cpu"
         # Workers for batches side by side on CPU: the thread count at load (the process-wide count changes
         # while batches or queries run, and another thread's query may be holding it when a build starts).
@@ -333,7 +333,7 @@ class Encoder:
         digest.update(json.dumps(tokenizer, sort_keys=True).encode())
         fingerprint = digest.hexdigest()
         # The next write that encodes nothing need not load the model to know this (see models.remembered_facts).
-        remember_facts(self._path, self._stamp, ModelFacts(fingerprint, self.dimension, self.text.limit))
+        remember_facts(self._path, self.text.identity, ModelFacts(fingerprint, self.dimension, self.text.limit))
         return fingerprint
 
     @property

@@ -22,7 +22,7 @@ import numpy as np
 from . import collector
 from .errors import ModelError
 from .models import ModelFacts, canonical_model_name, remembered_facts
-from .settings import IndexSettings, check_embedding, embedding_config
+from .settings import IndexSettings, check_embedding, embedding_config, resolved_max_length
 
 if TYPE_CHECKING:
     from .encoder import Encoder, TextTokenizer
@@ -53,13 +53,13 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Enc
         return Encoder.from_settings(settings, device, tokenizer=tokenizer)
 
 
-def encoder_for_write(settings: IndexSettings, device: str | None = None, reuse: "Encoder | ExternalEncoder | None" = None):
+def encoder_for_write(settings: IndexSettings, *, device: str | None = None, reuse: "Encoder | ExternalEncoder | None" = None):
     """The encoder a write embeds with: as ``load_encoder``, except that our model comes as a ``DeferredEncoder``
     (loaded only when a text must be encoded) where a load of its files as they are now was remembered."""
     if (reuse is None or not reuse.embeds_as(settings)) and not is_external(settings.model):
         facts = remembered_facts(settings.model)
         if facts is not None:
-            return DeferredEncoder(settings, device, facts)
+            return DeferredEncoder(settings, facts, device=device)
     return load_encoder(settings, device, reuse)
 
 
@@ -73,12 +73,14 @@ class DeferredEncoder:
     model loaded later must agree, or the write fails and publishes nothing.
     """
 
-    def __init__(self, settings: IndexSettings, device: str | None, facts: ModelFacts):
-        check_embedding(pooling=settings.pooling, precision=settings.precision, max_length=settings.max_length)
+    def __init__(self, settings: IndexSettings, facts: ModelFacts, *, device: str | None = None):
+        # What can be checked without torch fails now, as a load would (the device's name only if one is given).
+        check_embedding(pooling=settings.pooling, precision=settings.precision, max_length=settings.max_length,
+                        device_type=device.split(":")[0] if device else None)
         self._settings, self._device = replace(settings), device
         self.model_name = canonical_model_name(settings.model)
         self.pooling, self.precision = settings.pooling, settings.precision
-        self.max_length = min(settings.max_length, facts.max_length) if settings.max_length else facts.max_length
+        self.max_length = resolved_max_length(settings.max_length, facts.max_length)
         self.dimension, self.fingerprint = facts.dimension, facts.fingerprint
         self._encoder: Encoder | None = None
         self._lock = threading.Lock()  # the pipeline's reading and encoding threads may both need the model first
@@ -99,7 +101,8 @@ class DeferredEncoder:
                 started = time.perf_counter()
                 encoder = load_encoder(self._settings, self._device)
                 if encoder.embedding_config != self.embedding_config or encoder.dimension != self.dimension:
-                    raise ModelError(f"the files of model {self.model_name!r} changed during this write; run it again")
+                    raise ModelError(f"the files of model {self.model_name!r} do not give what models.json remembers "
+                                     "of them; run the write again")
                 self._encoder = encoder
                 self.load_seconds = time.perf_counter() - started
             return self._encoder

@@ -227,6 +227,7 @@ def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedE
     """
     cached = encoder if isinstance(encoder, CachedEncoder) else CachedEncoder(encoder)
     stats = IngestStats()
+    loaded = getattr(cached.encoder, "load_seconds", 0.0)  # a deferred model's load (external.DeferredEncoder)
     chunks = iter(documents) if isinstance(documents, ReadAhead) else ((docs, None) for docs in document_chunks(documents))
     failed = threading.Event()  # set by the first error: the other stages do no more work
 
@@ -290,8 +291,8 @@ def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedE
     if isinstance(documents, ReadAhead):
         for stage, seconds in documents.seconds.items():
             stats.seconds[stage] += seconds
-    loaded = getattr(cached.encoder, "load_seconds", 0.0)
-    if loaded:  # a deferred model (external.DeferredEncoder) loads where the first text is tokenised: said apart
+    loaded = getattr(cached.encoder, "load_seconds", 0.0) - loaded
+    if loaded:  # it happens where the first text is tokenised: said apart
         stats.seconds["tokenize"] -= loaded
         stats.seconds["load"] = loaded
     return stats

@@ -5,9 +5,10 @@ package, a hub model's from the Hugging Face cache when that holds all a load
 needs. What a load of a folder yields that a write needs without the model
 itself (its fingerprint, vector dimension and own max length: ``ModelFacts``)
 is remembered in ``~/.cache/indexer/models.json`` (under ``$XDG_CACHE_HOME``
-if set), keyed by every file's stamp and the versions of the libraries that
-load it. A write whose texts are all unchanged or cached then never loads the
-model (``external.encoder_for_write``); any change to the files is a new key.
+if set) by each write that fingerprints the model, keyed by the files'
+identity (``files_identity``), the versions of the libraries that load them
+and our own loading code. A write whose texts are all unchanged or cached then
+never loads the model (``external.encoder_for_write``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,8 +34,10 @@ CACHED_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index
 MODELS_FILE = "models.json"
 # Entries a remembered-choices file keeps (the newest): one per model, library versions and machine in use.
 MEMO_ENTRIES = 64
-# A load's result depends on these besides the files (how weights are named and read, how text is tokenised).
-LOADERS = ("torch", "transformers", "tokenizers")
+# A load's result depends on these besides the files (how weights are named and read, how text is tokenised,
+# how a slow tokenizer converts to a fast one), and on encoder.py (the fingerprint, the max length).
+LOADERS = ("torch", "transformers", "tokenizers", "sentencepiece", "protobuf")
+SAMPLE_BYTES = 2**20
 
 
 def canonical_model_name(model: str) -> str:
@@ -98,20 +102,38 @@ def _cached_snapshot(name: str) -> str | None:
 
 
 def file_stamp(path: str) -> tuple | None:
-    """Name, size, modification and change time and inode of each file of a local model folder (None for a hub id).
-
-    Writing or replacing a file changes its change time, which nothing can set back.
-    """
+    """Name, size and modification time of each file of a local model folder (None for a hub id)."""
     folder = Path(path)
     if not folder.is_dir():
         return None
-    stamps = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_file():
-                st = entry.stat()
-                stamps.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-    return tuple(sorted(stamps))
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+
+
+def files_identity(path: str) -> tuple | None:
+    """What tells a model folder's files from any others: per file its name, size, modification and change time,
+    inode and device, and a digest of its first and last ``SAMPLE_BYTES``; None for a hub id or an unreadable folder.
+
+    Writing or replacing a file changes its change time, which nothing sets
+    back; the digest also tells apart files of an image rebuilt with the same
+    times and inodes (new weights of the same shape change the first tensors' bytes).
+    """
+    if not Path(path).is_dir():
+        return None
+    files = []
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    with open(entry.path, "rb") as f:
+                        st = os.fstat(f.fileno())
+                        digest = hashlib.sha256(f.read(SAMPLE_BYTES))
+                        if st.st_size > SAMPLE_BYTES:
+                            f.seek(max(SAMPLE_BYTES, st.st_size - SAMPLE_BYTES))
+                            digest.update(f.read(SAMPLE_BYTES))
+                    files.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, digest.hexdigest()))
+    except OSError:  # a file gone or unreadable meanwhile: nothing is remembered, the load says what is wrong
+        return None
+    return tuple(sorted(files))
 
 
 def read_memo(name: str) -> dict:
@@ -132,7 +154,7 @@ def write_memo(name: str, key: str, value) -> None:
         memo = read_memo(name)
         memo.pop(key, None)
         memo = dict(list({**memo, key: value}.items())[-MEMO_ENTRIES:])
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(memo, indent=1))
         os.replace(tmp, path)
 
@@ -155,7 +177,7 @@ class ModelFacts:
 def remembered_facts(model: str) -> ModelFacts | None:
     """``ModelFacts`` of ``model`` if a load of its files, exactly as they are now, was remembered; else None."""
     path = resolve_model_path(model)
-    key = _facts_key(path, file_stamp(path))
+    key = _facts_key(path, files_identity(path))
     value = read_memo(MODELS_FILE).get(key) if key else None
     try:
         facts = ModelFacts(str(value["fingerprint"]), int(value["dimension"]), int(value["max_length"]))
@@ -165,15 +187,15 @@ def remembered_facts(model: str) -> ModelFacts | None:
     return facts if sound else None
 
 
-def remember_facts(path: str, stamp: tuple | None, facts: ModelFacts) -> None:
-    """Remember ``facts`` of the model folder ``path``, loaded while its files had ``stamp``, if they still do."""
-    key = _facts_key(path, stamp)
-    if key is not None and file_stamp(path) == stamp:
+def remember_facts(path: str, identity: tuple | None, facts: ModelFacts) -> None:
+    """Remember ``facts`` of the model folder ``path``, loaded while its files had ``identity``, if they still do."""
+    key = _facts_key(path, identity)
+    if key is not None and files_identity(path) == identity and read_memo(MODELS_FILE).get(key) != asdict(facts):
         write_memo(MODELS_FILE, key, asdict(facts))
 
 
-def _facts_key(path: str, stamp: tuple | None) -> str | None:
-    if stamp is None:
+def _facts_key(path: str, identity: tuple | None) -> str | None:
+    if identity is None:
         return None
     versions = []
     for package in LOADERS:
@@ -181,4 +203,5 @@ def _facts_key(path: str, stamp: tuple | None) -> str | None:
             versions.append(metadata.version(package))
         except metadata.PackageNotFoundError:
             versions.append(None)
-    return hashlib.sha256(json.dumps([path, stamp, versions]).encode()).hexdigest()[:32]
+    code = hashlib.sha256(Path(__file__).with_name("encoder.py").read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps([path, identity, versions, code]).encode()).hexdigest()[:32]

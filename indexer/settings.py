@@ -60,11 +60,21 @@ def embedding_config(fingerprint: str, pooling: str, max_length: int, precision:
     return f"{fingerprint}|{pooling}|{max_length}|{precision}"
 
 
-def check_embedding(*, pooling: str = "mean", precision: str = "fp32", max_length: int | None = None) -> None:
-    """Raise ModelError unless these are a pooling, a precision and a max length an encoder can embed with."""
-    if pooling not in POOLINGS:
+def check_embedding(*, pooling: str | None = None, precision: str | None = None, max_length: int | None = None,
+                    device_type: str | None = None) -> None:
+    """Raise ModelError unless what is given is a pooling, precision, max length and device an encoder embeds with."""
+    if pooling is not None and pooling not in POOLINGS:
         raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if max_length is not None and not 1 <= max_length <= MAX_LENGTH_CAP:
         raise ModelError(f"max length must be between 1 and {MAX_LENGTH_CAP}, got {max_length}")
+    if precision == "fp16" and device_type not in (None, "cuda"):
+        raise ModelError("precision fp16 needs a CUDA device; use bf16 on CPU")
+    if precision == "int8" and device_type not in (None, "cpu"):
+        raise ModelError("precision int8 runs on the CPU only")
+
+
+def resolved_max_length(asked: int | None, limit: int) -> int:
+    """The max length an encoder embeds with: ``asked``, or the model's own ``limit`` if None, never above it."""
+    return min(asked, limit) if asked else limit

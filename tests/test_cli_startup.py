@@ -107,6 +107,10 @@ def test_k_below_one_fails_before_the_model_loads(index_with_two_versions):
         (["build"], "missing argument 'SOURCE'"),
         (["info"], "missing argument 'INDEX'"),
         (["build", CORPUS, "--index", "x", "--no-such-option"], "no such option: --no-such-option"),
+        # Spelled as build spells it: where this command wants it.
+        (["upsert", CORPUS, "--index", "x"], "no such option: --index; INDEX is an argument here: indexer upsert [OPTIONS] INDEX SOURCE"),
+        (["delete", "-i", "x", "P1"], "no such option: -i; INDEX is an argument here: indexer delete [OPTIONS] INDEX ID..."),
+        (["build", "--source", CORPUS], "no such option: --source; SOURCE is an argument here: indexer build [OPTIONS] SOURCE"),
         (["no-such-command"], "no such command 'no-such-command'"),
         (["query", "x", "q", "--mode", "magic"], "'magic' is not one of 'dense', 'keyword', 'hybrid'"),
         (["query", "x", "q", "--fusion", "sum"], "'sum' is not one of 'score', 'rrf'"),

@@ -32,8 +32,10 @@ def model(tiny_model, tmp_path):
 
 
 @pytest.fixture
-def env(tmp_path):
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+def env(tmp_path, monkeypatch):
+    # This process and the ones it starts remember in the same place, so they choose the same forward.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -72,38 +74,46 @@ def test_writes_that_encode_nothing_never_load_the_model(model, env, tmp_path):
 
     unchanged = write(env, f"rebuild_index({str(path)!r}, if_changed=True)")
     assert (unchanged["torch"], unchanged["published"], unchanged["encoded"]) == (False, False, 0)
+    built = stored_vector(path, "d1")
 
     # New metadata, same text: the vector comes from the embedding cache, and a version is published.
     moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": "b"}])
     upserted = write(env, f"upsert_documents({str(path)!r}, {str(moved)!r})")
     assert (upserted["torch"], upserted["published"], upserted["encoded"], upserted["reused"]) == (False, True, 0, 1)
     assert "load" not in upserted["stages"]
+    assert stored_vector(path, "d1").tobytes() == built.tobytes()
 
     # A new text: the model loads then, on the first text to encode, and embeds exactly as a loaded one does.
     text = "a lantern that floats down the river"
     fresh = write(env, f"upsert_documents({str(path)!r}, {str(write_jsonl(tmp_path / 'new.jsonl', [{'id': 'new', 'text': text}]))!r})")
     assert (fresh["torch"], fresh["published"], fresh["encoded"]) == (True, True, 1)
-    assert fresh["stages"]["load"] > 0
+    assert fresh["stages"]["load"] > 0 and fresh["stages"]["tokenize"] < fresh["stages"]["load"]
     from indexer.encoder import Encoder
 
     assert stored_vector(path, "new").tobytes() == Encoder(str(model)).encode_texts([text])[0].tobytes()
-    assert stored_vector(path, "d1").tobytes() == Encoder(str(model)).encode_texts([RECORDS[1]["text"]])[0].tobytes()
     assert cli(env, "check", str(path)).returncode == 0
 
 
-def test_changed_model_files_are_loaded_and_never_taken_for_the_remembered_ones(model, env, tmp_path):
-    import torch
+def save_new_weights(model) -> None:
+    """New weights of the same shape saved over the old file, its size and modification time put back (as a
+    fine-tune copied in with its times kept, or an image rebuilt reproducibly, would leave them)."""
     from safetensors.torch import load_file, save_file
 
+    file = model / "model.safetensors"
+    before = file.stat()
+    weights = load_file(file)
+    save_file({name: tensor + 0.01 if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
+              str(file), metadata={"format": "pt"})
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (file.stat().st_size, file.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_changed_model_files_are_loaded_and_never_taken_for_the_remembered_ones(model, env, tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
     path = tmp_path / "index"
     assert cli(env, "build", str(source), "--index", str(path), "--model", str(model)).returncode == 0
     before = layout.current_version(path)
-    # New weights of the same size in the same file (as a fine-tune saved over the old one would be).
-    weights = load_file(model / "model.safetensors")
-    save_file({name: tensor + 0.01 if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
-              str(model / "model.safetensors"), metadata={"format": "pt"})
-    assert torch.is_tensor(next(iter(weights.values())))
+    save_new_weights(model)
 
     moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": "b"}])
     refused = cli(env, "upsert", str(path), str(moved))
@@ -111,21 +121,49 @@ def test_changed_model_files_are_loaded_and_never_taken_for_the_remembered_ones(
     assert refused.stderr.count("\n") == 1 and "changed since this index was built; run rebuild" in refused.stderr
     assert layout.current_version(path) == before
 
+    # The refused upsert remembered the new files' facts: the rebuild knows from them that nothing carries over.
     rebuilt = write(env, f"rebuild_index({str(path)!r})")
-    assert (rebuilt["torch"], rebuilt["encoded"], rebuilt["reused"]) == (True, len(RECORDS), 0)  # nothing carried over
-    assert len(remembered(tmp_path)) == 2  # both versions of the files, each under its own stamp
+    assert (rebuilt["torch"], rebuilt["encoded"], rebuilt["reused"]) == (True, len(RECORDS), 0)
+    assert len(remembered(tmp_path)) == 2  # both versions of the files, each under its own identity
+    assert write(env, f"rebuild_index({str(path)!r}, if_changed=True)")["torch"] is False
+
+
+def test_a_wrong_memo_fails_the_write_that_loads_the_model_and_is_put_right(model, env, tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
+    path = tmp_path / "index"
+    assert cli(env, "build", str(source), "--index", str(path), "--model", str(model)).returncode == 0
+    (old,) = remembered(tmp_path).values()
+    save_new_weights(model)
+    moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": "b"}])
+    assert cli(env, "upsert", str(path), str(moved)).returncode == 4  # loads, and remembers the new files' facts
+    # A memo that says the new files give the old fingerprint: a write that encodes trusts it until the model loads.
+    memo = tmp_path / "cache" / "indexer" / MODELS_FILE
+    memo.write_text(json.dumps({key: old for key in remembered(tmp_path)}))
+    before = layout.current_version(path)
+    new = write_jsonl(tmp_path / "new.jsonl", [{"id": "new", "text": "a text nobody has encoded yet"}])
+    failed = cli(env, "upsert", str(path), str(new))
+    assert failed.returncode == 4 and failed.stderr.count("\n") == 1, failed.stderr
+    assert "do not give what models.json remembers of them; run the write again" in failed.stderr
+    assert layout.current_version(path) == before
+    again = cli(env, "upsert", str(path), str(new))  # put right by the failed load: the weights changed, says it
+    assert again.returncode == 4 and "changed since this index was built; run rebuild" in again.stderr
 
 
 def test_a_model_that_disagrees_with_what_was_remembered_fails_the_write(model):
     from indexer.external import DeferredEncoder
 
-    settings = IndexSettings(model=str(model))
-    deferred = DeferredEncoder(settings, "cpu", ModelFacts("0" * 64, 32, 128))
-    assert (deferred.dimension, deferred.max_length) == (32, 128)
-    with pytest.raises(ModelError, match="changed during this write"):
+    facts = ModelFacts("0" * 64, 32, 128)
+    deferred = DeferredEncoder(IndexSettings(model=str(model), max_length=64), facts, device="cpu")
+    assert (deferred.dimension, deferred.max_length) == (32, 64)
+    with pytest.raises(ModelError, match="do not give what models.json remembers"):
         deferred.tokenize(["anything"])
+    # What a load would refuse at once, without a model, is refused at once.
     with pytest.raises(ModelError, match="unknown pooling"):
-        DeferredEncoder(IndexSettings(model=str(model), pooling="max"), None, ModelFacts("0" * 64, 32, 128))
+        DeferredEncoder(IndexSettings(model=str(model), pooling="max"), facts)
+    with pytest.raises(ModelError, match="fp16 needs a CUDA device"):
+        DeferredEncoder(IndexSettings(model=str(model), precision="fp16"), facts, device="cpu")
+    with pytest.raises(ModelError, match="int8 runs on the CPU only"):
+        DeferredEncoder(IndexSettings(model=str(model), precision="int8"), facts, device="cuda:1")
 
 
 def test_an_unreadable_or_foreign_memo_only_costs_a_load(model, env, tmp_path):
