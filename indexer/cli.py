@@ -103,10 +103,13 @@ def _usage_message(exc: ClickException) -> str:
 
 
 def _argument_meant(ctx: Any, option: str) -> str | None:
-    """The argument of ctx's command that ``option`` stands for in a sibling command (``--index``, ``-i``: INDEX), if any."""
+    """The argument of ctx's command (as its usage line names it) that ``option`` stands for: by its own name
+    (``--id``: ID) or in a sibling command (``--index``, ``-i``: INDEX); None if none."""
     siblings = ctx.parent.command.commands.values() if ctx.parent is not None else ()
     names = {param.name for command in siblings for param in command.params if option in param.opts} | {option.lstrip("-")}
-    return next((param.name.upper() for param in ctx.command.params if param.param_type_name == "argument" and param.name in names), None)
+    arguments = (param for param in ctx.command.params if param.param_type_name == "argument")
+    return next((param.metavar or param.name.upper() for param in arguments
+                 if names & {param.name, (param.metavar or "").lower()}), None)
 
 
 def _choice(name: str, values: Sequence[str]) -> Any:

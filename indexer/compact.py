@@ -86,8 +86,9 @@ def after_write(txn: Transaction, report: BuildReport, settings: IndexSettings, 
     try:
         merge(txn, names, settings, encoder=encoder)
     except ModelError as exc:  # re-embedding for the merge (a deferred model loads only now): the write itself stands
-        report.warnings.append(f"{txn.path}: published {report.version}, but merging its segments failed ({exc}); "
-                               "'indexer compact' retries")
+        reason = str(exc).split(";")[0]
+        report.warnings.append(f"{txn.path}: published {report.version}, but the merge after it failed ({reason}); "
+                               "'indexer compact' merges")
         return
     report.merged += len(names)
     txn.publish(settings, txn.manifest.dimension, txn.manifest.model_fingerprint, report, keep)

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from .errors import ModelError
-from .models import (SBERT_CONFIG, ModelFacts, canonical_model_name, file_stamp, files_identity, read_memo, remember_facts,
-                     resolve_model_path, write_memo)
+from .models import (SBERT_CONFIG, ModelFacts, canonical_model_name, embeds_as, file_stamp, files_identity, read_memo,
+                     remember_facts, resolve_model_path, write_memo)
 from .settings import DEFAULT_MODEL, MAX_LENGTH_CAP, IndexSettings, check_embedding, embedding_config, resolved_max_length
 
 PROGRESS_MIN_TEXTS = 1000
@@ -236,9 +236,7 @@ class Encoder:
         *,
         tokenizer: TextTokenizer | None = None,
     ):
-        check_embedding(pooling=pooling, precision=precision, max_length=max_length)
-        if batch_size is not None and batch_size < 1:
-            raise ModelError(f"batch size must be at least 1, got {batch_size}")
+        check_embedding(pooling=pooling, precision=precision, max_length=max_length, batch_size=batch_size)
         self.model_name = canonical_model_name(model)
         self.pooling = pooling
         self.precision = precision
@@ -300,12 +298,7 @@ class Encoder:
 
     def embeds_as(self, settings: IndexSettings) -> bool:
         """Whether this encoder embeds texts exactly as ``settings`` describe."""
-        return (self.model_name, self.pooling, self.max_length, self.precision) == (
-            canonical_model_name(settings.model),
-            settings.pooling,
-            settings.max_length,
-            settings.precision,
-        )
+        return embeds_as(self, settings)
 
     @functools.cached_property
     def fingerprint(self) -> str:

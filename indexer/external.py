@@ -21,7 +21,7 @@ import numpy as np
 
 from . import collector
 from .errors import ModelError
-from .models import ModelFacts, canonical_model_name, remembered_facts
+from .models import ModelFacts, canonical_model_name, embeds_as, remembered_facts
 from .settings import IndexSettings, check_embedding, embedding_config, resolved_max_length
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class DeferredEncoder:
     def __init__(self, settings: IndexSettings, facts: ModelFacts, *, device: str | None = None):
         # What can be checked without torch fails now, as a load would (the device's name only if one is given).
         check_embedding(pooling=settings.pooling, precision=settings.precision, max_length=settings.max_length,
-                        device_type=device.split(":")[0] if device else None)
+                        batch_size=settings.batch_size, device_type=device.split(":")[0] if device else None)
         self._settings, self._device = replace(settings), device
         self.model_name = canonical_model_name(settings.model)
         self.pooling, self.precision = settings.pooling, settings.precision
@@ -91,8 +91,7 @@ class DeferredEncoder:
         return embedding_config(self.fingerprint, self.pooling, self.max_length, self.precision)
 
     def embeds_as(self, settings: IndexSettings) -> bool:
-        return (self.model_name, self.pooling, self.max_length, self.precision) == (
-            canonical_model_name(settings.model), settings.pooling, settings.max_length, settings.precision)
+        return embeds_as(self, settings)
 
     def encoder(self) -> "Encoder":
         """The model, loaded now if it is not yet."""

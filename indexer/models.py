@@ -14,6 +14,7 @@ never loads the model (``external.encoder_for_write``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -32,12 +33,17 @@ SBERT_CONFIG = "sentence_bert_config.json"
 CACHED_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
                 ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"))
 MODELS_FILE = "models.json"
-# Entries a remembered-choices file keeps (the newest): one per model, library versions and machine in use.
+# Entries a remembered-choices file keeps, the last written: one per model files, library versions and machine
+# in use. One dropped only costs what remembering it saved (a forward timing, a model load).
 MEMO_ENTRIES = 64
+# Our code that decides what a load gives (the fingerprint, the max length and its cap): part of the memo's key.
+LOADING_CODE = ("encoder.py", "settings.py", "models.py")
 # A load's result depends on these besides the files (how weights are named and read, how text is tokenised,
 # how a slow tokenizer converts to a fast one), and on encoder.py (the fingerprint, the max length).
 LOADERS = ("torch", "transformers", "tokenizers", "sentencepiece", "protobuf")
 SAMPLE_BYTES = 2**20
+# Larger than any model's vectors: a remembered dimension above it is not ours.
+MAX_DIMENSION = 65536
 
 
 def canonical_model_name(model: str) -> str:
@@ -81,7 +87,12 @@ def _cached_snapshot(name: str) -> str | None:
     """
     try:
         from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
     except ImportError:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:  # not a hub id: loading it says so, as one line
         return None
     found = []
     for choices in CACHED_FILES:
@@ -99,6 +110,12 @@ def _cached_snapshot(name: str) -> str | None:
     if try_to_load_from_cache(name, SBERT_CONFIG) is None:  # neither the file nor the hub's "none"
         return None
     return str(found[0].parent)
+
+
+def embeds_as(encoder, settings) -> bool:
+    """Whether our ``encoder`` (loaded or deferred) embeds texts exactly as ``settings`` describe."""
+    return (encoder.model_name, encoder.pooling, encoder.max_length, encoder.precision) == (
+        canonical_model_name(settings.model), settings.pooling, settings.max_length, settings.precision)
 
 
 def file_stamp(path: str) -> tuple | None:
@@ -155,8 +172,11 @@ def write_memo(name: str, key: str, value) -> None:
         memo.pop(key, None)
         memo = dict(list({**memo, key: value}.items())[-MEMO_ENTRIES:])
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(memo, indent=1))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _memo_path(name: str) -> Path:
@@ -181,9 +201,10 @@ def remembered_facts(model: str) -> ModelFacts | None:
     value = read_memo(MODELS_FILE).get(key) if key else None
     try:
         facts = ModelFacts(str(value["fingerprint"]), int(value["dimension"]), int(value["max_length"]))
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):
         return None
-    sound = len(facts.fingerprint) == 64 and facts.dimension >= 1 and 1 <= facts.max_length <= MAX_LENGTH_CAP
+    sound = (len(facts.fingerprint) == 64 and set(facts.fingerprint) <= set("0123456789abcdef")
+             and 1 <= facts.dimension <= MAX_DIMENSION and 1 <= facts.max_length <= MAX_LENGTH_CAP)
     return facts if sound else None
 
 
@@ -195,13 +216,26 @@ def remember_facts(path: str, identity: tuple | None, facts: ModelFacts) -> None
 
 
 def _facts_key(path: str, identity: tuple | None) -> str | None:
-    if identity is None:
+    loaders = _loaders()
+    if identity is None or loaders is None:
         return None
+    return hashlib.sha256(json.dumps([path, identity, loaders]).encode()).hexdigest()[:32]
+
+
+@functools.cache
+def _loaders() -> list | None:
+    """The versions of the libraries that load a model and a digest of our code that does; None if that code
+    cannot be read (a zipped application): then nothing is remembered."""
     versions = []
     for package in LOADERS:
         try:
             versions.append(metadata.version(package))
         except metadata.PackageNotFoundError:
             versions.append(None)
-    code = hashlib.sha256(Path(__file__).with_name("encoder.py").read_bytes()).hexdigest()
-    return hashlib.sha256(json.dumps([path, identity, versions, code]).encode()).hexdigest()[:32]
+    code = hashlib.sha256()
+    try:
+        for name in LOADING_CODE:
+            code.update(Path(__file__).with_name(name).read_bytes())
+    except OSError:
+        return None
+    return [versions, code.hexdigest()]

@@ -61,8 +61,11 @@ def embedding_config(fingerprint: str, pooling: str, max_length: int, precision:
 
 
 def check_embedding(*, pooling: str | None = None, precision: str | None = None, max_length: int | None = None,
-                    device_type: str | None = None) -> None:
-    """Raise ModelError unless what is given is a pooling, precision, max length and device an encoder embeds with."""
+                    batch_size: int | None = None, device_type: str | None = None) -> None:
+    """Raise ModelError unless what is given is a pooling, precision, max length, batch size and device an encoder
+    embeds with."""
+    if batch_size is not None and batch_size < 1:
+        raise ModelError(f"batch size must be at least 1, got {batch_size}")
     if pooling is not None and pooling not in POOLINGS:
         raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if precision is not None and precision not in PRECISIONS:

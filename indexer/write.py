@@ -50,10 +50,12 @@ class BuildReport:
     the same documents again, or ``if_changed`` with an unchanged source).
     ``segments`` is how many the published version lists and ``merged`` how
     many a compaction after the write merged. ``stages`` are the seconds
-    each ingest stage was busy (read, tokenize, encode, write: they overlap)
-    and building the segment's vector structure took (seal). ``warnings`` are one-line notes
-    on what went wrong but did not stop the write (a damaged embedding cache
-    set aside, clean-up after publishing).
+    each ingest stage was busy (read, tokenize, encode, write: they overlap),
+    building the segment's vector structure took (seal) and, where the write
+    loaded the model for its first text to encode, that load took (load).
+    ``warnings`` are one-line notes on what went wrong but did not stop the
+    write (a damaged embedding cache set aside, clean-up after publishing, a
+    merge after it that could not load the model).
     """
 
     index: str

@@ -111,6 +111,8 @@ def test_k_below_one_fails_before_the_model_loads(index_with_two_versions):
         (["upsert", CORPUS, "--index", "x"], "no such option: --index; INDEX is an argument here: indexer upsert [OPTIONS] INDEX SOURCE"),
         (["delete", "-i", "x", "P1"], "no such option: -i; INDEX is an argument here: indexer delete [OPTIONS] INDEX ID..."),
         (["build", "--source", CORPUS], "no such option: --source; SOURCE is an argument here: indexer build [OPTIONS] SOURCE"),
+        (["delete", "x", "--ids", "P1"], "no such option: --ids; ID is an argument here: indexer delete [OPTIONS] INDEX ID..."),
+        (["query", "x", "--question", "q"], "no such option: --question; QUESTION is an argument here: indexer query [OPTIONS] INDEX QUESTION..."),
         (["no-such-command"], "no such command 'no-such-command'"),
         (["query", "x", "q", "--mode", "magic"], "'magic' is not one of 'dense', 'keyword', 'hybrid'"),
         (["query", "x", "q", "--fusion", "sum"], "'sum' is not one of 'score', 'rrf'"),

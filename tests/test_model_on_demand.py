@@ -174,8 +174,48 @@ def test_an_unreadable_or_foreign_memo_only_costs_a_load(model, env, tmp_path):
     memo.write_text("[not, json")
     assert cli(env, "build", str(source), "--index", str(path), "--model", str(model)).returncode == 0
     (key,) = remembered(tmp_path)  # rewritten whole
-    memo.write_text(json.dumps({key: {"fingerprint": "short", "dimension": 32, "max_length": 128}}))
-    moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": "b"}])
-    report = write(env, f"upsert_documents({str(path)!r}, {str(moved)!r})")
-    assert (report["torch"], report["published"], report["reused"]) == (True, True, 1)
-    assert remembered(tmp_path)[key]["fingerprint"] != "short"
+    right = remembered(tmp_path)[key]
+    for shelf, wrong in enumerate([{"fingerprint": "short"}, {"fingerprint": "z" * 64}, {"dimension": float("inf")},
+                                   {"dimension": 10**9}, {"max_length": 0}, {"max_length": None}]):
+        memo.write_text(json.dumps({key: {**right, **wrong}}))
+        moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": shelf}])
+        report = write(env, f"upsert_documents({str(path)!r}, {str(moved)!r})")
+        assert (report["torch"], report["published"], report["reused"]) == (True, True, 1), wrong
+        assert remembered(tmp_path)[key] == right
+
+
+def test_a_merge_after_a_published_write_that_cannot_load_the_model_is_a_warning(model, env, tmp_path, monkeypatch):
+    from indexer import compact, upsert_documents
+    from indexer.build import build_index
+
+    path = tmp_path / "index"
+    build_index(write_jsonl(tmp_path / "docs.jsonl", RECORDS), path, IndexSettings(model=str(model)))
+
+    def unloadable(*args, **kwargs):
+        raise ModelError(f"cannot load model {str(model)!r}: gone; put it back")
+
+    monkeypatch.setattr(compact, "merge", unloadable)
+    monkeypatch.setattr(compact, "merge_plan", lambda segments, deleted: [s.name for s in segments])
+    report = upsert_documents(path, write_jsonl(tmp_path / "new.jsonl", [{"id": "n", "text": "a new text"}]))
+    assert report.published and layout.current_version(path) == report.version == "v000002"
+    assert report.warnings == [f"{path}: published v000002, but the merge after it failed (cannot load model "
+                               f"{str(model)!r}: gone); 'indexer compact' merges"]
+
+
+def test_a_deferred_build_with_other_options_is_the_build_a_loaded_model_makes(model, env, tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
+    reports, manifests, embeddings = [], [], []
+    for name in ("deferred", "loaded"):
+        path = tmp_path / name
+        assert cli(env, "build", str(source), "--index", str(path), "--model", str(model)).returncode == 0
+        if name == "loaded":
+            (tmp_path / "cache" / "indexer" / MODELS_FILE).unlink()  # nothing remembered: the model loads first
+        report = json.loads(cli(env, "build", str(source), "--index", str(path), "--model", str(model),
+                                "--max-length", "16", "--pooling", "cls", "--json").stdout)
+        reports.append({k: report[k] for k in ("documents", "encoded", "reused", "deleted", "published", "segments")})
+        manifests.append(layout.read_manifest(layout.version_dir(path, layout.current_version(path))))
+        embeddings.append([layout.read_segment_meta(folder).embedding for folder in layout.segment_folders(path, manifests[-1])])
+    assert reports[0] == reports[1] == {"documents": 6, "encoded": 6, "reused": 0, "deleted": 0, "published": True, "segments": 1}
+    assert manifests[0].settings == manifests[1].settings and manifests[0].settings.max_length == 16
+    assert manifests[0].model_fingerprint == manifests[1].model_fingerprint
+    assert embeddings[0] == embeddings[1] and "|cls|16|" in embeddings[0][0]
