@@ -461,18 +461,29 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 def _delimited_records(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
     csv.field_size_limit(sys.maxsize)
     with open_text(path) as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+        reader = csv.DictReader(f, delimiter=delimiter, strict=True)
+        ended = 0  # the line the last row ended on
         try:
             header = reader.fieldnames or []
             if len(set(header)) < len(header):
                 repeated = next(name for i, name in enumerate(header) if name in header[:i])
                 raise SourceError(f"{path}:1: duplicate field {repeated!r} in the header")
+            ended = reader.line_num
             for row in reader:
                 if None in row:
                     raise SourceError(f"{path}:{reader.line_num}: more values than header fields")
                 yield f"{path}:{reader.line_num}", row
+                ended = reader.line_num
         except csv.Error as exc:
-            raise SourceError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+            raise _malformed(f"{path}:{ended + 1}", exc) from None
+
+
+def _malformed(where: str, exc: csv.Error) -> SourceError:
+    """A CSV error, named by the line its row starts on. A quote that never closes is read to the end of the
+    file (without ``strict``, the csv module silently took every later row into that one field)."""
+    if "unexpected end of data" in str(exc):
+        return SourceError(f"{where}: a quoted field starts in this row and never ends")
+    return SourceError(f"{where}: malformed CSV ({exc})")
 
 
 def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -494,11 +505,13 @@ def _column_types(path: Path, delimiter: str) -> dict[str, type]:
     """
     csv.field_size_limit(sys.maxsize)
     with open_text(path) as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        header: list[str] = []
+        kinds: dict[int, type] = {}
+        filled: set[int] = set()  # columns with a non-empty value: an all-empty column stays text
         try:
             header = next(reader, [])
-            kinds: dict[int, type] = dict.fromkeys(range(len(header)), int)
-            filled: set[int] = set()  # columns with a non-empty value: an all-empty column stays text
+            kinds = dict.fromkeys(range(len(header)), int)
             while kinds and (rows := list(itertools.islice(reader, TYPE_CHUNK_ROWS))):
                 columns = list(itertools.zip_longest(*rows, fillvalue=""))
                 for i in [i for i in kinds if i < len(columns)]:
@@ -512,8 +525,8 @@ def _column_types(path: Path, delimiter: str) -> dict[str, type]:
                         kinds[i] = float
                     else:
                         del kinds[i]
-        except csv.Error as exc:
-            raise SourceError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+        except csv.Error:
+            pass  # reading the records fails at the same row, and names it
     return {header[i]: kind for i, kind in kinds.items() if i in filled}
 
 

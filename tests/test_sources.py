@@ -94,6 +94,10 @@ def test_reading_is_lazy(tmp_path):
         ("bad.jsonl", '{"name": "x", "text": "y"}\n', r"bad\.jsonl:1: no id field"),
         ("bad.csv", "id,text\n1,ok\n2,\n", r"bad\.csv:3: empty text"),
         ("bad.csv", "id,text\n1,ok,extra\n", r"bad\.csv:2: more values than header fields"),
+        # A quote that never closes would take every later row into one field: refused where its row starts.
+        ("bad.csv", 'id,text\n1,ok\n2,"open quote\n3,three\n4,four\n', r"bad\.csv:3: a quoted field starts in this row and never ends"),
+        ("bad.tsv", 'id\ttext\n1\t"a\nb"\n2\t"open\n3\tthree\n', r"bad\.tsv:4: a quoted field starts in this row and never ends"),
+        ("bad.csv", 'id,text\n1,"a\nb"\n2,"quoted"then more\n', r"bad\.csv:4: malformed CSV \(',' expected after '\"'\)"),
         ("bad.json", '[{"id": 1, "text": "ok"},\n {"id": 2, "text": }]', r"bad\.json:2: malformed JSON"),
         ("bad.json", '[{"id": 1, "text": "ok"}, {"text": "x"}]', r"bad\.json: record 2: missing id field"),
         ("bad.json", '"just a string"', r"bad\.json: expected a list of records"),
