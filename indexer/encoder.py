@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import ModelError
+from .errors import ArgumentError, ModelError
 from .models import (SBERT_CONFIG, ModelFacts, canonical_model_name, embeds_as, file_stamp, files_identity, read_memo,
                      remember_facts, resolve_model_path, write_memo)
 from .settings import DEFAULT_MODEL, MAX_LENGTH_CAP, IndexSettings, check_embedding, embedding_config, resolved_max_length
@@ -58,12 +58,20 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def choose_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else cuda, then mps, then cpu."""
+    """``device`` if given (ArgumentError if this machine has no such device), else cuda, then mps, then cpu."""
     if device:
         try:
-            return torch.device(device)
-        except RuntimeError as exc:
-            raise ModelError(f"unknown device {device!r}: {exc}") from None
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise ArgumentError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        # Said now, in one line: torch says it as an AssertionError or RuntimeError at the first tensor moved there.
+        if chosen.type == "cuda" and not torch.backends.cuda.is_built():
+            raise ArgumentError(f"device {device!r}: this torch was built without CUDA")
+        if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+            raise ArgumentError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        if chosen.type == "mps" and not torch.backends.mps.is_available():
+            raise ArgumentError(f"device {device!r}: MPS is not available on this machine")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

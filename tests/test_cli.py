@@ -137,6 +137,21 @@ def test_unreadable_source_unknown_model_and_missing_index(workdir, tmp_path):
     assert_user_error(run_cli("query", "nothing-here", "x", cwd=workdir, check=False), 5, "no such index")
 
 
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "unknown device 'gpu'; use cpu, cuda, cuda:N or mps"),
+    ("cuda:99", "device 'cuda:99': "),  # without CUDA, or with fewer than 100 CUDA devices: one line, not torch's traceback
+    ("mps", "device 'mps': MPS is not available on this machine"),
+])
+def test_a_device_this_machine_lacks_is_one_line(workdir, tmp_path, device, message):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    before = tree_digest(workdir / "indexes" / "products")
+    assert_user_error(run_cli("query", "products", "boots", "--device", device, cwd=workdir, check=False), 2, message)
+    source = write_jsonl(tmp_path / "new.jsonl", [{"product_id": "N1", "title": "New", "description": "A new thing."}])
+    assert_user_error(run_cli("upsert", "products", str(source), "--device", device, cwd=workdir, check=False), 2, message)
+    assert tree_digest(workdir / "indexes" / "products") == before
+
+
 def test_query_refuses_a_mismatched_model(workdir, tiny_model):
     result = run_cli("query", "products", "boots", "--model", str(tiny_model), cwd=workdir, check=False)
     assert_user_error(result, 4, "index was built with model 'sentence-transformers/all-MiniLM-L6-v2'")
