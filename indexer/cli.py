@@ -444,8 +444,9 @@ def query(
 ) -> None:
     """Return the top-k documents for each question (one JSON object per line with --json)."""
     from .index import Index
-    from .query import parse_condition
+    from .query import check_queries, parse_condition
 
+    check_queries(questions)  # before the model loads
     conditions = [parse_condition(w) for w in where or []]
     searcher = Index(index, model=model, device=device)
     results = searcher.search_many(

@@ -228,6 +228,16 @@ def _from_python(value: Any, field_: str, types: set[str], label: str) -> Any:
     return value
 
 
+def check_queries(queries: Sequence[str]) -> None:
+    """Raise ArgumentError for a question that is empty or blank (its vector is near every document: its hits
+    would mean nothing) or holds a lone surrogate (neither the tokenizer nor SQLite takes one)."""
+    for q in queries:
+        if isinstance(q, str) and not q.strip():
+            raise ArgumentError("empty question: give some words to search for")
+        if isinstance(q, str) and (fault := surrogate_fault(q)):
+            raise ArgumentError(f"query {quoted(q)} {fault}")
+
+
 def search_texts(
     encoder: Encoder,
     snapshot: Snapshot,
@@ -252,8 +262,8 @@ def search_texts(
         raise ArgumentError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
     if fusion not in FUSIONS:
         raise ArgumentError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
-    if fault := next((f"query {quoted(q)} {f}" for q in queries if isinstance(q, str) and (f := surrogate_fault(q))), None):
-        raise ArgumentError(fault)
+    if vectors is None:
+        check_queries(queries)
     conditions = typed_conditions(where, snapshot.field_types()) if where else None
     if not len(queries):
         return []

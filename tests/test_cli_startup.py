@@ -114,6 +114,7 @@ def test_k_below_one_fails_before_the_model_loads(index_with_two_versions):
         (["delete", "x", "--ids", "P1"], "no such option: --ids; ID is an argument here: indexer delete [OPTIONS] INDEX ID..."),
         (["query", "x", "--question", "q"], "no such option: --question; QUESTION is an argument here: indexer query [OPTIONS] INDEX QUESTION..."),
         (["no-such-command"], "no such command 'no-such-command'"),
+        (["query", "x", "fine", " "], "empty question: give some words to search for"),
         (["query", "x", "q", "--mode", "magic"], "'magic' is not one of 'dense', 'keyword', 'hybrid'"),
         (["query", "x", "q", "--fusion", "sum"], "'sum' is not one of 'score', 'rrf'"),
         (["evaluate", "x", "--queries", "q.jsonl", "--mode", "hybrid-sum"], "'hybrid-sum' is not one of"),

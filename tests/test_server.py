@@ -60,6 +60,8 @@ def test_search_one_and_many_with_filters(client, sample_queries):
         ({"query": "x", "mode": "magic"}, 422, "mode must be one of"),
         ({"query": "x", "where": ["no operator"]}, 400, "is not FIELD=VALUE"),
         ({"query": "x", "fusion": "average"}, 400, "unknown fusion"),
+        ({"query": ""}, 400, "empty question"),
+        ({"queries": ["x", " \n"], "mode": "keyword"}, 400, "empty question"),
         # A lone surrogate is no text: pydantic refuses it in a str field, the search in a list's items.
         ({"query": "half a pair \ud83d"}, 422, "valid string"),
         ({"queries": ["x", "\udc00"]}, 400, "a lone UTF-16 surrogate"),
