@@ -119,7 +119,8 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         current = txn.open_current(repairable=action == "build" or prune_upserts,
                                    hint="; or 'indexer rebuild INDEX --prune-upserts' publishes the source alone")
         if only_if_new and current is not None:
-            return BuildReport(str(path), current.version, len(current), published=False, warnings=txn.warnings)
+            return BuildReport(str(path), current.version, len(current), published=False, segments=len(current.segments),
+                               warnings=txn.warnings)
         keep_upserts = action == "rebuild" and not prune_upserts
         ahead = tokenizer = None
         if current is None and encoder is None and ray is None and not is_external(settings.model):
@@ -163,7 +164,8 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
             settings.id_field, settings.text_fields = documents.id_field, documents.text_fields
             removed = diff.removed()
             report = BuildReport(str(path), current.version if current else "", txn.count, cached.encoded, cached.reused,
-                                 deleted=len(removed), kept_upserts=diff.kept, stages=stages, warnings=txn.warnings)
+                                 deleted=len(removed), kept_upserts=diff.kept, stages=stages, warnings=txn.warnings,
+                                 segments=len(current.segments) if current else 0)  # the new version's, once one is published
             if carry:
                 txn.delete(np.concatenate([removed, diff.replaced()]))
             if writer.count:  # segments whose documents all changed or left are no longer listed: the new one may be all there is

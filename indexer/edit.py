@@ -70,7 +70,7 @@ def upsert_documents(
             if not diff.read:
                 raise SourceError(f"{documents.path}: no documents")
             report = BuildReport(str(path), manifest.version, len(current), cached.encoded, cached.reused, stages=stages,
-                                 warnings=txn.warnings)
+                                 segments=len(current.segments), warnings=txn.warnings)
             if not writer.count:
                 report.published = False
             else:
@@ -117,7 +117,8 @@ def delete_documents(
         if missing and not missing_ok:
             shown = ", ".join(repr(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ArgumentError(f"{path}: no document with id {shown}; nothing deleted (use --missing-ok to skip)")
-        report = BuildReport(str(path), manifest.version, len(current), deleted=len(found), warnings=txn.warnings)
+        report = BuildReport(str(path), manifest.version, len(current), deleted=len(found), segments=len(current.segments),
+                             warnings=txn.warnings)
         if not found:
             report.published = False
         else:

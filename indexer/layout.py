@@ -194,6 +194,13 @@ def holds_index(path: Path) -> bool:
     return read_pointer(path) is not None or bool(list_versions(path))
 
 
+def foreign_names(path: Path) -> list[str]:
+    """Names in the folder ``path`` that no index writes there (sorted)."""
+    ours = {POINTER, LOCK, VERSIONS, STAGING, SEGMENTS}
+    return sorted(name for name in os.listdir(path)
+                  if name not in ours and not name.startswith(CACHE) and not re.fullmatch(rf"{POINTER}\.\d+\.tmp", name))
+
+
 def version_dir(path: Path, version: str) -> Path:
     return path / VERSIONS / version
 
@@ -431,6 +438,10 @@ def writer_lock(path: Path, wait: float = 0.0, action: str = "write") -> Iterato
     """
     if path.exists() and not path.is_dir():
         raise ArgumentError(f"{path}: is a file, not an index folder")
+    if path.is_dir() and not holds_index(path) and (foreign := foreign_names(path)):
+        # ``--index .`` or ``--index data``: an index's files would land among the user's own.
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ArgumentError(f"{path}: holds files of its own ({shown}) and no index; name a new or empty folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)

@@ -279,8 +279,10 @@ def _json_type(value: Any) -> str:
 
 
 def _document_id(where: str, value: Any, name: str) -> str:
-    if value is None or value == "":
+    if value is None:
         raise SourceError(f"{where}: missing id field {name!r}")
+    if value == "":
+        raise SourceError(f"{where}: empty id field {name!r}")
     if isinstance(value, (dict, list)):
         raise SourceError(f"{where}: id field {name!r} must be a string or number")
     return str(value)
@@ -439,7 +441,10 @@ def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
     try:
         return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
-        raise SourceError(f"{path}:{line or exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+        # A .json file holding JSON Lines parses up to the end of its first line.
+        lines = line is None and exc.msg == "Extra data" and exc.colno == 1 and text.lstrip().startswith("{")
+        hint = "; one record a line is JSON Lines: name the file .jsonl" if lines else ""
+        raise SourceError(f"{path}:{line or exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno}){hint}") from None
     except RecursionError:
         raise SourceError(f"{path}:{line or _deep_line(text)}: JSON nested too deeply") from None
     except ValueError as exc:  # an integer over Python's 4300 digits

@@ -48,8 +48,9 @@ class BuildReport:
     ``kept_upserts`` documents written by upsert were carried over a rebuild.
     ``published`` is false when the write changed nothing (nothing to delete,
     the same documents again, or ``if_changed`` with an unchanged source).
-    ``segments`` is how many the published version lists and ``merged`` how
-    many a compaction after the write merged. ``stages`` are the seconds
+    ``segments`` is how many the current version lists after the write (the
+    new one, or the one left current) and ``merged`` how many a compaction
+    after the write merged. ``stages`` are the seconds
     each ingest stage was busy (read, tokenize, encode, write: they overlap),
     building the segment's vector structure took (seal) and, where the write
     loaded the model for its first text to encode, that load took (load).

@@ -134,6 +134,10 @@ def test_unreadable_source_unknown_model_and_missing_index(workdir, tmp_path):
     notes.write_text("mine")
     assert_user_error(run_cli("build", str(source), "--index", str(notes), cwd=workdir, check=False), 2, f"{notes}: is a file, not an index folder")
     assert notes.read_text() == "mine"
+    # A folder of the user's own files (``--index .``) gets no index's files among them.
+    assert_user_error(run_cli("build", str(source), "--index", ".", cwd=tmp_path, check=False), 2,
+                      ".: holds files of its own (fake.jsonl.gz, notes.txt, ok.jsonl) and no index; name a new or empty folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.jsonl.gz", "notes.txt", "ok.jsonl"]
     assert_user_error(run_cli("query", "nothing-here", "x", cwd=workdir, check=False), 5, "no such index")
 
 

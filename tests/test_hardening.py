@@ -237,14 +237,16 @@ def test_current_pointing_at_a_missing_version_is_recoverable(tmp_path, tiny_mod
     assert check_index(path, all_versions=True)["problems"] == []
 
 
-def test_a_failed_first_build_leaves_a_folder_it_did_not_create(tmp_path, tiny_model):
+def test_a_build_never_writes_among_a_folders_own_files(tmp_path, tiny_model):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "fine"}\nnot json\n')
-    result = run_cli("build", str(tmp_path / "bad.jsonl"), "--index", str(folder), "--model", str(tiny_model), check=False)
-    assert result.returncode == 3 and "bad.jsonl:2" in result.stderr
-    assert (folder / "notes.txt").read_text() == "keep me"
+    (tmp_path / "good.jsonl").write_text('{"id": "a", "text": "fine"}\n')
+    for source in ("bad.jsonl", "good.jsonl"):
+        result = run_cli("build", str(tmp_path / source), "--index", str(folder), "--model", str(tiny_model), check=False)
+        assert result.returncode == 2 and f"{folder}: holds files of its own (notes.txt) and no index" in result.stderr
+        assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
 
 
 def test_writes_never_create_a_missing_index(tmp_path):

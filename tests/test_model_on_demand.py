@@ -73,7 +73,7 @@ def test_writes_that_encode_nothing_never_load_the_model(model, env, tmp_path):
     assert (facts["fingerprint"], facts["dimension"], facts["max_length"]) == (manifest.model_fingerprint, 32, 128)
 
     unchanged = write(env, f"rebuild_index({str(path)!r}, if_changed=True)")
-    assert (unchanged["torch"], unchanged["published"], unchanged["encoded"]) == (False, False, 0)
+    assert (unchanged["torch"], unchanged["published"], unchanged["encoded"], unchanged["segments"]) == (False, False, 0, 1)
     built = stored_vector(path, "d1")
 
     # New metadata, same text: the vector comes from the embedding cache, and a version is published.
