@@ -29,7 +29,7 @@ import numpy as np
 
 from . import layout
 from .cache import EmbeddingCache, embedding_keys
-from .errors import IndexCorruptError, ModelError
+from .errors import ArgumentError, IndexCorruptError, ModelError
 from .external import load_encoder
 from .segments import Segment, segment_structure
 from .settings import IndexSettings
@@ -85,7 +85,7 @@ def after_write(txn: Transaction, report: BuildReport, settings: IndexSettings, 
         return
     try:
         merge(txn, names, settings, encoder=encoder)
-    except ModelError as exc:  # re-embedding for the merge (a deferred model loads only now): the write itself stands
+    except (ModelError, ArgumentError) as exc:  # re-embedding (a deferred model loads only now, on its device): the write stands
         reason = str(exc).split(";")[0]
         report.warnings.append(f"{txn.path}: published {report.version}, but the merge after it failed ({reason}); "
                                "'indexer compact' merges")

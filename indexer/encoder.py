@@ -65,10 +65,12 @@ def choose_device(device: str | None = None) -> torch.device:
         except RuntimeError:
             raise ArgumentError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
         # Said now, in one line: torch says it as an AssertionError or RuntimeError at the first tensor moved there.
-        if chosen.type == "cuda" and not torch.backends.cuda.is_built():
-            raise ArgumentError(f"device {device!r}: this torch was built without CUDA")
-        if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-            raise ArgumentError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        # (ROCm builds call their GPUs cuda too; device_count is 0 on a CPU-only build.)
+        if chosen.type == "cuda" and (chosen.index or 0) >= (count := torch.cuda.device_count()):
+            if torch.version.cuda is None and torch.version.hip is None:
+                raise ArgumentError(f"device {device!r}: this torch was built without CUDA")
+            raise ArgumentError(f"device {device!r}: {count} CUDA device{'' if count == 1 else 's'} visible here "
+                                "(see CUDA_VISIBLE_DEVICES and the driver)")
         if chosen.type == "mps" and not torch.backends.mps.is_available():
             raise ArgumentError(f"device {device!r}: MPS is not available on this machine")
         return chosen

@@ -112,8 +112,8 @@ def read_judgements(
         if id_field is None:
             raise SourceError(f"{records[0][0]}: no query id field to match the qrels (looked for {', '.join(QUERY_ID_FIELDS)})")
         return [
-            Judgement(str(r[id_field]), str(r[text_field]), grades[str(r[id_field])])
-            for _, r in records
+            Judgement(str(r[id_field]), _query_text(where, r, text_field), grades[str(r[id_field])])
+            for where, r in records
             if grades.get(str(r[id_field]))
         ]
     relevant_field = relevant_field or next(
@@ -126,8 +126,16 @@ def read_judgements(
         if relevant_field not in record or record[relevant_field] in (None, ""):
             raise SourceError(f"{where}: missing relevant-document field {relevant_field!r}")
         query_id = str(record[id_field]) if id_field else str(number)
-        judgements.append(Judgement(query_id, str(record[text_field]), {str(record[relevant_field]): 1.0}))
+        judgements.append(Judgement(query_id, _query_text(where, record, text_field), {str(record[relevant_field]): 1.0}))
     return judgements
+
+
+def _query_text(where: str, record: dict, text_field: str) -> str:
+    """The record's query text; SourceError, naming the record, if it is missing or blank (searches refuse those)."""
+    text = record.get(text_field)
+    if text is None or not str(text).strip():
+        raise SourceError(f"{where}: empty query text field {text_field!r}")
+    return str(text)
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, float]]:

@@ -195,10 +195,11 @@ def holds_index(path: Path) -> bool:
 
 
 def foreign_names(path: Path) -> list[str]:
-    """Names in the folder ``path`` that no index writes there (sorted)."""
-    ours = {POINTER, LOCK, VERSIONS, STAGING, SEGMENTS}
-    return sorted(name for name in os.listdir(path)
-                  if name not in ours and not name.startswith(CACHE) and not re.fullmatch(rf"{POINTER}\.\d+\.tmp", name))
+    """Names in the folder ``path`` that no index writes there (sorted), leaving out what a fresh volume or a
+    file manager puts in any folder (``lost+found``, hidden files such as ``.DS_Store`` or ``.gitkeep``)."""
+    ours = {POINTER, LOCK, VERSIONS, STAGING, SEGMENTS, "lost+found"}
+    return sorted(name for name in os.listdir(path) if name not in ours and not name.startswith((CACHE, "."))
+                  and not re.fullmatch(rf"{POINTER}\.\d+\.tmp", name))
 
 
 def version_dir(path: Path, version: str) -> Path:

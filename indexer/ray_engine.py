@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .encoder import Encoder
-from .errors import ArgumentError, ModelError
+from .errors import ArgumentError, IndexerError
 from .settings import IndexSettings
 from .shards import vector_table
 
@@ -139,8 +139,8 @@ def encode_shards(documents_dir: Path, vectors_dir: Path, settings: IndexSetting
         vectors.write_parquet(str(vectors_dir))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-        if isinstance(cause, ModelError):
-            raise ModelError(str(cause)) from None
+        if isinstance(cause, IndexerError):  # a replica's one-line error (a model or device it cannot load), as ours
+            raise type(cause)(str(cause)) from None
         raise
     finally:
         if started_here:

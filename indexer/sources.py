@@ -463,32 +463,43 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{number}", record
 
 
+# Read after a CSV/TSV file's last line. The csv module reads a quoted field that never closes on to the end
+# of the file, silently taking every later row into it; it then takes this in too, which tells.
+END_OF_FILE = "\x00\x01end of file\x01\x00"
+
+
 def _delimited_records(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
     csv.field_size_limit(sys.maxsize)
     with open_text(path) as f:
-        reader = csv.DictReader(f, delimiter=delimiter, strict=True)
-        ended = 0  # the line the last row ended on
+        reader = csv.DictReader(itertools.chain(f, [END_OF_FILE]), delimiter=delimiter)
         try:
             header = reader.fieldnames or []
+            if header == [END_OF_FILE]:
+                return
+            if any(END_OF_FILE in name for name in header):
+                raise SourceError(f"{path}:1: a quoted field starts in the header and never ends")
             if len(set(header)) < len(header):
                 repeated = next(name for i, name in enumerate(header) if name in header[:i])
                 raise SourceError(f"{path}:1: duplicate field {repeated!r} in the header")
-            ended = reader.line_num
+            held = None  # each row is handed on once the next is read: the last one read may be the end's
             for row in reader:
+                if held is not None:
+                    yield held
                 if None in row:
                     raise SourceError(f"{path}:{reader.line_num}: more values than header fields")
-                yield f"{path}:{reader.line_num}", row
-                ended = reader.line_num
+                held = f"{path}:{reader.line_num}", row
         except csv.Error as exc:
-            raise _malformed(f"{path}:{ended + 1}", exc) from None
+            raise SourceError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    if held is not None and held[1].get(header[0]) != END_OF_FILE:
+        raise SourceError(f"{path}:{_row_start(reader.line_num, held[1])}: a quoted field starts in this row and never ends")
 
 
-def _malformed(where: str, exc: csv.Error) -> SourceError:
-    """A CSV error, named by the line its row starts on. A quote that never closes is read to the end of the
-    file (without ``strict``, the csv module silently took every later row into that one field)."""
-    if "unexpected end of data" in str(exc):
-        return SourceError(f"{where}: a quoted field starts in this row and never ends")
-    return SourceError(f"{where}: malformed CSV ({exc})")
+def _row_start(line: int, row: dict) -> int:
+    """The line the row that swallowed ``END_OF_FILE`` (read as line ``line``) starts on: ``line`` less the
+    line breaks the row holds, and one more where the file's last line has no line break of its own."""
+    field = next(value for value in row.values() if isinstance(value, str) and value.endswith(END_OF_FILE))
+    breaks = sum(value.count("\n") for value in row.values() if isinstance(value, str))
+    return line - breaks - (0 if field.endswith("\n" + END_OF_FILE) else 1)
 
 
 def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -510,13 +521,11 @@ def _column_types(path: Path, delimiter: str) -> dict[str, type]:
     """
     csv.field_size_limit(sys.maxsize)
     with open_text(path) as f:
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
-        header: list[str] = []
-        kinds: dict[int, type] = {}
-        filled: set[int] = set()  # columns with a non-empty value: an all-empty column stays text
+        reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader, [])
-            kinds = dict.fromkeys(range(len(header)), int)
+            kinds: dict[int, type] = dict.fromkeys(range(len(header)), int)
+            filled: set[int] = set()  # columns with a non-empty value: an all-empty column stays text
             while kinds and (rows := list(itertools.islice(reader, TYPE_CHUNK_ROWS))):
                 columns = list(itertools.zip_longest(*rows, fillvalue=""))
                 for i in [i for i in kinds if i < len(columns)]:
@@ -530,8 +539,8 @@ def _column_types(path: Path, delimiter: str) -> dict[str, type]:
                         kinds[i] = float
                     else:
                         del kinds[i]
-        except csv.Error:
-            pass  # reading the records fails at the same row, and names it
+        except csv.Error as exc:
+            raise SourceError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     return {header[i]: kind for i, kind in kinds.items() if i in filled}
 
 

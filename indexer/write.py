@@ -376,6 +376,8 @@ def existing_index(index: str | Path) -> Path:
     path = layout.index_path(index)
     if not path.is_dir():
         raise IndexNotFoundError(f"{path}: no such index")
+    if not layout.holds_index(path):
+        raise IndexNotFoundError(f"{path}: not an index (no versions in it)")
     return path
 
 

@@ -247,6 +247,14 @@ def test_a_build_never_writes_among_a_folders_own_files(tmp_path, tiny_model):
         result = run_cli("build", str(tmp_path / source), "--index", str(folder), "--model", str(tiny_model), check=False)
         assert result.returncode == 2 and f"{folder}: holds files of its own (notes.txt) and no index" in result.stderr
         assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
+    # What a fresh volume or a file manager puts in any folder does not make it the user's.
+    volume = tmp_path / "volume"
+    (volume / "lost+found").mkdir(parents=True)
+    (volume / ".DS_Store").write_bytes(b"\0")
+    (volume / "cache.db-wal").write_bytes(b"")  # what a crashed first build can leave
+    assert layout.foreign_names(volume) == []
+    run_cli("build", str(tmp_path / "good.jsonl"), "--index", str(volume), "--model", str(tiny_model))
+    assert layout.current_version(volume) == "v000001"
 
 
 def test_writes_never_create_a_missing_index(tmp_path):
@@ -254,6 +262,14 @@ def test_writes_never_create_a_missing_index(tmp_path):
     for command in (["delete", str(missing), "a"], ["rollback", str(missing)], ["upsert", str(missing), "x.jsonl"]):
         assert run_cli(*command, check=False).returncode == 5
     assert not missing.exists()
+    # Nor write into a folder that is no index (not even their lock file).
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    for command in (["delete", str(data), "a"], ["rollback", str(data)], ["upsert", str(data), "x.jsonl"], ["compact", str(data)]):
+        message = one_error_line(run_cli(*command, check=False), 5)
+        assert message == f"indexer: error: {data}: not an index (no versions in it)"
+    assert [p.name for p in data.iterdir()] == ["notes.txt"]
 
 
 # A full disk.

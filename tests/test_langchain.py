@@ -57,6 +57,7 @@ def test_own_model_filters_modes_vectors_and_retriever(own_model_store, tiny_mod
     assert [d.id for d, _ in keyword] == ["n2"] and keyword[0][1] > 0
     retriever = store.as_retriever(search_kwargs={"k": 2, "mode": "hybrid", "filter": {"topic": "coffee"}})
     assert {d.id for d in retriever.invoke("espresso coffee")} == {"n2", "n4"}
+    assert store.similarity_search(" ", k=2) == [] and retriever.invoke("") == []  # a blank query finds nothing
 
     index = Index(store.path)
     vector = index.encoder.encode_queries(["moka pot on the stove"])[0]

@@ -46,6 +46,13 @@ def test_judgements_in_notebook_beir_and_csv_formats(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"query": "x", "product_id": "P1"}\n{"query": "y"}\n')
     with pytest.raises(SourceError, match=r"bad\.jsonl:2: missing relevant-document field 'product_id'"):
         read_judgements(tmp_path / "bad.jsonl")
+    # A blank query is named where it is read, not found by the search after the model has loaded.
+    (tmp_path / "blank.jsonl").write_text('{"query": "x", "product_id": "P1"}\n{"query": " ", "product_id": "P2"}\n')
+    with pytest.raises(SourceError, match=r"blank\.jsonl:2: empty query text field 'query'"):
+        read_judgements(tmp_path / "blank.jsonl")
+    write_jsonl(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": ""}])
+    with pytest.raises(SourceError, match=r"queries\.jsonl:2: empty query text field 'text'"):
+        read_judgements(tmp_path / "queries.jsonl", tmp_path / "qrels.tsv")
 
 
 CODES = [
@@ -85,13 +92,22 @@ def test_hybrid_finds_what_each_mode_alone_misses(codes_index):
 @pytest.mark.parametrize(
     "hostile",
     ['"', "*", "a:b", "-x", "AND", "OR NOT", "(", ")", '"unbalanced quote', "NEAR(a b)", "col:*",
-     "'; DROP TABLE documents; --", "", "   ", "^", "ZQ-7788*", "pump AND (reactor", "{x y}", "\x00"],
+     "'; DROP TABLE documents; --", "^", "ZQ-7788*", "pump AND (reactor", "{x y}", "\x00"],
 )
 def test_hostile_queries_never_error(codes_index, hostile):
     for mode in ("keyword", "hybrid", "dense"):
         hits = codes_index.search(hostile, k=5, mode=mode)
         assert isinstance(hits, list) and len(hits) <= 5
     assert codes_index.search("zq 7788 (", k=1, mode="keyword")[0].id == "target-code"
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n\t"])
+def test_blank_queries_are_refused_in_every_mode(codes_index, blank):
+    for mode in ("keyword", "hybrid", "dense"):
+        with pytest.raises(ArgumentError, match="empty question"):
+            codes_index.search(blank, k=5, mode=mode)
+        with pytest.raises(ArgumentError, match="empty question"):
+            codes_index.search_many(["pump", blank], k=5, mode=mode)
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])

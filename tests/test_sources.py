@@ -97,7 +97,8 @@ def test_reading_is_lazy(tmp_path):
         # A quote that never closes would take every later row into one field: refused where its row starts.
         ("bad.csv", 'id,text\n1,ok\n2,"open quote\n3,three\n4,four\n', r"bad\.csv:3: a quoted field starts in this row and never ends"),
         ("bad.tsv", 'id\ttext\n1\t"a\nb"\n2\t"open\n3\tthree\n', r"bad\.tsv:4: a quoted field starts in this row and never ends"),
-        ("bad.csv", 'id,text\n1,"a\nb"\n2,"quoted"then more\n', r"bad\.csv:4: malformed CSV \(',' expected after '\"'\)"),
+        ("bad.csv", 'id,text\n1,ok\n\n\n2,"open\n3,b', r"bad\.csv:5: a quoted field starts in this row and never ends"),
+        ("bad.csv", 'id,"te\nxt\n1,ok\n', r"bad\.csv:1: a quoted field starts in the header and never ends"),
         ("bad.json", '[{"id": 1, "text": "ok"},\n {"id": 2, "text": }]', r"bad\.json:2: malformed JSON"),
         ("lines.json", '{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n',
          r"lines\.json:2: malformed JSON \(Extra data, column 1\); one record a line is JSON Lines: name the file \.jsonl$"),
@@ -112,6 +113,16 @@ def test_bad_input_names_file_and_line(tmp_path, name, content, message):
     path.write_text(content)
     with pytest.raises(SourceError, match=message):
         read(path)
+
+
+def test_delimited_files_read_leniently_where_a_quote_closes(tmp_path):
+    """Text after a closing quote is kept, as it always was (common in TSV: a passage that starts with a quotation)."""
+    tsv = tmp_path / "quotes.tsv"
+    tsv.write_text('id\ttext\n1\t"Weird Al" Yankovic songs\n2\tplain\n3\t"a\nb"')
+    assert [(d.id, d.text) for d in read(tsv)] == [("1", "Weird Al Yankovic songs"), ("2", "plain"), ("3", "a\nb")]
+    for name, text in (("header-only.csv", "id,text\n"), ("empty.csv", "")):
+        (tmp_path / name).write_text(text)
+        assert read(tmp_path / name) == []  # the end-of-file mark is never read as a row
 
 
 def test_not_utf8_missing_and_unreadable_files(tmp_path):

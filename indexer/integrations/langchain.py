@@ -139,7 +139,9 @@ class IndexerVectorStore(VectorStore):
                                      mode: str = "dense", fusion: str = "score", **kwargs: Any) -> list[tuple[Document, float]]:
         """Documents with their scores: cosine in dense mode, BM25 in keyword mode, the fused score in hybrid."""
         index = self._searcher()
-        hits = index.search(query, k=k, mode=mode, where=conditions(filter), fusion=fusion) if index else []
+        # A blank query (a multi-query retriever's empty line) finds nothing, as on an empty store; our search refuses it.
+        searchable = index is not None and query.strip()
+        hits = index.search(query, k=k, mode=mode, where=conditions(filter), fusion=fusion) if searchable else []
         return _scored(hits)
 
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4, filter: dict[str, Any] | None = None,
