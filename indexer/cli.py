@@ -86,6 +86,10 @@ class Command(TyperCommand):
         return [re.sub(r"^\{(.+)\}(\.\.\.)?$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _usage_message(exc: ClickException) -> str:
     """Click's message on one line, in the style of our own: lower case, no full stop, where to get help."""
     message = " ".join(exc.format_message().replace("Value error, ", "").split()).rstrip(".")
@@ -136,6 +140,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _show_version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        typer.echo(f"indexer {version('indexer')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """Build and search semantic indexes: BERT embeddings in FAISS beside SQLite."""
+
 
 IndexArgument = Annotated[str, typer.Argument(metavar="INDEX", help="Index folder or name.")]
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hugging Face model name or local folder.")]
@@ -244,13 +264,13 @@ def _print_report(verb: str, report: Any, as_json: bool) -> None:
     if as_json:
         _print_json(report.to_dict())
     elif not report.published:
-        typer.echo(f"{report.index}: unchanged, still {report.version} ({report.documents} documents, {report.encoded} encoded)")
+        typer.echo(f"{report.index}: unchanged, still {report.version} ({_counted(report.documents, 'document')}, {report.encoded} encoded)")
     else:
         typer.echo(
-            f"{verb} {report.index} {report.version}: {report.documents} documents, {report.encoded} encoded, "
+            f"{verb} {report.index} {report.version}: {_counted(report.documents, 'document')}, {report.encoded} encoded, "
             f"{report.reused} reused, {report.deleted} deleted"
             + (f", {report.kept_upserts} upserts kept" if report.kept_upserts else "")
-            + f"; {report.segments} segment{'s' if report.segments != 1 else ''}"
+            + f"; {_counted(report.segments, 'segment')}"
             + (f" ({report.merged} merged)" if report.merged else "")
             + f" in {report.seconds:.1f}s"
         )
@@ -596,7 +616,7 @@ def export(
     from .archive import export_index
 
     result = export_index(index, output, version=version)
-    _print_outcome(result, f"{result['index']}: exported {result['version']} ({result['documents']} documents, "
+    _print_outcome(result, f"{result['index']}: exported {result['version']} ({_counted(result['documents'], 'document')}, "
                            f"{result['bytes']} bytes) to {result['archive']}", as_json)
 
 
@@ -615,6 +635,6 @@ def import_(
 
     report = import_index(archive, index, as_version=as_version, keep=keep, wait=wait)
     _print_outcome(report.to_dict(), f"{report.index}: imported {report.source_version} as {report.version} "
-                                     f"({report.documents} documents)", as_json)
+                                     f"({_counted(report.documents, 'document')})", as_json)
     for warning in report.warnings:
         typer.echo(f"indexer: warning: {warning}", err=True)

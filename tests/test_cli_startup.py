@@ -133,6 +133,13 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "x").exists() and not (tmp_path / "indexes").exists()
 
 
+def test_version_is_the_installed_package_and_needs_no_model():
+    from importlib.metadata import version
+
+    result, modules = run_traced("--version")
+    assert (result.returncode, result.stdout) == (0, f"indexer {version('indexer')}\n") and heavy_imports(modules) == []
+
+
 def test_help_names_the_arguments():
     usage = " ".join(run_cli("build", "--help").stdout.split())
     assert "Usage: indexer build [OPTIONS] SOURCE " in usage and "{" not in usage and "INDEX" in usage
