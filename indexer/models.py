@@ -38,8 +38,8 @@ MODELS_FILE = "models.json"
 MEMO_ENTRIES = 64
 # Our code that decides what a load gives (the fingerprint, the max length and its cap): part of the memo's key.
 LOADING_CODE = ("encoder.py", "settings.py", "models.py")
-# A load's result depends on these besides the files (how weights are named and read, how text is tokenised,
-# how a slow tokenizer converts to a fast one), and on encoder.py (the fingerprint, the max length).
+# A load's result depends on these besides the files and LOADING_CODE (how weights are named and read, how text
+# is tokenised, how a slow tokenizer converts to a fast one).
 LOADERS = ("torch", "transformers", "tokenizers", "sentencepiece", "protobuf")
 SAMPLE_BYTES = 2**20
 # Larger than any model's vectors: a remembered dimension above it is not ours.
