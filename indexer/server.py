@@ -300,8 +300,8 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
         """Delete one document; publishes a new version."""
         try:
             return delete_documents(path, [doc_id], wait=SMALL_WRITE_WAIT).to_dict()
-        except ArgumentError as exc:
-            raise HTTPException(404, str(exc)) from None
+        except ArgumentError:  # the library's message names the server's folder and a CLI option
+            raise HTTPException(404, f"no document with id {doc_id!r}") from None
 
     @app.post("/rebuild", dependencies=[Depends(require_writer)])
     def rebuild() -> dict[str, Any]:

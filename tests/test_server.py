@@ -108,7 +108,8 @@ def test_documents_upsert_get_delete_and_rebuild(client):
     assert client.post("/documents", json={"documents": []}, headers=AUTH).status_code == 422
     assert client.delete("/documents/P0900", headers=AUTH).json()["deleted"] == 1
     assert client.get("/documents/P0900").status_code == 404
-    assert client.delete("/documents/P0900", headers=AUTH).status_code == 404
+    gone = client.delete("/documents/P0900", headers=AUTH)
+    assert (gone.status_code, gone.json()) == (404, {"detail": "no document with id 'P0900'"})
     rebuilt = client.post("/rebuild", headers=AUTH).json()
     assert rebuilt["documents"] == 99 and rebuilt["encoded"] == 0
     assert client.delete("/documents/P0001").status_code == 401
