@@ -182,3 +182,28 @@ class Index:
                 raise IndexCorruptError(
                     f"{self.path}: model gives {encoder.dimension}-d vectors but segment {segment.name} holds {segment.vectors.dimension}-d"
                 )
+
+    # Reconstructing from an IVF structure builds its id map on first use; two threads must not build it at once.
+    _reconstruct_lock = threading.Lock()
+
+    def get_vectors(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """(the ids found, their unit vectors as rows in that order) for the documents with these ids; ids not in the index are left out.
+
+        A structure that keeps vectors whole (``VectorIndex.keeps_vectors``) gives them back as stored; a quantised one
+        (PQ, SQ codes, lists on disk) keeps no exact vectors, so those documents' texts are embedded again.
+        """
+        served, encoder = self._served, self._encoder
+        rows = served.rows_for_ids(list(ids))
+        found = [doc_id for doc_id in dict.fromkeys(ids) if doc_id in rows]
+        keys = np.array([rows[doc_id][0] for doc_id in found], dtype=np.int64)
+        vectors = np.empty((len(found), served.dimension), dtype=np.float32)
+        for segment in served.segments:
+            mine = np.flatnonzero(segment.holds(keys))
+            if not len(mine):
+                continue
+            if segment.vectors.keeps_vectors:
+                with self._reconstruct_lock:
+                    vectors[mine] = segment.vectors.reconstruct(keys[mine])
+            else:
+                vectors[mine] = encoder.encode_texts([rows[found[i]][1] for i in mine])
+        return found, vectors

@@ -16,7 +16,7 @@ from langchain_core.embeddings import DeterministicFakeEmbedding  # noqa: E402
 
 from indexer import Index, IndexSettings, index_info  # noqa: E402
 from indexer.errors import ArgumentError, ModelError  # noqa: E402
-from indexer.integrations.langchain import IndexerVectorStore  # noqa: E402
+from indexer.integrations.langchain import IndexerVectorStore, external_encoder  # noqa: E402
 
 
 class TestStandardVectorStore(langchain_tests.VectorStoreIntegrationTests):
@@ -117,3 +117,108 @@ def test_from_texts_builds_the_index_and_needs_a_path(tmp_path):
     assert store.similarity_search_with_relevance_scores("green pear", k=1)[0][1] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ArgumentError, match="index=PATH"):
         IndexerVectorStore.from_texts(["a"], fake)
+
+
+# Three near-duplicates ("boots"), other documents on the same need, and a kitchen aside for filters.
+GEAR = [
+    ("b1", "Waterproof leather hiking boots keep your feet dry on muddy trails.", {"group": "boots", "shop": "outdoors"}),
+    ("b2", "Waterproof leather hiking boots that keep feet dry on muddy trails.", {"group": "boots", "shop": "outdoors"}),
+    ("b3", "These waterproof leather hiking boots keep your feet dry on muddy mountain trails.", {"group": "boots", "shop": "outdoors"}),
+    ("g1", "Gaiters stop mud and rain water from getting into your shoes on wet paths.", {"group": "gaiters", "shop": "outdoors"}),
+    ("s1", "Merino wool socks stay warm even when wet and cushion long hikes.", {"group": "socks", "shop": "outdoors"}),
+    ("j1", "A breathable rain jacket keeps you dry in a mountain storm.", {"group": "jacket", "shop": "outdoors"}),
+    ("p1", "Trekking poles take the strain off your knees on steep descents.", {"group": "poles", "shop": "outdoors"}),
+    ("k1", "A waterproof apron keeps you dry while washing muddy vegetables.", {"group": "apron", "shop": "kitchen"}),
+    ("k2", "Rubber kitchen clogs keep your feet dry on a wet kitchen floor.", {"group": "clogs", "shop": "kitchen"}),
+    ("k3", "A cast iron skillet sears steak evenly.", {"group": "skillet", "shop": "kitchen"}),
+]
+BOOTS_QUERY = "waterproof boots that keep feet dry on muddy trails"
+
+
+@pytest.fixture(scope="module")
+def gear_store(tmp_path_factory):
+    """The gear corpus in an index embedded with the real model: near-duplicates must be near for MMR to matter."""
+    store = IndexerVectorStore(tmp_path_factory.mktemp("gear") / "gear")
+    ids, texts, metadatas = zip(*GEAR)
+    store.add_texts(list(texts), list(metadatas), ids=list(ids))
+    return store
+
+
+def test_mmr_retriever_returns_k_and_lambda_one_is_similarity_order(gear_store):
+    store = gear_store
+    for k, fetch_k in ((3, 8), (5, 10), (4, 2)):  # fetch_k below k still gives k
+        mmr = store.as_retriever(search_type="mmr", search_kwargs={"k": k, "fetch_k": fetch_k, "lambda_mult": 0.5})
+        found = mmr.invoke(BOOTS_QUERY)
+        assert len(found) == k and len({d.id for d in found}) == k
+        assert all(d == store.get_by_ids([d.id])[0] for d in found)  # whole documents, as stored
+    similar = store.similarity_search(BOOTS_QUERY, k=6)
+    relevant_only = store.as_retriever(search_type="mmr", search_kwargs={"k": 6, "fetch_k": 10, "lambda_mult": 1.0})
+    assert relevant_only.invoke(BOOTS_QUERY) == similar
+    vector = list(Index(store.path).encoder.encode_queries([BOOTS_QUERY])[0])
+    assert store.max_marginal_relevance_search_by_vector(vector, k=6, fetch_k=10, lambda_mult=1.0) == similar
+    with pytest.raises(ArgumentError, match="lambda_mult"):
+        store.max_marginal_relevance_search(BOOTS_QUERY, lambda_mult=1.5)
+
+
+def test_mmr_picks_fewer_near_duplicates_than_similarity_search(gear_store):
+    store = gear_store
+
+    def duplicates(documents):
+        return sum(d.metadata["group"] == "boots" for d in documents)
+
+    similar = store.similarity_search(BOOTS_QUERY, k=3)
+    assert duplicates(similar) == 3  # what MMR is for: the top 3 say one thing three times
+    for mode in ("dense", "hybrid", "keyword"):
+        diverse = store.as_retriever(search_type="mmr", search_kwargs={"k": 3, "fetch_k": 10, "lambda_mult": 0.25, "mode": mode})
+        picked = diverse.invoke(BOOTS_QUERY)
+        assert len(picked) == 3 and duplicates(picked) == 1, (mode, [d.id for d in picked])
+    vector = list(Index(store.path).encoder.encode_queries([BOOTS_QUERY])[0])
+    by_vector = store.max_marginal_relevance_search_by_vector(vector, k=3, fetch_k=10, lambda_mult=0.25)
+    assert duplicates(by_vector) == 1 and by_vector[0] == similar[0]  # the most relevant comes first
+
+
+def test_mmr_honours_filters(gear_store):
+    store = gear_store
+    kitchen = {"shop": "kitchen"}
+    for mode in ("dense", "hybrid"):
+        retriever = store.as_retriever(search_type="mmr",
+                                       search_kwargs={"k": 3, "fetch_k": 10, "lambda_mult": 0.25, "filter": kitchen, "mode": mode})
+        assert {d.id for d in retriever.invoke(BOOTS_QUERY)} == {"k1", "k2", "k3"}  # all there are, nothing else
+    not_boots = store.max_marginal_relevance_search(BOOTS_QUERY, k=4, fetch_k=10, filter={"group": {"$ne": "boots"}, "shop": "outdoors"})
+    assert {d.id for d in not_boots} == {"g1", "s1", "j1", "p1"}
+    vector = list(Index(store.path).encoder.encode_queries([BOOTS_QUERY])[0])
+    assert {d.id for d in store.max_marginal_relevance_search_by_vector(vector, k=5, filter=kitchen)} == {"k1", "k2", "k3"}
+    assert store.max_marginal_relevance_search(" ", k=2) == []
+
+
+class CountingEmbedding(DeterministicFakeEmbedding):
+    """LangChain's fake embeddings, remembering every text embedded as a document."""
+
+    embedded: list = []
+
+    def embed_documents(self, texts):
+        self.embedded.extend(texts)
+        return super().embed_documents(texts)
+
+
+def test_mmr_uses_stored_vectors_and_embeds_only_where_the_structure_keeps_codes(tmp_path):
+    texts = [f"note {word}" for word in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")]
+    ids = [f"t{i}" for i in range(len(texts))]
+    fake = CountingEmbedding(size=16, embedded=[])
+    # Built whole as 8-bit scalar codes (no exact vectors kept); the upsert after it goes to a small Flat segment.
+    quantised = IndexerVectorStore(tmp_path / "sq8", fake, settings=IndexSettings(index_type="SQ8"))
+    quantised.add_texts(texts[:6], ids=ids[:6])
+    quantised.add_texts(texts[6:], ids=ids[6:])
+    exact = IndexerVectorStore(tmp_path / "flat", fake)
+    exact.add_texts(texts, ids=ids)
+    truth = np.array(fake.embed_documents(texts), dtype=np.float32)
+    truth /= np.linalg.norm(truth, axis=1, keepdims=True)
+
+    for store, reembedded in ((exact, []), (quantised, texts[:6])):
+        fake.embedded.clear()
+        found = store.max_marginal_relevance_search("note beta", k=8, fetch_k=8, lambda_mult=0.5)
+        assert sorted(d.id for d in found) == sorted(ids)
+        assert sorted(fake.embedded) == sorted(reembedded)  # only the SQ8 segment's documents are embedded again
+        found_ids, vectors = Index(store.path, encoder=external_encoder(fake)).get_vectors(["t7", "missing", "t0", "t7"])
+        assert found_ids == ["t7", "t0"]
+        assert np.allclose(vectors, truth[[7, 0]], atol=1e-6)  # stored vectors back exactly, or embedded exactly again

@@ -6,6 +6,7 @@
     store.add_texts(["Rivers carve valleys."], metadatas=[{"topic": "geology"}], ids=["n1"])
     store.similarity_search("how are valleys made", k=4, filter={"topic": "geology"})
     store.as_retriever(search_kwargs={"k": 4, "mode": "hybrid"})
+    store.as_retriever(search_type="mmr", search_kwargs={"k": 4, "fetch_k": 20, "lambda_mult": 0.5})
 
 Every call goes to the index on disk (writes as upserts and deletes, each a
 new version; searches on the current version): the store holds no copy of
@@ -21,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
@@ -78,7 +80,8 @@ class IndexerVectorStore(VectorStore):
     (it is called once here to learn its dimension); without it the index's
     own model embeds (``settings`` for a new index, default all-MiniLM-L6-v2).
     Search keyword arguments: ``k``, ``filter`` (a dict, see ``conditions``),
-    ``mode`` ("dense", "keyword", "hybrid") and ``fusion``.
+    ``mode`` ("dense", "keyword", "hybrid") and ``fusion``; maximal marginal
+    relevance (``search_type="mmr"``) takes them too, with ``fetch_k`` and ``lambda_mult``.
     """
 
     def __init__(self, index: str | Path, embedding: Embeddings | None = None, *, settings: IndexSettings | None = None,
@@ -153,6 +156,34 @@ class IndexerVectorStore(VectorStore):
         index = self._searcher()
         return _scored(index.search_by_vector(embedding, k=k, where=conditions(filter)) if index else [])
 
+    def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
+                                      filter: dict[str, Any] | None = None, *, mode: str = "dense", fusion: str = "score",
+                                      **kwargs: Any) -> list[Document]:
+        """``k`` of the ``fetch_k`` best documents (found as ``similarity_search`` finds them), picked by maximal marginal relevance.
+
+        Each pick maximises ``lambda_mult * relevance - (1 - lambda_mult) * redundancy``: relevance is the cosine to the
+        query (in keyword and hybrid mode too: the mode only finds the candidates), redundancy the highest cosine to a
+        document already picked, from the vectors the index stores (``Index.get_vectors``), not the texts embedded again.
+        """
+        _check_lambda(lambda_mult)
+        index = self._searcher()
+        if index is None or not query.strip():  # as in similarity_search_with_score
+            return []
+        hits = index.search(query, k=max(k, fetch_k), mode=mode, where=conditions(filter), fusion=fusion)
+        # Dense scores are the cosines already; other modes' scores are not, so the query is embedded for them.
+        query_vector = None if mode == "dense" else index.encoder.encode_queries([query])[0]
+        return _diverse(index, hits, query_vector, k, lambda_mult)
+
+    def max_marginal_relevance_search_by_vector(self, embedding: list[float], k: int = 4, fetch_k: int = 20,
+                                                lambda_mult: float = 0.5, filter: dict[str, Any] | None = None,
+                                                **kwargs: Any) -> list[Document]:
+        """``max_marginal_relevance_search`` for a query vector (dense search)."""
+        _check_lambda(lambda_mult)
+        index = self._searcher()
+        if index is None:
+            return []
+        return _diverse(index, index.search_by_vector(embedding, k=max(k, fetch_k), where=conditions(filter)), None, k, lambda_mult)
+
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return lambda cosine: (1.0 + cosine) / 2.0  # dense scores are cosines, in [-1, 1]
 
@@ -187,3 +218,41 @@ def _document(doc_id: str, text: str, metadata: dict[str, Any]) -> Document:
 
 def _scored(hits: list[Hit]) -> list[tuple[Document, float]]:
     return [(_document(hit.id, hit.text, hit.metadata), hit.score) for hit in hits]
+
+
+def _check_lambda(lambda_mult: float) -> None:
+    if not 0.0 <= lambda_mult <= 1.0:
+        raise ArgumentError(f"lambda_mult must be between 0 (most diverse) and 1 (most relevant), got {lambda_mult}")
+
+
+def _diverse(index: Index, hits: list[Hit], query_vector: np.ndarray | None, k: int, lambda_mult: float) -> list[Document]:
+    """``k`` of ``hits`` by maximal marginal relevance; relevance is the hits' scores, or the cosine to ``query_vector`` if given."""
+    found, vectors = index.get_vectors([hit.id for hit in hits])
+    # A document that another thread's refresh of the index deleted meanwhile has no vector left: it drops out.
+    kept = set(found)
+    hits = [hit for hit in hits if hit.id in kept]
+    relevance = np.array([hit.score for hit in hits], dtype=np.float32) if query_vector is None else vectors @ query_vector
+    return [_document(hits[i].id, hits[i].text, hits[i].metadata) for i in mmr_order(relevance, vectors, k, lambda_mult)]
+
+
+def mmr_order(relevance: np.ndarray, vectors: np.ndarray, k: int, lambda_mult: float) -> list[int]:
+    """Positions of up to ``k`` rows of ``vectors`` (unit length) in the order maximal marginal relevance picks them.
+
+    The first is the most relevant (as in LangChain's ``maximal_marginal_relevance``); each next one maximises
+    ``lambda_mult * relevance - (1 - lambda_mult) * its highest cosine to a row already picked``, ties to the earlier row.
+    """
+    count = min(k, len(relevance))
+    if count < 1:
+        return []
+    cosines = vectors @ vectors.T
+    picked = [int(np.argmax(relevance))]
+    taken = np.zeros(len(relevance), dtype=bool)
+    taken[picked[0]] = True
+    redundancy = cosines[picked[0]].copy()
+    while len(picked) < count:
+        gain = np.where(taken, -np.inf, lambda_mult * relevance - (1.0 - lambda_mult) * redundancy)
+        best = int(np.argmax(gain))
+        picked.append(best)
+        taken[best] = True
+        np.maximum(redundancy, cosines[best], out=redundancy)
+    return picked
