@@ -10,8 +10,14 @@ The cache is disposable: nothing published depends on it. A file SQLite calls
 damaged or not a database is set aside as ``cache.db.broken`` and started
 afresh (the texts are then encoded again); a cache that cannot be read or
 written at all (an I/O error, a full disk under it) is left alone for the rest
-of the write, which goes on without it; a cached vector that is not of unit
-length is ignored. Each of these adds one line to ``warnings``.
+of the write, which goes on without it. Each of these adds one line to ``warnings``.
+
+Every row is proven before its vector is used: the blob is the float32 vector
+followed by an 8-byte check (``row_checks``) of the vector and its key, so a
+flipped bit, a negated component or a vector moved to another text's row is
+ignored (and encoded again, with one warning), never copied into a segment
+under fresh checksums; so is a vector that is not of unit length. Rows written
+before the check existed (4 bytes a dimension) are ignored the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +42,21 @@ UNUSABLE_CODES = {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANT
 UNIT_TOLERANCE = 1e-3
 
 
+# Odd 64-bit multipliers, one per vector word, for ``row_checks`` (fixed: the checks are stored).
+_MULTIPLIERS = np.random.default_rng(20261207).integers(0, 1 << 63, size=4096, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+CHECK_BYTES = 8
+
+
+def row_checks(keys: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+    """One uint64 per row binding a vector to its key: a weighted sum (mod 2**64) of its float32 words, xor the key's
+    first 64 bits. Any change to one word changes it (odd multipliers), as does a vector under another key."""
+    words = np.ascontiguousarray(vectors, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = (words * np.resize(_MULTIPLIERS, words.shape[1])).sum(axis=1, dtype=np.uint64)
+    heads = np.frombuffer(bytes.fromhex("".join(key[:16] for key in keys)), dtype=">u8").astype(np.uint64)
+    return mixed ^ heads
+
+
 def embedding_keys(prefix: str, texts: Sequence[str]) -> list[str]:
     """Cache keys of ``texts`` under ``prefix`` (model fingerprint, pooling, max length)."""
     head = hashlib.sha256(prefix.encode())
@@ -58,6 +79,7 @@ class EmbeddingCache:
         self.dimension = dimension
         self.warnings: list[str] = []
         self.usable = True
+        self.rejected = 0
         self._lock = threading.RLock()
         self._safely(None, self._open)
 
@@ -108,25 +130,48 @@ class EmbeddingCache:
         self.warnings.append(f"{self.path}: embedding cache unusable ({exc}); this write goes on without it")
 
     def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """The cached vectors among ``keys``, in one query (only well-formed unit vectors)."""
+        """The cached vectors among ``keys``, in one query: only rows whose check holds and whose vector is of unit length."""
         if not keys:
             return {}
         wanted = json.dumps(list(keys))
         sql = f"SELECT key, vector FROM {TABLE} WHERE key IN (SELECT value FROM json_each(?))"
         rows = self._safely([], lambda: self.db.execute(sql, [wanted]).fetchall())
-        found = {key: np.frombuffer(vector, dtype=np.float32) for key, vector in rows if len(vector) == 4 * self.dimension}
-        if found:
-            norms = np.linalg.norm(np.stack(list(found.values())), axis=1)
-            found = {key: v for (key, v), norm in zip(found.items(), norms) if abs(norm - 1.0) <= UNIT_TOLERANCE}
-        return found
+        width = 4 * self.dimension
+        rows = [(key, blob) for key, blob in rows if isinstance(key, str) and isinstance(blob, bytes) and len(blob) == width + CHECK_BYTES]
+        if not rows:
+            return {}
+        blobs = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.uint8).reshape(len(rows), width + CHECK_BYTES)
+        vectors = blobs[:, :width].copy().view(np.float32)
+        stored = blobs[:, width:].copy().view("<u8").ravel()
+        names = [key for key, _ in rows]
+        try:
+            sound = stored == row_checks(names, vectors)
+        except ValueError:  # a key that is not hex: not a row this cache wrote
+            sound = np.zeros(len(rows), dtype=bool)
+        sound &= np.abs(np.linalg.norm(vectors, axis=1) - 1.0) <= UNIT_TOLERANCE
+        if not sound.all():
+            self.rejected += int((~sound).sum())
+        return {key: vector for key, vector, ok in zip(names, vectors, sound) if ok}
+
+    def report_rejected(self) -> None:
+        """Add one warning for the rows ``get`` found damaged so far (they were encoded again or taken from a segment)."""
+        if self.rejected:
+            self.warnings.append(f"{self.path}: {self.rejected} cached vectors failed their check and were not used")
+            self.rejected = 0
 
     def put(self, keys: Sequence[str], vectors: np.ndarray, used: int) -> None:
         # One statement, the vectors in one blob cut by substr: executemany takes the GIL back for every row,
         # which in the pipeline's writing thread waits on the other stages (see DocumentStore.add).
         if vectors.shape != (len(keys), self.dimension):
             raise ValueError(f"{len(keys)} keys and vectors of shape {vectors.shape} for a cache of dimension {self.dimension}")
-        blob = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
-        width = 4 * self.dimension
+        if not keys:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        rows = np.empty((len(keys), 4 * self.dimension + CHECK_BYTES), dtype=np.uint8)
+        rows[:, : 4 * self.dimension] = vectors.view(np.uint8).reshape(len(keys), -1)
+        rows[:, 4 * self.dimension :] = row_checks(keys, vectors).astype("<u8").view(np.uint8).reshape(len(keys), -1)
+        blob = rows.tobytes()
+        width = rows.shape[1]
         sql = (f"INSERT OR REPLACE INTO {TABLE} (key, vector, used) "
                "SELECT value, substr(?, key * ? + 1, ?), ? FROM json_each(?)")
 
@@ -161,6 +206,7 @@ class EmbeddingCache:
         return self._safely(0, lambda: self.db.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0])
 
     def close(self) -> None:
+        self.report_rejected()
         if not hasattr(self, "db"):
             return
         try:

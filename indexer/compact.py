@@ -12,11 +12,11 @@ After every write, ``after_write`` asks the policy (``merge_plan``):
 writes one new segment with the live documents of the segments it merges,
 with the structure the index type calls for at its new size, re-tuned
 (``segments.segment_structure``), and publishes a version that lists it in
-their place. Vectors come from the embedding cache, else from the merged
-segments' own FAISS structures where those keep whole vectors (Flat, HNSW,
-IVF-Flat), else from the model. The segments it merges are checked against
-their checksums first, so a damaged file never goes into a new segment
-under fresh checksums.
+their place. Vectors come from the merged segments' own FAISS structures
+where those keep whole vectors (Flat, HNSW, IVF-Flat), else from the
+embedding cache (rows whose check holds, see ``cache``), else from the model.
+The segments it merges are checked against their checksums first, so a
+damaged file or cache row never goes into a new segment under fresh checksums.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import numpy as np
 
 from . import layout
 from .cache import EmbeddingCache, embedding_keys
-from .errors import ArgumentError, IndexCorruptError, ModelError
+from .errors import IndexCorruptError
 from .external import load_encoder
 from .segments import Segment, segment_structure
 from .settings import IndexSettings
 from .sources import Document
 from .vectors import parse_memory
-from .write import BuildReport, Transaction, existing_index, since, transaction
+from .write import BuildReport, Transaction, disk_full, existing_index, since, transaction
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -83,15 +83,18 @@ def after_write(txn: Transaction, report: BuildReport, settings: IndexSettings, 
     names = merge_plan(txn.segments, txn.deleted)
     if not names:
         return
+    published = report.version
     try:
         merge(txn, names, settings, encoder=encoder)
-    except (ModelError, ArgumentError) as exc:  # re-embedding (a deferred model loads only now, on its device): the write stands
-        reason = str(exc).split(";")[0]
-        report.warnings.append(f"{txn.path}: published {report.version}, but the merge after it failed ({reason}); "
+        txn.publish(settings, txn.manifest.dimension, txn.manifest.model_fingerprint, report, keep)
+    except Exception as exc:  # noqa: BLE001 -- CURRENT has moved: whatever stops the merge (a model that cannot load, a
+        # full disk, a damaged segment) leaves the write published, so it is a warning, never the write's error.
+        reason = "no space left on device" if disk_full(exc, txn.path) else (str(exc).split(";")[0].splitlines() or [type(exc).__name__])[0]
+        report.version, report.published = layout.read_pointer(txn.path) or published, True
+        report.warnings.append(f"{txn.path}: published {published}, but the merge after it failed ({reason}); "
                                "'indexer compact' merges")
         return
     report.merged += len(names)
-    txn.publish(settings, txn.manifest.dimension, txn.manifest.model_fingerprint, report, keep)
 
 
 def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encoder: Encoder | None = None,
@@ -101,7 +104,7 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
     whole = len(metas) == len(txn.segments)
     dimension = metas[0].dimension
     for meta in metas:
-        problems = layout.segment_problems(layout.segment_dir(txn.path, meta.name), meta, checksums=True)
+        problems = layout.segment_problems(layout.segment_dir(txn.path, meta.name), meta, checksums=True, memo=True)
         if problems:
             raise IndexCorruptError(f"{txn.path}: {problems[0]}; nothing merged. Run 'indexer check INDEX --all'")
     own_cache = txn.cache is None  # the write's own cache when it has one, else one for the merge
@@ -131,7 +134,8 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
 
 
 class _Vectors:
-    """The vectors of documents being merged: from the cache, else their segment's structure, else the model."""
+    """The vectors of documents being merged: from their segment's structure (proven by its checksum) where it keeps
+    them whole, else from the cache (rows proven by their checks), else from the model."""
 
     def __init__(self, cache: EmbeddingCache, prefix: str, segment_number: int, settings: IndexSettings,
                  encoder: Encoder | None, device: str | None):
@@ -142,16 +146,20 @@ class _Vectors:
         wanted = embedding_keys(self.prefix, texts)
         found = self.cache.get(wanted)
         hit = np.fromiter((key in found for key in wanted), dtype=bool, count=len(wanted))
+        if segment.vectors.keeps_vectors:
+            out = segment.vectors.reconstruct(keys)
+            # The texts stay cached for later rebuilds: rows that hold are marked, missing or damaged ones written anew.
+            self.cache.mark_used([key for key in wanted if key in found], self.number)
+            missing = np.flatnonzero(~hit)
+            self.cache.put([wanted[i] for i in missing], out[missing], self.number)
+            return out
         out = np.empty((len(texts), segment.meta.dimension), dtype=np.float32)
         if hit.any():
             out[hit] = np.stack([found[key] for key in wanted if key in found])
             self.cache.mark_used([key for key in wanted if key in found], self.number)
         missing = np.flatnonzero(~hit)
         if len(missing):
-            if segment.vectors.keeps_vectors:
-                out[missing] = segment.vectors.reconstruct(keys[missing])
-            else:
-                out[missing] = self._encoder().encode_texts([texts[i] for i in missing])
+            out[missing] = self._encoder().encode_texts([texts[i] for i in missing])
             self.cache.put([wanted[i] for i in missing], out[missing], self.number)
         return out
 

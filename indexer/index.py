@@ -20,6 +20,16 @@ if TYPE_CHECKING:
     from .encoder import Encoder
     from .external import ExternalEncoder
 
+# When an opened index proves its files (stores and vectors) against their checksums: before the first search, or
+# in a thread while searches are served (the server: it starts at once; /health says when the check is done).
+VERIFY_MODES = ("open", "background")
+
+
+def damaged_message(path: Path, version: str, problem: str) -> str:
+    return (f"{path}: version {version} is damaged ({problem}); not serving it. "
+            "Run 'indexer check INDEX --all', then 'indexer rollback' to a sound version or build again")
+
+
 def index_info(index: str | Path) -> dict[str, Any]:
     """The current version's manifest and counts, without loading the model or any vectors."""
     path = layout.index_path(index)
@@ -54,10 +64,20 @@ class Index:
     """
 
     def __init__(self, path: str | Path, model: str | None = None, device: str | None = None, *,
-                 encoder: "Encoder | ExternalEncoder | None" = None):
+                 encoder: "Encoder | ExternalEncoder | None" = None, verify: str = "open"):
+        if verify not in VERIFY_MODES:
+            raise ArgumentError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         self.path = layout.index_path(path)
         self.device = device
+        self._verify = verify
+        self._fault: tuple[str, str] | None = None  # (version, what is wrong with it), found by a background check
+        self._checking: threading.Thread | None = None
         self._served = Snapshot.open(self.path)
+        try:
+            self._check_files(self._served, background=verify == "background")
+        except BaseException:
+            self._served.close()
+            raise
         settings = self._served.manifest.settings
         if model is not None and canonical_model_name(model) != settings.model:
             raise ModelError(
@@ -119,6 +139,7 @@ class Index:
     ) -> list[list[Hit]]:
         """The top-``k`` documents for each question; questions are embedded in batches."""
         served, encoder = self._served, self._encoder  # one version for the whole call, even if refresh() swaps it meanwhile
+        self._refuse_damaged(served)
         return search_texts(encoder, served, list(queries), k, mode, where, fusion, nprobe=nprobe, efSearch=ef_search)
 
     def refresh(self) -> bool:
@@ -129,6 +150,8 @@ class Index:
             # Segments this version shares with the one served are reused, so a small write loads only its small segment.
             loaded = {segment.meta.uid: segment for segment in self._served.segments}
             served = Snapshot.open(self.path, loaded=loaded)
+            # A new version is served only once its files are proven (shared segments were, and are not read again).
+            self._check_files(served, background=False)
             encoder = load_encoder(served.manifest.settings, self.device, reuse=self._encoder)
             self._check_encoder(served, encoder)
             # The old version's own segments are left to the garbage collector: searches may still be reading them.
@@ -154,6 +177,7 @@ class Index:
                          nprobe: int | None = None, ef_search: int | None = None) -> list[Hit]:
         """The top-``k`` documents for a query vector of the index's dimension (scaled to unit length first): dense search."""
         served, encoder = self._served, self._encoder
+        self._refuse_damaged(served)
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         if query.shape[1] != encoder.dimension:
             raise ArgumentError(f"{self.path}: a query vector must have {encoder.dimension} numbers, not {query.shape[1]}")
@@ -163,6 +187,40 @@ class Index:
     def info(self) -> dict[str, Any]:
         """The manifest of the version this object serves, with live counts."""
         return describe(self._served)
+
+    def integrity(self) -> dict[str, Any]:
+        """Whether the served version's files are proven: ``{"version", "verified", "fault"}``.
+
+        ``verified`` is false while a background check (``verify="background"``)
+        is still reading; ``fault`` names what a check found damaged (searches
+        then fail with IndexCorruptError), else None.
+        """
+        served, fault, checking = self._served, self._fault, self._checking
+        damaged = fault[1] if fault is not None and fault[0] == served.version else None
+        return {"version": served.version, "verified": damaged is None and not (checking is not None and checking.is_alive()),
+                "fault": damaged}
+
+    def _check_files(self, served: Snapshot, *, background: bool) -> None:
+        """Check the stores and vectors of ``served`` against their checksums: now (IndexCorruptError on a fault),
+        or in a thread that records the fault, after which searches of that version fail."""
+        if not background:
+            problems = served.problems()
+            if problems:
+                raise IndexCorruptError(damaged_message(self.path, served.version, problems[0]))
+            return
+
+        def check() -> None:
+            problems = served.problems()
+            if problems:
+                self._fault = (served.version, damaged_message(self.path, served.version, problems[0]))
+
+        self._checking = threading.Thread(target=check, name="indexer-verify", daemon=True)
+        self._checking.start()
+
+    def _refuse_damaged(self, served: Snapshot) -> None:
+        fault = self._fault
+        if fault is not None and fault[0] == served.version:
+            raise IndexCorruptError(fault[1])
 
     def close(self) -> None:
         self._served.close()

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -98,6 +99,7 @@ class Manifest:
     created_at: str = ""
     files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    checksum: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -136,6 +138,7 @@ class SegmentMeta:
     uid: str = ""
     files: dict[str, str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    checksum: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,22 +170,38 @@ def index_path(name: str | Path, root: str | Path = DEFAULT_INDEX_ROOT) -> Path:
 
 def current_version(path: Path) -> str:
     """The name of the published version of the index at ``path``."""
-    version = read_pointer(path)
-    if version is None:
+    pointer = _read_pointer_file(path)
+    if pointer is None:
         if path.is_dir():
             raise IndexNotFoundError(f"{path}: not an index (no published version)")
         raise IndexNotFoundError(f"{path}: no such index")
+    version, _, checksum = pointer.partition(" ")
     if not VERSION_NAME.match(version) or not (path / VERSIONS / version).is_dir():
         on_disk = ", ".join(list_versions(path)) or "none"
         raise IndexCorruptError(
             f"{path / POINTER}: points to missing version {version[:40]!r} (versions on disk: {on_disk}); "
             "run 'indexer rollback INDEX --to VERSION' or build again"
         )
+    if checksum:
+        try:
+            manifest = read_manifest(version_dir(path, version))
+        except IndexCorruptError:
+            manifest = None
+        if manifest is not None and manifest.checksum != checksum:
+            raise IndexCorruptError(
+                f"{path / POINTER}: names {version} with a checksum its manifest does not have (the pointer or the manifest "
+                "is damaged); run 'indexer check INDEX --all', then 'indexer rollback INDEX --to VERSION'"
+            )
     return version
 
 
 def read_pointer(path: Path) -> str | None:
-    """What ``CURRENT`` says, unchecked; None when there is no pointer."""
+    """The version ``CURRENT`` names, unchecked; None when there is no pointer."""
+    pointer = _read_pointer_file(path)
+    return pointer.partition(" ")[0] if pointer is not None else None
+
+
+def _read_pointer_file(path: Path) -> str | None:
     try:
         return (path / POINTER).read_text(errors="replace").strip()
     except (FileNotFoundError, NotADirectoryError):
@@ -242,10 +261,34 @@ def read_manifest(folder: Path) -> Manifest:
         raise IndexCorruptError(f"{where}: not a manifest ('segments' is not a list of segment names)")
     if data["format_version"] == FORMAT_VERSION and (not segments or DELETED not in data["files"]):
         raise IndexCorruptError(f"{where}: not a manifest (no segments, or no checksum of {DELETED})")
+    check_json_checksum(where, data, "manifest")
+    if VERSION_NAME.match(folder.name) and data["version"] != folder.name:
+        # An older version's name would make a reader take this one for it (and a writer bring back what it deleted).
+        raise IndexCorruptError(f"{where}: manifest names version {data['version'][:40]!r}, not its folder's {folder.name}")
     try:
         return Manifest.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise IndexCorruptError(f"{where}: not a manifest ({exc})") from None
+
+
+def json_checksum(data: dict[str, Any]) -> str:
+    """The checksum of a manifest or segment description: SHA-256 of its canonical JSON, its own ``checksum`` left out.
+
+    Canonical (sorted keys, no spaces), so that what a reader trusts is covered
+    whatever the file's layout; a change that leaves the parsed JSON equal is harmless.
+    """
+    body = {key: value for key, value in data.items() if key != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_json_checksum(where: Path, data: dict[str, Any], what: str) -> None:
+    """IndexCorruptError unless ``data`` matches the checksum it holds (files written before checksums have none)."""
+    stored = data.get("checksum")
+    if stored is None:
+        return
+    if not isinstance(stored, str) or json_checksum(data) != stored:
+        raise IndexCorruptError(f"{where}: {what} does not match its checksum")
 
 
 def _read_json(where: Path, what: str, *, missing: str) -> Any:
@@ -282,6 +325,9 @@ def read_segment_meta(folder: Path) -> SegmentMeta:
         not isinstance(data.get(name), kind) or isinstance(data.get(name), bool) for name, kind in REQUIRED_SEGMENT_FIELDS.items()
     ):
         raise IndexCorruptError(f"{where}: not a segment description")
+    check_json_checksum(where, data, "segment description")
+    if data["name"] != folder.name and SEGMENT_NAME.match(folder.name):
+        raise IndexCorruptError(f"{where}: describes segment {data['name'][:40]!r}, not its folder's {folder.name}")
     return SegmentMeta.from_dict(data)
 
 
@@ -291,6 +337,7 @@ def seal_segment(path: Path, staging: Path, meta: SegmentMeta) -> Path:
     meta.files = {p.name: file_checksum(p) for p in files}
     meta.sizes = {p.name: p.stat().st_size for p in files}
     meta.uid = uuid.uuid4().hex
+    meta.checksum = json_checksum(meta.to_dict())
     (staging / SEGMENT_META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
     for item in staging.iterdir():
         fsync_file(item)
@@ -302,19 +349,53 @@ def seal_segment(path: Path, staging: Path, meta: SegmentMeta) -> Path:
     return target
 
 
-def segment_problems(folder: Path, meta: SegmentMeta, *, checksums: bool) -> list[str]:
-    """What is wrong with a segment's files: missing, a size or (with ``checksums``) a checksum that differs."""
+def segment_problems(folder: Path, meta: SegmentMeta, *, checksums: bool, names: Iterable[str] | None = None,
+                     memo: bool = False) -> list[str]:
+    """What is wrong with a segment's files (``names``, default all): missing, a size or (with ``checksums``) a checksum that differs.
+
+    With ``memo``, a file this process already found sound is not read again
+    while its inode, size and change times are the same (``verified``).
+    """
     problems = []
-    for name in (DOCUMENTS, VECTORS, KEYS, LENGTHS, *meta.files):
+    for name in names if names is not None else (DOCUMENTS, VECTORS, KEYS, LENGTHS, *meta.files):
         if name not in meta.files:
             problems.append(f"segment {meta.name} has no checksum for {name}")
         elif not (folder / name).is_file():
             problems.append(f"segment {meta.name}: {name} is missing")
         elif name in meta.sizes and (folder / name).stat().st_size != meta.sizes[name]:
             problems.append(f"segment {meta.name}: {name} has the wrong size")
-        elif checksums and file_checksum(folder / name) != meta.files[name]:
+        elif checksums and not verified(folder / name, meta.files[name], memo=memo):
             problems.append(f"segment {meta.name}: {name} does not match its checksum")
     return list(dict.fromkeys(problems))
+
+
+# Files this process found to match their checksums: (path, checksum) -> what stat said then.
+_sound: dict[tuple[str, str], tuple[int, ...]] = {}
+_sound_lock = threading.Lock()
+
+
+def verified(path: Path, checksum: str, *, memo: bool = False) -> bool:
+    """Whether the file at ``path`` matches ``checksum``; with ``memo``, a file found sound before and unchanged
+    since (same device, inode, size, modification and change time) is not read again."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    key = (str(path), checksum)
+    with _sound_lock:
+        if memo and _sound.get(key) == stamp:
+            return True
+    try:
+        sound = file_checksum(path) == checksum
+    except OSError:
+        return False
+    with _sound_lock:
+        if sound:
+            _sound[key] = stamp
+        else:
+            _sound.pop(key, None)
+    return sound
 
 
 def damaged_files(folder: Path, manifest: Manifest, names: Iterable[str] | None = None) -> list[str]:
@@ -330,14 +411,15 @@ def damaged_files(folder: Path, manifest: Manifest, names: Iterable[str] | None 
     return problems
 
 
-def verified_manifest(path: Path, version: str, *, checksums: bool = False) -> Manifest:
+def verified_manifest(path: Path, version: str, *, checksums: bool = False, memo: bool = False) -> Manifest:
     """The manifest of ``version`` after checking what it lists; IndexCorruptError if anything is damaged.
 
     Its own files (the deletion set) are checked against their checksums, its
     segments for presence and size, and with ``checksums`` against their
-    checksums too: a write that copies documents or vectors out of a segment
-    (compaction, converting a format-1 version) reads them through first, so
-    a damaged file is never carried into a new segment under fresh checksums.
+    checksums too (``memo``: see ``verified``). Every write checks the version
+    it starts from so, and refuses a damaged one; a write that copies documents
+    or vectors out of a segment (compaction, converting a format-1 version)
+    thereby never carries a damaged file into a new segment under fresh checksums.
     """
     folder = version_dir(path, version)
     manifest = read_manifest(folder)
@@ -349,7 +431,7 @@ def verified_manifest(path: Path, version: str, *, checksums: bool = False) -> M
         except IndexCorruptError as exc:
             problems.append(str(exc))
             continue
-        problems += segment_problems(segment_dir(path, name), meta, checksums=checksums)
+        problems += segment_problems(segment_dir(path, name), meta, checksums=checksums, memo=memo)
     if problems:
         raise IndexCorruptError(
             f"{path}: version {version} is damaged ({problems[0]}); nothing written. "
@@ -385,6 +467,7 @@ def publish(path: Path, staging: Path, manifest: Manifest) -> str:
     manifest.version = version
     manifest.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest.files = {p.name: file_checksum(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    manifest.checksum = json_checksum(manifest.to_dict())
     (staging / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n")
     for item in staging.iterdir():
         fsync_file(item)
@@ -392,14 +475,21 @@ def publish(path: Path, staging: Path, manifest: Manifest) -> str:
     (path / VERSIONS).mkdir(exist_ok=True)
     os.rename(staging, version_dir(path, version))
     fsync_dir(path / VERSIONS)
-    point_to(path, version)
+    point_to(path, version, manifest.checksum)
     return version
 
 
-def point_to(path: Path, version: str) -> None:
-    """Make ``version`` the current one: write a new pointer, then rename it over the old."""
+def point_to(path: Path, version: str, checksum: str | None = None) -> None:
+    """Make ``version`` the current one: write a new pointer, then rename it over the old.
+
+    The pointer names the version and its manifest's checksum (``checksum``,
+    else read from the manifest), so a pointer damaged into another version's
+    name is told from a rollback.
+    """
+    if checksum is None:
+        checksum = read_manifest(version_dir(path, version)).checksum
     pointer_tmp = path / f"{POINTER}.{os.getpid()}.tmp"
-    pointer_tmp.write_text(version + "\n")
+    pointer_tmp.write_text(f"{version} {checksum}".rstrip() + "\n")
     fsync_file(pointer_tmp)
     os.replace(pointer_tmp, path / POINTER)
     fsync_dir(path)

@@ -113,6 +113,12 @@ class Segment:
                                       tuned_recall=legacy.tuned_recall, uid=f"legacy-{legacy.version}-{legacy.created_at}")
         else:
             meta = layout.read_segment_meta(folder)
+            # The key and length files decide which document a hit is and its BM25 length: small (12 bytes a
+            # document), so they are checked at every open; the store and the vectors by ``problems`` (see Index).
+            problems = (layout.segment_problems(folder, meta, checksums=False)
+                        + layout.segment_problems(folder, meta, checksums=True, names=(layout.KEYS, layout.LENGTHS), memo=True))
+            if problems:
+                raise IndexCorruptError(f"{folder}: {problems[0]}")
             store = DocumentStore.open_readonly(folder / layout.DOCUMENTS)
             try:
                 keys = np.load(folder / layout.KEYS, mmap_mode="r")
@@ -129,6 +135,12 @@ class Segment:
     @property
     def name(self) -> str:
         return self.meta.name
+
+    def problems(self) -> list[str]:
+        """Faults of the files the open did not read through: the store and the vectors against their checksums."""
+        if not self.meta.files:  # a format-1 version folder: its manifest's checksums, checked by the snapshot
+            return []
+        return layout.segment_problems(self.folder, self.meta, checksums=True, names=(layout.DOCUMENTS, layout.VECTORS), memo=True)
 
     def holds(self, keys: np.ndarray) -> np.ndarray:
         """Which of ``keys`` are this segment's."""

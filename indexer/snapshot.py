@@ -40,6 +40,8 @@ BM25_K1 = 1.2
 BM25_B = 0.75
 OPEN_ATTEMPTS = 5
 POOLED_SEGMENT = 4096
+# Float32 rounding of a unit vector's inner product with itself stays far inside this.
+COSINE_SLACK = 1e-3
 
 
 class Snapshot:
@@ -70,12 +72,12 @@ class Snapshot:
         between reading the pointer and opening the folder; then read it again.
         """
         for attempt in range(OPEN_ATTEMPTS):
-            name = version or layout.current_version(path)
-            folder = layout.version_dir(path, name)
+            pointer = layout.read_pointer(path)
             try:
-                return cls._open(path, layout.read_manifest(folder), vectors, loaded or {})
+                name = version or layout.current_version(path)
+                return cls._open(path, layout.read_manifest(layout.version_dir(path, name)), vectors, loaded or {})
             except IndexCorruptError:
-                if version or folder.exists() or attempt == OPEN_ATTEMPTS - 1:
+                if version or attempt == OPEN_ATTEMPTS - 1 or layout.read_pointer(path) == pointer:
                     raise
         raise AssertionError("unreachable")
 
@@ -91,7 +93,7 @@ class Snapshot:
                 known = loaded.get(meta.uid)
                 segments.append(known if known is not None and (known.vectors is not None or not vectors)
                                 else Segment.open(folder, vectors=vectors))
-            deleted = read_deleted(layout.version_dir(path, manifest.version))
+            deleted = read_deleted(layout.version_dir(path, manifest.version), manifest.files.get(layout.DELETED))
         except BaseException:
             for segment in segments:
                 if segment.meta.uid not in loaded:
@@ -101,6 +103,13 @@ class Snapshot:
 
     def __len__(self) -> int:
         return sum(self._live)
+
+    def problems(self) -> list[str]:
+        """Faults of the segments' stores and vectors against their checksums (a format-1 version: its files)."""
+        if self.manifest.legacy:
+            folder = layout.version_dir(self.path, self.version)
+            return layout.damaged_files(folder, self.manifest, sorted({layout.DOCUMENTS, layout.VECTORS} & set(self.manifest.files)))
+        return [problem for segment in self.segments for problem in segment.problems()]
 
     @property
     def dimension(self) -> int:
@@ -172,6 +181,7 @@ class Snapshot:
         pooled = self._pooled()
         if pooled is not None:
             scores, keys = search_pool(pooled, embedded, k, allowed)
+            check_cosines(self.path, "of the small segments", scores, keys)
             scores_parts.append(scores)
             keys_parts.append(keys)
         for segment, gone, live in zip(self.segments, self._deleted, self._live):
@@ -190,6 +200,8 @@ class Snapshot:
                 # An approximate structure can miss rare matches: search those exhaustively.
                 scores, keys = segment.vectors.search(embedded, depth, allowed=permitted, excluded=excluded,
                                                       nprobe=1 << 30, efSearch=max(segment.meta.count, 16))
+            if segment.vectors.keeps_vectors:
+                check_cosines(self.path, segment.name, scores, keys)
             scores_parts.append(scores)
             keys_parts.append(keys)
         if not keys_parts:
@@ -256,6 +268,17 @@ class Snapshot:
                 segment.close()
 
 
+def check_cosines(path: Path, segment: str, scores: np.ndarray, keys: np.ndarray) -> None:
+    """IndexCorruptError if unit vectors gave a cosine outside [-1, 1]: the segment's vectors are damaged.
+
+    A last guard for what the checksums have not proven yet (a background check still reading).
+    """
+    found = np.abs(scores[keys >= 0])
+    if len(found) and float(found.max()) > 1 + COSINE_SLACK:
+        raise IndexCorruptError(f"{path}: segment {segment} gives a cosine of {float(found.max()):.4f}, outside [-1, 1]: "
+                                "its vectors are damaged; run 'indexer check INDEX'")
+
+
 def is_pooled(segment: Segment) -> bool:
     """Whether ``segment`` is searched in the pool of small Flat segments rather than by its own FAISS structure."""
     return segment.vectors is not None and segment.meta.count <= POOLED_SEGMENT and segment.vectors.is_flat
@@ -277,8 +300,10 @@ def search_pool(pool: tuple[np.ndarray, np.ndarray, np.ndarray], embedded: np.nd
     return top_scores, np.where(np.isfinite(top_scores), keys[top], -1)
 
 
-def read_deleted(folder: Path) -> np.ndarray:
-    """The sorted deleted keys of a version folder."""
+def read_deleted(folder: Path, checksum: str | None = None) -> np.ndarray:
+    """The sorted deleted keys of a version folder (checked against ``checksum`` if given)."""
+    if checksum is not None and (folder / layout.DELETED).is_file() and not layout.verified(folder / layout.DELETED, checksum):
+        raise IndexCorruptError(f"{folder / layout.DELETED}: deletion set does not match its checksum")
     try:
         deleted = np.load(folder / layout.DELETED)
     except FileNotFoundError:

@@ -33,6 +33,8 @@ FILTER_OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "in")
 # A field name with a double quote cannot be quoted in an SQLite JSON path; control characters are never meant,
 # and a lone surrogate cannot be passed to SQLite at all.
 FIELD_NAME_FORBIDDEN = re.compile(r'["\x00-\x1f\x7f-\x9f\ud800-\udfff]')
+# Ids bound per statement in id look-ups (SQLite allows 32,766 parameters since 3.32).
+ID_BATCH = 500
 # json_each/json_type's names for JSON types, and the kinds filters and field_types() speak of.
 JSON_KINDS = {"integer": "number", "real": "number", "text": "text", "true": "boolean", "false": "boolean",
               "null": "null", "array": "array", "object": "object"}
@@ -124,9 +126,7 @@ class DocumentStore:
 
     def keys_for_ids(self, ids: Sequence[str]) -> dict[str, int]:
         """``{id: key}`` for the given document ids that are present."""
-        sql = f"SELECT id, key FROM {TABLE} WHERE id IN (SELECT value FROM json_each(?))"
-        with self._lock:
-            return dict(self.db.execute(sql, [json.dumps(list(ids))]).fetchall())
+        return {doc_id: key for doc_id, key in self._select_by_ids("id, key", ids)}
 
     def keys(self) -> np.ndarray:
         """Every key, sorted."""
@@ -144,12 +144,27 @@ class DocumentStore:
 
     def raw_rows_for_ids(self, ids: Sequence[str]) -> dict[str, list[tuple]]:
         """``{id: [(key, text, metadata JSON, fields JSON, origin), ...]}`` for the ids present, as stored."""
-        sql = f"SELECT id, {self._columns.split(', ', 2)[2]}, key FROM {TABLE} WHERE id IN (SELECT value FROM json_each(?))"
         found: dict[str, list[tuple]] = {}
-        with self._lock:
-            for doc_id, text, metadata, fields, origin, key in self.db.execute(sql, [json.dumps(list(ids))]):
-                found.setdefault(doc_id, []).append((key, text, metadata or "{}", fields or "{}", origin))
+        for doc_id, text, metadata, fields, origin, key in self._select_by_ids(f"id, {self._columns.split(', ', 2)[2]}, key", ids):
+            found.setdefault(doc_id, []).append((key, text, metadata or "{}", fields or "{}", origin))
         return found
+
+    def _select_by_ids(self, columns: str, ids: Sequence[str]) -> list[tuple]:
+        """Rows (``columns``) whose id is exactly one of ``ids``.
+
+        Ids are bound one parameter each, not passed through ``json_each``: SQLite's JSON functions cut a
+        string at NUL, so ``"a\\u0000b"`` would match the document ``"a"``. Rows are checked again in
+        Python so that no comparison SQLite makes looser than ``==`` can widen the match.
+        """
+        wanted = list(dict.fromkeys(str(i) for i in ids))
+        exact = set(wanted)
+        rows: list[tuple] = []
+        with self._lock:
+            for first in range(0, len(wanted), ID_BATCH):
+                batch = wanted[first : first + ID_BATCH]
+                sql = f"SELECT {columns} FROM {TABLE} WHERE id IN ({', '.join('?' * len(batch))})"
+                rows += [row for row in self.db.execute(sql, batch) if row[0] in exact]
+        return rows
 
     def rows(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
         """Every document as (keys, rows) chunks, in key order."""

@@ -106,7 +106,7 @@ class Transaction:
             return None
         try:
             version = layout.current_version(self.path)
-            manifest = layout.verified_manifest(self.path, version)
+            manifest = layout.verified_manifest(self.path, version, checksums=True, memo=True)
         except IndexCorruptError as exc:
             if not repairable:
                 raise IndexCorruptError(f"{exc}{hint}") from None
