@@ -1,17 +1,28 @@
 # Set-up and everyday commands. torch==2.13.0 (a CPU build) is installed before
 # the project, because a bare torch requirement resolved first pulls a multi-GB CUDA build.
+# Two stamps, each redone when pyproject.toml or the constraints change: .installed is what
+# running needs (make install, make demo), .installed-dev adds the test, lint, Ray and
+# LangChain toolchains on top (make lint, make test, make test-quick).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --constraint .ci/constraints.txt
 
-.PHONY: install demo test test-quick lint clean
+.PHONY: install install-dev demo test test-quick lint clean
 
 install: $(VENV)/.installed
 
+install-dev: $(VENV)/.installed-dev
+
+# The server extra: the Quickstart that make demo leads to ends with indexer serve.
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
+	$(PIP) -e '.[server]'
+	touch $@
+
+# After the runtime stamp, so a change to pyproject.toml or the constraints redoes both, in this order.
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e '.[dev,ray,langchain]'
 	touch $@
 
@@ -20,7 +31,7 @@ demo: install
 	$(BIN)/indexer query products "boots that keep my feet dry on muddy mountain trails" -k 3
 	@echo "Next: run '. $(VENV)/bin/activate' to put indexer on your PATH, then try the Quickstart in README.md."
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check indexer tests benchmarks
 
 # The whole suite: 17 to 33 minutes on an idle 2-core machine, by CPU (make test prints the slowest tests).
