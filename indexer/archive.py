@@ -13,8 +13,10 @@ readers and writers carry on: every file is opened before the first byte is
 written (a writer pruning the version meanwhile cannot take it away), and
 each is checked against the checksum its manifest or segment recorded on the
 way into the archive. Importing checks every member against
-``snapshot.json`` before anything is published; a damaged, truncated or
-foreign archive publishes nothing.
+``snapshot.json``, then the unpacked version as ``indexer check`` would,
+before anything is published; a damaged, truncated, inconsistent or foreign
+archive publishes nothing. JSON members are read whole, so each may hold at
+most ``MAX_JSON_BYTES``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import layout
+from .check import check_version
 from .errors import ArgumentError, DiskFullError, IndexCorruptError, IndexNotFoundError
 from .write import BuildReport, disk_full, existing_index, transaction
 
@@ -43,6 +46,8 @@ COMPRESS_LEVEL = 1
 # A member's name: a version's or a segment's folder, then a plain file name.
 MEMBER = re.compile(r"^(versions/v\d{6,}|segments/s\d{6,})/[A-Za-z0-9][A-Za-z0-9._-]*$")
 BLOCK = 1 << 20
+# The most a JSON member (snapshot.json, a manifest, a segment description) may hold: a real one is kilobytes.
+MAX_JSON_BYTES = 64 << 20
 
 
 @dataclass
@@ -195,14 +200,17 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
     path = layout.index_path(index)
     if path.exists() and not path.is_dir():
         raise ArgumentError(f"{path}: not a folder")
-    if path.is_dir() and not layout.holds_index(path) and any(path.iterdir()):
-        # A failed first write removes the folder it created: never one that holds something else.
+    if path.is_dir() and not layout.holds_index(path) and layout.foreign_names(path):
+        # Only what an index writes (what a killed first write leaves) may be there: never the user's own files.
         raise ArgumentError(f"{path}: a folder that is neither empty nor an index; import into a new or empty folder")
     path.mkdir(parents=True, exist_ok=True)
     with transaction(path, "import", wait) as txn:
         existing = layout.holds_index(path)
         if existing and not as_version:
             raise ArgumentError(f"{path}: an index is there already; pass --as-version to publish the snapshot as its new version")
+        if not existing:  # segments a killed write left (no version lists them) would be in the way of the archive's
+            for name in layout.list_segments(path):
+                layout.discard(layout.segment_dir(path, name))
         staging = layout.new_staging(path)
         try:
             snapshot = _extract(archive, staging)
@@ -216,12 +224,13 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
         segments = sorted(p.name for p in (staging / layout.SEGMENTS).iterdir()) if (staging / layout.SEGMENTS).is_dir() else []
         if manifest.legacy or not segments or sorted(manifest.segments) != segments or manifest.version != source_version:
             raise IndexCorruptError(f"{archive}: its manifest does not list the segments it holds; nothing imported")
-        # Every file was checked against snapshot.json; these say that what the index records agrees with it.
+        # Every file was checked against snapshot.json; these say that what the index records agrees with it,
+        # and the staging folder, laid out as an index, passes what 'indexer check' checks.
         problems = _disagreeing(snapshot, f"{layout.VERSIONS}/{source_version}", manifest.files, [layout.DELETED])
         metas = {name: layout.read_segment_meta(staging / layout.SEGMENTS / name) for name in manifest.segments}
         for name, meta in metas.items():
-            problems += layout.segment_problems(staging / layout.SEGMENTS / name, meta, checksums=False)
             problems += _disagreeing(snapshot, f"{layout.SEGMENTS}/{name}", meta.files, [])
+        problems = problems or check_version(staging, source_version)
         if problems:
             raise IndexCorruptError(f"{archive}: {problems[0]}; nothing imported")
         # Into an existing index the segments come under fresh names (it may have segments of the same names).
@@ -270,7 +279,7 @@ def _extract(archive: Path, staging: Path) -> dict[str, Any]:
             first = tar.next()
             if first is None or first.name != SNAPSHOT or not first.isfile():
                 raise refuse("not an indexer snapshot (it does not start with snapshot.json)")
-            snapshot = _snapshot(json.loads(tar.extractfile(first).read()), refuse)
+            snapshot = _snapshot(_read_json(tar, first, refuse), refuse)
             expected, seen = snapshot["files"], set()
             for member in tar:
                 if member is first:  # iterating a tar file starts from its first member again
@@ -279,6 +288,8 @@ def _extract(archive: Path, staging: Path) -> dict[str, Any]:
                     raise refuse(f"unexpected member {member.name!r}")
                 if member.size != expected[member.name]["size"]:
                     raise refuse(f"{member.name} does not have the size snapshot.json gives")
+                if member.name.endswith(".json"):  # the import reads it whole
+                    _check_json_size(member, refuse)
                 target = staging / member.name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 digest, size, source = hashlib.sha256(), 0, tar.extractfile(member)
@@ -294,7 +305,7 @@ def _extract(archive: Path, staging: Path) -> dict[str, Any]:
                 seen.add(member.name)
             while tar.fileobj.read(BLOCK):  # to the end of the gzip stream, whose length and CRC are checked there
                 pass
-    except (tarfile.TarError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise refuse(f"damaged or truncated archive ({str(exc) or type(exc).__name__})") from None
     except OSError as exc:
         if exc.errno is not None:  # the disk, not the archive (gzip's BadGzipFile has no errno)
@@ -304,6 +315,24 @@ def _extract(archive: Path, staging: Path) -> dict[str, Any]:
     if missing:
         raise refuse(f"{missing[0]} is missing (truncated?)")
     return snapshot
+
+
+def _read_json(tar: tarfile.TarFile, member: tarfile.TarInfo, refuse) -> Any:
+    """The JSON value of ``member``, read whole once its size is known to be at most ``MAX_JSON_BYTES``."""
+    _check_json_size(member, refuse)
+    try:
+        return json.loads(tar.extractfile(member).read())
+    except RecursionError:
+        raise refuse(f"unreadable {member.name} (nested too deeply)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise refuse(f"unreadable {member.name} ({getattr(exc, 'msg', None) or exc.reason})") from None
+    except ValueError as exc:  # an integer over Python's 4300 digits
+        raise refuse(f"unreadable {member.name} ({exc})") from None
+
+
+def _check_json_size(member: tarfile.TarInfo, refuse) -> None:
+    if member.size > MAX_JSON_BYTES:
+        raise refuse(f"{member.name} is {member.size} bytes, over the limit of {MAX_JSON_BYTES} for a JSON file")
 
 
 def _snapshot(data: Any, refuse) -> dict[str, Any]:

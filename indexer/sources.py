@@ -1,4 +1,4 @@
-"""Reading documents from JSONL, CSV/TSV, JSON and folders of .txt files.
+"""Reading documents from JSONL, CSV/TSV, JSON and folders of text files (.txt, .md, .markdown, .rst).
 
 Every reader yields :class:`Document` objects one at a time, so a corpus is
 never held in memory as raw text and parsed records at once. JSONL, CSV and
@@ -9,7 +9,13 @@ gzip-compressed (``corpus.jsonl.gz``).
 Field defaults: the id is ``id``, else ``_id``, else the first field ending in
 ``_id``; the text is ``text``, else ``title`` and ``description`` joined with a
 space. Defaults are settled on the first record and then hold for every record.
-Every other field is kept as metadata.
+Every other field is kept as metadata. An id holding a control character
+(NUL, a line break, a tab, DEL...) is refused: SQLite's JSON functions cut a
+string at NUL, and a line break in an id breaks every line-based output.
+
+In a folder, each text file is a document whose id is its path less the
+suffix. Empty (or blank) files and files of other types are skipped; the
+source's ``warnings`` then say how many, and why.
 
 Every text format is read as UTF-8 with an optional byte-order mark (what
 spreadsheets export), gzipped or not. Repeated keys in a JSON object are
@@ -19,9 +25,11 @@ json would silently keep the last.
 Text field values: a string; a number or boolean, written as JSON writes it
 (``12.5``, ``true``); or a list of those, joined with a space (paragraphs,
 tags). An object, or a list holding anything else, is refused. A document's
-``fields`` keeps the text fields as written (a list stays a list). A text over
-``max_document_bytes`` UTF-8 bytes is refused: only the model's first few
-hundred tokens are embedded, and a 50 MB "document" is usually a mistake.
+``fields`` keeps the text fields as written (a list stays a list). A record
+whose text and metadata (as stored: JSON) are over ``max_document_bytes``
+UTF-8 bytes together is refused: only the model's first few hundred tokens are
+embedded, and a 50 MB "document" is usually a mistake. (``fields`` is not
+counted again: it is the text as written.)
 
 Metadata may nest lists and objects at most ``MAX_NESTING`` levels deep, so
 that nothing downstream (JSON encoding, filters) recurses without bound.
@@ -47,6 +55,7 @@ import json
 import math
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -68,6 +77,10 @@ TYPE_CHUNK_ROWS = 10_000  # rows whose values are checked at once, column by col
 # one from a JSON escape ("\ud800" with no pair), or from bytes that are not UTF-8 in a file name or an argument.
 SURROGATE = re.compile(r"[\ud800-\udfff]")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # in JSON text; a proper pair decodes to one character
+# Unicode's control characters (category Cc): C0, DEL and C1. None may be in an id (see the module docstring).
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# The files a folder source reads, as text.
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 # The keys of a record in the document shape GET /documents/{id} returns.
 DOCUMENT_KEYS = frozenset({"id", "text", "metadata", "fields"})
 
@@ -93,12 +106,14 @@ class Document:
 
 
 class DocumentSource:
-    """The documents of a file or a folder of .txt files, read lazily.
+    """The documents of a file or a folder of text files, read lazily.
 
     Iterating yields :class:`Document` objects and raises :class:`SourceError`
-    naming the file and line on malformed input, a missing id or text field, an
-    empty or oversized text, too deep metadata or a duplicate id. After the
-    first record, ``id_field`` and ``text_fields`` hold the fields actually used.
+    naming the file and line on malformed input, a missing or bad id, a missing
+    text field, an empty text, an oversized record, too deep metadata or a
+    duplicate id. After the first record, ``id_field`` and ``text_fields`` hold
+    the fields actually used; after the last, ``warnings`` holds one-line notes
+    on what was skipped (a folder's empty files and files of other types).
     """
 
     def __init__(
@@ -113,6 +128,7 @@ class DocumentSource:
         self.id_field = id_field
         self.text_fields = list(text_fields or [])
         self.max_document_bytes = max_document_bytes
+        self.warnings: list[str] = []
         self._records: list[Any] | None = None
         if fault := name_fault(str(self.path)):  # it is recorded in the manifest, as UTF-8
             raise SourceError(f"in the source's name {str(self.path)!r}, {fault}; rename it")
@@ -142,14 +158,18 @@ class DocumentSource:
         source.id_field = id_field
         source.text_fields = list(text_fields or [])
         source.max_document_bytes = max_document_bytes
+        source.warnings = []
         source._records = list(records)
         source.format = "records"
         return source
 
     def __iter__(self) -> Iterator[Document]:
         seen: set[str] = set()
+        self.warnings = []
         if self._records is not None:
             records = ((f"{self.path}: record {n}", refuse_surrogates(f"{self.path}: record {n}", r)) for n, r in enumerate(self._records, 1))
+        elif self.format == "folder":
+            records = _text_folder_records(self.path, self.warnings)
         else:
             records = read_records(self.path, self.format)
         try:
@@ -230,17 +250,30 @@ class DocumentSource:
         return Document(doc_id, text, dict(metadata), dict(fields))
 
     def _check(self, where: str, text: str, metadata: dict[str, Any]) -> None:
-        """Refuse a text over ``max_document_bytes`` and metadata nested over ``MAX_NESTING`` levels."""
+        """Refuse a text, or a text and its metadata as stored, over ``max_document_bytes``, and metadata nested over
+        ``MAX_NESTING`` levels."""
         limit = self.max_document_bytes
-        if len(text) * 4 > limit:  # at most 4 UTF-8 bytes a character: encode only texts that may be over
-            size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-            if size > limit:
-                raise SourceError(f"{where}: text is {size} bytes, over the limit of {limit} (--max-document-bytes)")
+        # At most 4 UTF-8 bytes a character: only what may be over the limit is encoded to count its bytes.
+        if len(text) * 4 > limit and (size := _utf8_size(text)) > limit:
+            raise SourceError(f"{where}: text is {size} bytes, over the limit of {limit} (--max-document-bytes)")
         for name, value in metadata.items():
             if isinstance(value, (dict, list)):
                 _check_nesting(where, name, value)
             elif isinstance(value, float) and not math.isfinite(value):
                 raise SourceError(f"{where}: field {name!r} is {value}, which JSON cannot hold")
+        if not metadata:
+            return
+        try:  # after the nesting check: json.dumps recurses
+            stored = json.dumps(metadata, ensure_ascii=False)  # as the store writes it
+        except (TypeError, ValueError) as exc:  # records in memory (an API's) may hold any Python object
+            raise SourceError(f"{where}: metadata is not JSON ({exc})") from None
+        if (len(text) + len(stored)) * 4 > limit and (size := _utf8_size(text) + _utf8_size(stored)) > limit:
+            raise SourceError(f"{where}: text and metadata are {size} bytes ({_utf8_size(stored)} of metadata as stored), "
+                              f"over the limit of {limit} (--max-document-bytes)")
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def text_value(where: str, name: str, value: Any) -> str:
@@ -285,7 +318,20 @@ def _document_id(where: str, value: Any, name: str) -> str:
         raise SourceError(f"{where}: empty id field {name!r}")
     if isinstance(value, (dict, list)):
         raise SourceError(f"{where}: id field {name!r} must be a string or number")
-    return str(value)
+    doc_id = str(value)
+    if fault := id_fault(doc_id):
+        raise SourceError(f"{where}: id {quoted(doc_id)} {fault}")
+    return doc_id
+
+
+def id_fault(doc_id: str) -> str | None:
+    """What makes ``doc_id`` no id, in words (a control character, shown escaped); None if nothing does.
+
+    For every reader of ids (sources, the HTTP server, deletes), so that all refuse the same ones.
+    """
+    if not (found := CONTROL.search(doc_id)):
+        return None
+    return f"holds the control character {found.group()!r} at character {found.start() + 1}; an id may hold no control characters"
 
 
 def _is_stored_document(record: dict[str, Any]) -> bool:
@@ -403,7 +449,7 @@ def read_records(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any
     """Raw records of a source with their location ("file:line"), any format."""
     kind = kind or ("folder" if path.is_dir() else source_format(path))
     readers = {
-        "folder": _text_folder_records,
+        "folder": lambda folder: _text_folder_records(folder, []),
         "jsonl": _jsonl_records,
         "csv": _csv_records,
         "tsv": _tsv_records,
@@ -421,7 +467,7 @@ def source_format(path: Path) -> str:
     formats = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".json": "json"}
     if suffix not in formats:
         raise SourceError(
-            f"{path}: unknown source format {suffix or '(no suffix)'!r}; use .jsonl, .csv, .tsv, .json or a folder of .txt files"
+            f"{path}: unknown source format {suffix or '(no suffix)'!r}; use .jsonl, .csv, .tsv, .json or a folder of text files"
         )
     return formats[suffix]
 
@@ -571,13 +617,22 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise SourceError(f"{path}: expected a list of records or an {{id: text}} object")
 
 
-def _text_folder_records(path: Path) -> Iterator[tuple[str, Any]]:
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+def _text_folder_records(path: Path, warnings: list[str]) -> Iterator[tuple[str, Any]]:
+    """The text files under ``path``, one record each; what is skipped, and why, goes to ``warnings`` at the end."""
+    files, other = [], Counter()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if file.suffix.lower() in TEXT_SUFFIXES:
+            files.append(file)
+        elif not any(part.startswith(".") for part in relative.parts):  # what file managers and git keep: not content
+            other[file.suffix.lower() or "no suffix"] += 1
     if not files:
-        raise SourceError(f"{path}: folder holds no .txt files")
+        held = f"; it holds {_others(other)}" if other else ""
+        raise SourceError(f"{path}: folder holds no .txt files, nor .md, .markdown or .rst{held}")
+    empty = 0
     for file in files:
         relative = file.relative_to(path).as_posix()
-        if fault := name_fault(relative):
+        if fault := name_fault(relative) or id_fault(relative):  # the name is the id
             raise SourceError(f"{path}: in the file name {relative!r}, {fault}; rename it")
         try:
             text = file.read_text(encoding="utf-8-sig")
@@ -585,4 +640,21 @@ def _text_folder_records(path: Path) -> Iterator[tuple[str, Any]]:
             raise SourceError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except OSError as exc:
             raise SourceError(f"{file}: cannot read ({exc.strerror or exc})") from None
-        yield str(file), {"id": relative[: -len(".txt")], "text": text, "path": relative}
+        if not text.strip():
+            empty += 1
+            continue
+        yield str(file), {"id": relative[: -len(file.suffix)], "text": text, "path": relative}
+    skipped = ([_counted(empty, "empty file")] if empty else []) + ([_others(other)] if other else [])
+    if skipped:
+        warnings.append(f"{path}: skipped {', '.join(skipped)}")
+
+
+def _others(other: Counter) -> str:
+    """Files of other types, counted and named by suffix: "3 files of an unknown type (2 .pdf, 1 .docx)"."""
+    total = sum(other.values())
+    kinds = ", ".join(kind if len(other) == 1 else f"{n} {kind}" for kind, n in other.most_common())
+    return f"{_counted(total, 'file')} of an unknown type ({kinds})"
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
