@@ -12,11 +12,14 @@ file named by ``INDEXER_API_KEY_FILE``); with no key configured they answer
 not start without one.
 
 Errors map to status codes here and only here: a bad request 400 (422 for a
-malformed body), an unknown document or index 404, a held writer lock 409, a
-body over ``MAX_BODY_BYTES`` (counted as it streams, chunked or not) 413, a
-damaged index 503, a full disk 507, anything else 500; every one of them is
-logged and counted in ``/metrics``. When the index on disk becomes unreadable
-the server keeps serving the version it has loaded and ``/health`` answers 503.
+malformed body, one with a key given twice, or a boolean where a number
+belongs), an unknown document or index 404, a held writer lock 409, a body over
+``MAX_BODY_BYTES`` (counted as it streams, chunked or not) or a search answer
+over ``MAX_RESPONSE_BYTES`` 413, a damaged index 503, a full disk 507, anything
+else 500; every one of them is logged and counted in ``/metrics``. When the
+index on disk becomes unreadable the server keeps serving the version it has
+loaded and ``/health`` answers 503. The API docs (``/docs``, ``/redoc``) load
+their scripts from the fastapi-offline package, so they work with no network.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import layout
@@ -44,7 +49,7 @@ from .build import rebuild_index
 from .edit import delete_documents, upsert_documents
 from .errors import ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexLockedError, IndexNotFoundError
 from .index import Index
-from .query import MODES, parse_condition
+from .query import MODES, Hit, parse_condition
 from .sources import DocumentSource
 
 MAX_K = 1000
@@ -52,10 +57,14 @@ MAX_QUERIES = 256
 MAX_QUERY_CHARS = 2000
 MAX_DOCUMENTS = 10_000
 MAX_BODY_BYTES = 16 * 2**20
+# A search answer larger than this is refused (413) before it is serialised: 4 queries x 100 hits of 1 MB texts made 400 MB.
+MAX_RESPONSE_BYTES = 16 * 2**20
 # How long an upsert or delete queues behind another write before answering 409 (a small write takes well under a second).
 SMALL_WRITE_WAIT = 10.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Methods counted under their own name in /metrics; any other is "other", so clients cannot mint series.
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 # The search page: one self-contained file (no external scripts, fonts or styles), its mode list filled in here.
 PAGE = Path(__file__).with_name("page.html")
 
@@ -76,18 +85,61 @@ def api_key_from_environment() -> str | None:
 
 
 class SearchRequest(BaseModel):
+    # Strict: true is not the integer 1, nor are "3" and 3.0 integers.
+    model_config = ConfigDict(strict=True)
+
     query: Optional[str] = Field(None, max_length=MAX_QUERY_CHARS)
     queries: Optional[list[str]] = Field(None, max_length=MAX_QUERIES)
     k: int = Field(10, ge=1, le=MAX_K)
     mode: str = "dense"
     fusion: str = "score"
     where: list[str] = Field(default_factory=list, max_length=32)
+    text_chars: Optional[int] = Field(None, ge=0, description="Cut each hit's text to this many characters; hits then say `text_truncated`.")
+    include_text: bool = Field(True, description="false: hits without their text.")
 
 
 class UpsertRequest(BaseModel):
     """Documents in the source's own record shape, or as ``GET /documents/{id}`` returns them."""
 
     documents: list[dict[str, Any]] = Field(..., min_length=1, max_length=MAX_DOCUMENTS)
+
+
+class DuplicateKey(ValueError):
+    """A JSON object in a request body gives one key twice."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads``: a dict, or DuplicateKey (json.loads alone keeps the last value silently)."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return found
+
+
+class StrictJSONRequest(Request):
+    """A request whose ``json()`` refuses a key given twice with a 422 naming it."""
+
+    async def json(self) -> Any:
+        try:
+            return json.loads(await self.body(), object_pairs_hook=unique_keys)
+        except DuplicateKey as exc:
+            raise HTTPException(422, f"duplicate key {exc.args[0]!r} in the request body") from None
+
+
+class StrictJSONRoute(APIRoute):
+    """A route whose JSON body is read by ``StrictJSONRequest``: a key given twice, at any depth, is a 422."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -141,7 +193,7 @@ class Metrics:
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         with self.lock:
-            self.requests[(route, method, status)] += 1
+            self.requests[(route, method if method in METHODS else "other", status)] += 1
             self.latency_sum += seconds
             self.latency_count += 1
             for bound in LATENCY_BUCKETS:
@@ -181,7 +233,43 @@ def status_code(exc: IndexerError) -> int:
     return next((code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), 400)
 
 
-def create_app(index: str | Path, api_key: str | None = None, public: bool = False) -> FastAPI:
+def hit_shown(hit: Hit, text_chars: int | None, include_text: bool) -> dict[str, Any]:
+    """A hit as /search answers it: its text whole, cut to ``text_chars`` (with ``text_truncated``), or left out."""
+    shown = hit.to_dict()
+    if not include_text:
+        del shown["text"]
+    elif text_chars is not None:
+        shown["text"] = hit.text[:text_chars]
+        shown["text_truncated"] = len(hit.text) > text_chars
+    return shown
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode())
+
+
+def answer_size(version: str, answers: list[dict[str, Any]]) -> int:
+    """About how many bytes the /search answer holding ``answers`` is, without serialising it whole.
+
+    Each document's text is measured once, however many queries it answers.
+    """
+    texts: dict[str, int] = {}
+    size = json_size({"version": version, "results": [{**answer, "hits": []} for answer in answers]})
+    for answer in answers:
+        for hit in answer["hits"]:
+            size += 1  # the comma
+            if "text" not in hit:
+                size += json_size(hit)
+                continue
+            if hit["id"] not in texts:
+                texts[hit["id"]] = json_size(hit["text"])
+            size += json_size({**hit, "text": ""}) - 2 + texts[hit["id"]]
+    return size
+
+
+def create_app(index: str | Path, api_key: str | None = None, public: bool = False,
+               max_response_bytes: int = MAX_RESPONSE_BYTES) -> FastAPI:
     """The FastAPI application serving ``index``; ``public`` means bound beyond loopback."""
     if public and not api_key:
         raise ArgumentError("refusing to listen beyond loopback without an API key (set INDEXER_API_KEY)")
@@ -190,7 +278,8 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
     searcher = Index(path)
     metrics = Metrics()
     fault: dict[str, str | None] = {"error": None}
-    app = FastAPI(title="indexer", description="Semantic search over one index.", version="1")
+    app = FastAPIOffline(title="indexer", description="Semantic search over one index.", version="1")
+    app.router.route_class = StrictJSONRoute
     app.add_middleware(BodyLimit)
     page = PAGE.read_text(encoding="utf-8").replace("__MODES__", json.dumps(list(MODES)))
 
@@ -258,7 +347,10 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
 
     @app.post("/search")
     def search(body: SearchRequest) -> dict[str, Any]:
-        """Top-k hits for `query` (one answer) or `queries` (a list), with the `query --json` hit shape."""
+        """Top-k hits for `query` (one answer) or `queries` (a list), with the `query --json` hit shape.
+
+        An answer over the server's byte limit is a 413: ask for fewer hits, `text_chars` or `include_text: false`.
+        """
         if (body.query is None) == (body.queries is None):
             raise HTTPException(422, "give exactly one of query or queries")
         if body.mode not in MODES:
@@ -269,7 +361,12 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
         conditions = [parse_condition(w) for w in body.where]
         index = current()
         results = index.search_many(questions, body.k, body.mode, conditions, fusion=body.fusion)
-        answers = [{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(questions, results)]
+        answers = [{"query": q, "hits": [hit_shown(h, body.text_chars, body.include_text) for h in hits]}
+                   for q, hits in zip(questions, results)]
+        size = answer_size(index.version, answers)
+        if size > max_response_bytes:
+            raise HTTPException(413, f"the answer would be {size:,} bytes, over the server's limit of {max_response_bytes:,}: "
+                                     "ask for fewer hits (k), shorter texts (text_chars) or none (include_text: false)")
         payload = answers[0] if body.query is not None else {"results": answers}
         return {"version": index.version, **payload}
 
