@@ -22,6 +22,7 @@ before the check existed (4 bytes a dimension) are ignored the same way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -66,6 +67,17 @@ def embedding_keys(prefix: str, texts: Sequence[str]) -> list[str]:
         digest.update(text.encode())
         keys.append(digest.hexdigest())
     return keys
+
+
+def cache_holds_vectors(path: Path) -> bool:
+    """Whether the cache file at ``path`` exists and holds at least one row (False if it cannot be read)."""
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return db.execute(f"SELECT 1 FROM {TABLE} LIMIT 1").fetchone() is not None
+    except sqlite3.Error:
+        return False
 
 
 class EmbeddingCache:

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
 import functools
 import gc
@@ -25,6 +26,7 @@ try:
 except ImportError:  # typer before it carried its own copy of click
     from click.exceptions import ClickException
 
+from . import interrupts
 from .errors import (
     ArgumentError,
     DiskFullError,
@@ -195,17 +197,26 @@ RayWorkDirOption = Annotated[
 ]
 
 
+# Commands that write an index (or run the ingest pipeline): Ctrl-C is taken between batches (see interrupts).
+WRITING_COMMANDS = {"build", "rebuild", "upsert", "delete", "compact", "rollback", "embed", "import_"}
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn IndexerError into a one-line message and its exit code."""
+    """Turn IndexerError into a one-line message and its exit code, and Ctrl-C during a write into exit 130."""
+    writes = command.__name__ in WRITING_COMMANDS
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with interrupts.deferred() if writes else contextlib.nullcontext():
+                return command(*args, **kwargs)
         except IndexerError as exc:
             typer.echo(f"indexer: error: {exc}", err=True)
             code = next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
             raise typer.Exit(code) from None
+        except KeyboardInterrupt:
+            typer.echo("indexer: interrupted; nothing published" if writes else "indexer: interrupted", err=True)
+            raise typer.Exit(interrupts.EXIT_CODE) from None
 
     return run
 
@@ -463,11 +474,12 @@ def query(
     as_json: JsonOption = False,
 ) -> None:
     """Return the top-k documents for each question (one JSON object per line with --json)."""
-    from .index import Index
+    from .index import Index, check_filters
     from .query import check_queries, parse_condition
 
-    check_queries(questions)  # before the model loads
+    check_queries(questions)  # before the model loads, as are the filters
     conditions = [parse_condition(w) for w in where or []]
+    check_filters(index, conditions)
     searcher = Index(index, model=model, device=device)
     results = searcher.search_many(
         questions, k, _value(mode), conditions, nprobe=nprobe, ef_search=ef_search, fusion=_value(fusion)

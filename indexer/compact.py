@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import layout
+from . import interrupts, layout
 from .cache import EmbeddingCache, embedding_keys
 from .errors import IndexCorruptError
 from .external import load_encoder
@@ -87,9 +87,14 @@ def after_write(txn: Transaction, report: BuildReport, settings: IndexSettings, 
     try:
         merge(txn, names, settings, encoder=encoder)
         txn.publish(settings, txn.manifest.dimension, txn.manifest.model_fingerprint, report, keep)
-    except Exception as exc:  # noqa: BLE001 -- CURRENT has moved: whatever stops the merge (a model that cannot load, a
-        # full disk, a damaged segment) leaves the write published, so it is a warning, never the write's error.
-        reason = "no space left on device" if disk_full(exc, txn.path) else (str(exc).split(";")[0].splitlines() or [type(exc).__name__])[0]
+    except (Exception, KeyboardInterrupt) as exc:  # CURRENT has moved: whatever stops the merge (a model that cannot load,
+        # a full disk, a damaged segment, Ctrl-C) leaves the write published, so it is a warning, never the write's error.
+        if isinstance(exc, KeyboardInterrupt):
+            reason = "interrupted"
+        elif disk_full(exc, txn.path):
+            reason = "no space left on device"
+        else:
+            reason = (str(exc).split(";")[0].splitlines() or [type(exc).__name__])[0]
         report.version, report.published = layout.read_pointer(txn.path) or published, True
         report.warnings.append(f"{txn.path}: published {published}, but the merge after it failed ({reason}); "
                                "'indexer compact' merges")
@@ -117,6 +122,7 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
             segment = Segment.open(layout.segment_dir(txn.path, meta.name))
             try:
                 for keys, rows in segment.store.rows():
+                    interrupts.check()
                     live = ~np.isin(keys, txn.deleted)
                     dropped.append(keys[~live])
                     docs = [Document(r["id"], r["text"], r["metadata"], r["fields"], origin=r["origin"]) for r, ok in zip(rows, live) if ok]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import interrupts
 from .errors import ArgumentError, ModelError
 from .models import (SBERT_CONFIG, ModelFacts, canonical_model_name, embeds_as, file_stamp, files_identity, read_memo,
                      remember_facts, resolve_model_path, write_memo)
@@ -402,6 +403,7 @@ class Encoder:
         found, done = torch.empty(out.shape, device=self.device), 0
         with torch.inference_mode(), self._autocast(), self._threads(len(lengths)):
             for rows in itertools.chain([first], batches):
+                interrupts.check()
                 started = time.perf_counter()
                 found[done : done + len(rows)] = self._embed(*self._pad(flat, starts[rows], lengths[rows]))
                 done += len(rows)
@@ -438,6 +440,7 @@ class Encoder:
         with _thread_count(1, torch.get_num_threads()), ThreadPoolExecutor(self.workers, thread_name_prefix="encode") as pool:
             pending: deque[Future] = deque()
             for rows in batches:
+                interrupts.check()  # Ctrl-C between batches: never inside a future's lock (see interrupts)
                 pending.append(pool.submit(run, rows))
                 while pending and (len(pending) > 2 * self.workers or pending[0].done()):
                     collect(pending.popleft())

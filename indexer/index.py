@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -12,7 +13,7 @@ from . import layout
 from .errors import ArgumentError, IndexCorruptError, ModelError
 from .external import check_encoder, is_external, load_encoder
 from .models import canonical_model_name
-from .query import Condition, Hit, search_texts
+from .query import Condition, Hit, search_texts, typed_conditions
 from .settings import IndexSettings
 from .snapshot import Snapshot
 
@@ -36,6 +37,18 @@ def index_info(index: str | Path) -> dict[str, Any]:
     snapshot = Snapshot.open(path, vectors=False)
     try:
         return describe(snapshot)
+    finally:
+        snapshot.close()
+
+
+def check_filters(index: str | Path, where: Sequence[Condition]) -> None:
+    """ArgumentError for a filter the index cannot answer (an unknown field, a value of the wrong type), read from
+    the index alone: a command checks its filters so before it loads the model."""
+    if not where:
+        return
+    snapshot = Snapshot.open(layout.index_path(index), vectors=False)
+    try:
+        typed_conditions(where, snapshot.field_types())
     finally:
         snapshot.close()
 
@@ -140,7 +153,10 @@ class Index:
         """The top-``k`` documents for each question; questions are embedded in batches."""
         served, encoder = self._served, self._encoder  # one version for the whole call, even if refresh() swaps it meanwhile
         self._refuse_damaged(served)
-        return search_texts(encoder, served, list(queries), k, mode, where, fusion, nprobe=nprobe, efSearch=ef_search)
+        try:
+            return search_texts(encoder, served, list(queries), k, mode, where, fusion, nprobe=nprobe, efSearch=ef_search)
+        except sqlite3.DatabaseError as exc:  # a store damaged under a check still reading (verify="background")
+            raise IndexCorruptError(damaged_message(self.path, served.version, f"its documents: {exc}")) from None
 
     def refresh(self) -> bool:
         """Switch to the index's current version if a newer one was published; True if it changed."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import collector
+from . import collector, interrupts
 from .cache import EmbeddingCache, embedding_keys
 from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, SourceError
 from .settings import IndexSettings
@@ -256,6 +256,7 @@ def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedE
     @stage
     def write(docs: list[Document], chunk: Chunk) -> None:
         if failed.is_set():
+            cached.remember_chunk(chunk)  # the write ends, but what was encoded stays cached for the next try
             return
         started = time.perf_counter()
         sink(docs, chunk.vectors)
@@ -269,12 +270,14 @@ def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedE
             ahead = deque(reader.submit(prepare) for _ in range(PIPELINE_DEPTH))
             behind: deque[Future] = deque()
             while (prepared := ahead.popleft().result()) is not None:
+                interrupts.check()
                 docs, chunk = prepared
                 ahead.append(reader.submit(prepare))
                 started = time.perf_counter()
                 cached.encode(chunk)
                 stats.timed("encode", started)
                 behind.append(writer.submit(write, docs, chunk))
+                interrupts.check()
                 while behind and (len(behind) > PIPELINE_DEPTH or behind[0].done()):
                     behind.popleft().result()
                 stats.documents += len(docs)

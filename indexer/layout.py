@@ -221,6 +221,14 @@ def foreign_names(path: Path) -> list[str]:
                   and not re.fullmatch(rf"{POINTER}\.\d+\.tmp", name))
 
 
+def is_new(path: Path) -> bool:
+    """Whether ``path`` is missing, or a folder with no index and nothing but what a failed or killed first write
+    leaves (``LOCK``, ``staging/``, segments never published, a pointer's temporary file, an embedding cache)."""
+    if not path.exists():
+        return True
+    return path.is_dir() and not holds_index(path) and not foreign_names(path)
+
+
 def version_dir(path: Path, version: str) -> Path:
     return path / VERSIONS / version
 

@@ -311,8 +311,8 @@ class DocumentStore:
         with self._lock:
             try:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.OperationalError:
-                pass  # read-only (immutable) connections have no WAL to checkpoint
+            except sqlite3.DatabaseError:
+                pass  # read-only (immutable) connections have no WAL to checkpoint; a damaged file closes all the same
             self.db.conn.close()
 
 

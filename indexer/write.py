@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from . import layout
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, cache_holds_vectors
 from .check import check_version
 from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexNotFoundError
 from .ingest import CHUNK_SIZE, document_chunks
@@ -330,24 +330,37 @@ def transaction(path: Path, action: str, wait: float) -> Iterator[Transaction]:
     missing or empty before). Running out of disk space
     anywhere in the write becomes one DiskFullError.
     """
-    # Only a folder this write creates (or found empty) is removed again: never one that holds anything else.
-    found_empty = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    # Only a folder this write creates (or found new) is removed again: never one that holds anything else.
+    found_new = layout.is_new(path)
     try:
         with layout.writer_lock(path, wait, action):
-            created = found_empty and not layout.holds_index(path)
+            created = found_new and not layout.holds_index(path)
             txn = Transaction(path, action)
             try:
                 yield txn
             except BaseException:
                 txn.close()
                 if created and not layout.list_versions(path):  # never remove what was published
-                    layout.discard(path)
+                    forget_new_index(path)
                 raise
             txn.close()
     except (OSError, sqlite3.Error, RuntimeError) as exc:
         if not disk_full(exc, path):
             raise
         raise DiskFullError(f"{path}: no space left on device during {action}; nothing was published, the current version is unchanged") from None
+
+
+def forget_new_index(path: Path) -> None:
+    """Remove a new index whose first write failed; an embedding cache holding vectors stays (with the lock file, still
+    held), so that a first build stopped by Ctrl-C or an error does not encode again what it already had."""
+    if not cache_holds_vectors(path / layout.CACHE):
+        layout.discard(path)
+        return
+    for item in path.iterdir():
+        if item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+        elif item.name != layout.LOCK and not item.name.startswith(layout.CACHE):
+            item.unlink(missing_ok=True)
 
 
 def disk_full(exc: BaseException, path: Path) -> bool:

@@ -6,7 +6,9 @@ import atexit
 import json
 import os
 import shutil
+import subprocess
 import tempfile
+import uuid
 
 import pytest
 from helpers import DATASET
@@ -64,3 +66,15 @@ def tiny_model(tmp_path_factory):
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs mounted for the test (needs root and mount rights; skipped otherwise)."""
+    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip() or 'mount failed'}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

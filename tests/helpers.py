@@ -53,6 +53,12 @@ def tree_digest(path):
     return digest.hexdigest()
 
 
+def fill(folder: Path, leave: int) -> None:
+    """Fill the filesystem of ``folder`` until about ``leave`` bytes are free."""
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    (folder / "filler").write_bytes(b"\0" * max(free - leave, 0))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,11 +6,10 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, tree_digest, write_jsonl
+from helpers import fill, run_cli, tree_digest, write_jsonl
 
 from indexer import Index, build_index, check_index, delete_documents, layout, rebuild_index, upsert_documents
 from indexer.settings import IndexSettings
@@ -273,24 +272,6 @@ def test_writes_never_create_a_missing_index(tmp_path):
 
 
 # A full disk.
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MiB tmpfs mounted for the test (needs root and mount rights; skipped otherwise)."""
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip() or 'mount failed'}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(folder: Path, leave: int) -> None:
-    """Fill the filesystem of ``folder`` until about ``leave`` bytes are free."""
-    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
-    (folder / "filler").write_bytes(b"\0" * max(free - leave, 0))
 
 
 @pytest.mark.slow
