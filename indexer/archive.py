@@ -239,6 +239,7 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
         for old, new in renamed.items():
             where, meta = staging / layout.SEGMENTS / old, metas[old]
             meta.name = new
+            meta.checksum = layout.json_checksum(meta.to_dict())
             (where / layout.SEGMENT_META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
             layout.fsync_file(where / layout.SEGMENT_META)
             layout.fsync_dir(where)

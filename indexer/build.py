@@ -181,7 +181,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
                 after_write(txn, report, settings, keep, encoder=encoder)
         finally:
             cache.close()
-    report.warnings += cache.warnings
+    report.warnings += cache.warnings + documents.warnings
     report.seconds = since(started)
     return report
 

@@ -291,7 +291,7 @@ def _print_report(verb: str, report: Any, as_json: bool) -> None:
 @user_errors
 def build(
     source: Annotated[
-        Path, typer.Argument(metavar="SOURCE", help="JSONL, CSV, TSV or JSON file (optionally .gz), or a folder of .txt files.")
+        Path, typer.Argument(metavar="SOURCE", help="JSONL, CSV, TSV or JSON file (optionally .gz), or a folder of text files (.txt, .md, .rst).")
     ],
     index: Annotated[str, typer.Option("--index", "-i", metavar="INDEX", help="Index folder; a bare name means indexes/NAME.")],
     model: ModelOption = DEFAULT_MODEL,
@@ -593,7 +593,7 @@ def info(
 @app.command(cls=Command)
 @user_errors
 def embed(
-    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="JSONL, CSV, TSV or JSON file, or a folder of .txt files.")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="JSONL, CSV, TSV or JSON file, or a folder of text files (.txt, .md, .rst).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="FILE.pt (torch.save of ids + tensor) or FILE.npy (+ FILE.npy.ids.json).")],
     model: ModelOption = DEFAULT_MODEL,
     pooling: PoolingOption = "mean",

@@ -82,7 +82,7 @@ def upsert_documents(
                 after_write(txn, report, settings, keep, encoder=encoder)
         finally:
             cache.close()
-    report.warnings += cache.warnings
+    report.warnings += cache.warnings + documents.warnings
     report.seconds = since(started)
     return report
 

@@ -161,7 +161,8 @@ class Index:
     def refresh(self) -> bool:
         """Switch to the index's current version if a newer one was published; True if it changed."""
         with self._refresh_lock:
-            if layout.current_version(self.path) == self._served.version:
+            # The pointer unchanged (read without its checksum: a few microseconds on every request of the server).
+            if layout.read_pointer(self.path) == self._served.version or layout.current_version(self.path) == self._served.version:
                 return False
             # Segments this version shares with the one served are reused, so a small write loads only its small segment.
             loaded = {segment.meta.uid: segment for segment in self._served.segments}

@@ -275,7 +275,7 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
         raise ArgumentError("refusing to listen beyond loopback without an API key (set INDEXER_API_KEY)")
     # Resolved once: every write below gets this absolute Path, never the text the user typed.
     path = layout.index_path(index).resolve()
-    searcher = Index(path)
+    searcher = Index(path, verify="background")  # answers at once; /health says when the files are proven
     metrics = Metrics()
     fault: dict[str, str | None] = {"error": None}
     app = FastAPIOffline(title="indexer", description="Semantic search over one index.", version="1")
@@ -412,9 +412,14 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
 
     @app.get("/health")
     def health() -> JSONResponse:
-        """"ok" (200), or "degraded" (503) with the error while the index on disk is unreadable and the loaded version is served."""
+        """"ok" (200); "damaged" (503) when the served version's files failed their checksums (searches then answer 503);
+        "degraded" (503) with the error while the index on disk is unreadable and the loaded version is served.
+        ``verified`` is false while the check of the served version's files is still reading."""
         index = current()
-        body = {"status": "ok", "version": index.version, "documents": len(index)}
+        integrity = index.integrity()
+        body = {"status": "ok", "version": index.version, "documents": len(index), "verified": integrity["verified"]}
+        if integrity["fault"]:
+            return JSONResponse({**body, "status": "damaged", "error": integrity["fault"]}, status_code=503)
         if fault["error"]:
             return JSONResponse({**body, "status": "degraded", "error": fault["error"]}, status_code=503)
         return JSONResponse(body)

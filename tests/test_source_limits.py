@@ -92,6 +92,7 @@ def test_a_folder_with_empty_markdown_and_other_files_builds(tmp_path, tiny_mode
     result = indexer("build", notes, "--index", tmp_path / "idx", "--model", tiny_model, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["documents"] == 4
+    assert f"indexer: warning: {notes}: skipped 2 empty files, 1 file of an unknown type (.pdf)" in result.stderr
     assert stored(tmp_path / "idx") == {"long": "*long* form", "plain": "plain text", "readme": "# Rivers\n\nAbout rivers.",
                                         "sub/guide": "Guide\n=====\n\nMountains."}
     source = DocumentSource(notes)

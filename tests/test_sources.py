@@ -58,7 +58,7 @@ def test_folder_of_text_files(tmp_path):
     (tmp_path / "docs" / "sub").mkdir(parents=True)
     (tmp_path / "docs" / "a.txt").write_text("alpha text")
     (tmp_path / "docs" / "sub" / "b.txt").write_text("beta text")
-    (tmp_path / "docs" / "ignored.md").write_text("not a txt")
+    (tmp_path / "docs" / "ignored.pdf").write_text("not a txt")
     docs = read(tmp_path / "docs")
     assert [(d.id, d.text, d.metadata) for d in docs] == [
         ("a", "alpha text", {"path": "a.txt"}),
