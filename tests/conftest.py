@@ -71,9 +71,19 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs mounted for the test (needs root and mount rights; skipped otherwise)."""
+    yield from _tmpfs(tmp_path, "3m")
+
+
+@pytest.fixture
+def roomy_disk(tmp_path):
+    """A 64 MiB tmpfs mounted for the test, for writes that fill it on purpose (skipped without mount rights)."""
+    yield from _tmpfs(tmp_path, "64m")
+
+
+def _tmpfs(tmp_path, size: str):
     mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip() or 'mount failed'}")
     yield mount

@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import DATASET, run_cli, tree_digest, write_jsonl
 
+from indexer import layout
+
 CORPUS = str(DATASET / "corpus.jsonl")
 
 
@@ -34,7 +36,7 @@ def workdir(tmp_path_factory):
         "warnings": [],
     }
     assert set(report["stages"]) == {"read", "tokenize", "encode", "write", "seal"}
-    assert (cwd / "indexes" / "products" / "CURRENT").read_text().strip() == "v000001"
+    assert layout.read_pointer(cwd / "indexes" / "products") == "v000001"
     return cwd
 
 

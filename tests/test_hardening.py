@@ -58,27 +58,24 @@ def one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
 @pytest.mark.parametrize("damaged", [layout.VECTORS, layout.DOCUMENTS])
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
 def test_writes_never_launder_a_damaged_segment(tmp_path, tiny_model, damaged, index_type):
-    """A small write leaves a damaged segment as it is (it reads only sizes); a merge reads it through and refuses."""
+    """Every write proves the version it starts from against its checksums and refuses a damaged one, before writing."""
     source = write_jsonl(tmp_path / "source.jsonl", records(40))
     path = tmp_path / "idx"
     build_index(source, path, IndexSettings(model=str(tiny_model), index_type=index_type))
     flip_bytes(base_segment(path) / damaged)
-    run_cli("delete", str(path), "doc3")  # the deletion set is all it writes
-    before = tree_digest(path)
-    message = one_error_line(run_cli("compact", str(path), check=False), 6)
-    assert f"{damaged} does not match its checksum" in message and "nothing merged" in message
-    assert tree_digest(path) == before
-    problems = check_index(path, all_versions=True)["problems"]
-    assert {p.split(":")[0] for p in problems} == {"v000001", "v000002"} and all(damaged in p for p in problems)
-    # A damaged file that also changed size is refused by every write, before anything is written.
-    with open(base_segment(path) / damaged, "ab") as f:
-        f.write(b"\0" * 16)
     before = tree_digest(path)
     extra = write_jsonl(tmp_path / "extra.jsonl", records(2, 100))
-    message = one_error_line(run_cli("upsert", str(path), str(extra), check=False), 6)
-    assert "v000002 is damaged" in message and f"{damaged} has the wrong size" in message
-    one_error_line(run_cli("delete", str(path), "doc4", check=False), 6)
+    for verb, *args in (("delete", "doc3"), ("compact",), ("upsert", str(extra))):
+        message = one_error_line(run_cli(verb, str(path), *args, check=False), 6)
+        assert "v000001 is damaged" in message and f"{damaged} does not match its checksum" in message and "nothing written" in message
     assert tree_digest(path) == before
+    problems = check_index(path, all_versions=True)["problems"]
+    assert {p.split(":")[0] for p in problems} == {"v000001"} and all(damaged in p for p in problems)
+    # A damaged file that also changed size is named as such.
+    with open(base_segment(path) / damaged, "ab") as f:
+        f.write(b"\0" * 16)
+    message = one_error_line(run_cli("delete", str(path), "doc4", check=False), 6)
+    assert f"{damaged} has the wrong size" in message
 
 
 def test_writes_refuse_a_missing_documents_file_and_rebuild_creates_nothing_in_it(tiny_index):

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from indexer import Index, build_index, check_index, compact_index, delete_documents, layout, upsert_documents
 from indexer.cache import CHECK_BYTES, cache_holds_vectors
 from indexer.cli import EXIT_CODES, app
-from indexer.errors import ArgumentError, IndexCorruptError
+from indexer.errors import ArgumentError, DiskFullError, IndexCorruptError
 from indexer.settings import IndexSettings
 from indexer.snapshot import Snapshot
 
@@ -346,3 +346,71 @@ def test_the_server_reports_a_damaged_version_on_health_and_refuses_searches(seg
         assert "documents.db does not match its checksum" in health.json()["error"]
         refused = client.post("/search", json={"query": "topic 3", "k": 2})
         assert refused.status_code == 503 and "damaged" in refused.json()["detail"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_full_disk_over_every_write_lose_no_acknowledged_write(roomy_disk, tmp_path, tiny_model):
+    """Upsert, delete, compact and import, each killed at a random moment or run on a disk filled to a random level:
+    after each, every version passes check, the index serves the documents before or after the write, and after
+    it whenever the writer said it succeeded (exit 0)."""
+    rng = np.random.default_rng(11)
+    path = roomy_disk / "idx"
+    source = write_jsonl(tmp_path / "base.jsonl", records(300))
+    build_index(source, path, IndexSettings(model=str(tiny_model)))
+    archive = tmp_path / "base.tar.gz"
+    assert indexer("export", path, "-o", archive).exit_code == 0
+    base, live = {f"doc{i}" for i in range(300)}, {f"doc{i}" for i in range(300)}
+    outcomes = []
+    for round_ in range(16):
+        verb = ("upsert", "delete", "compact", "import")[round_ % 4]
+        if verb == "upsert":
+            fresh = records(150, prefix=f"r{round_}-")
+            args, after = [write_jsonl(tmp_path / "u.jsonl", fresh)], live | {d["id"] for d in fresh}
+        elif verb == "delete":
+            doomed = sorted(rng.choice(sorted(live), size=min(60, len(live)), replace=False))
+            args, after = doomed, live - set(doomed)
+        elif verb == "compact":
+            args, after = [], live
+        else:
+            args, after = [], base
+        command = [sys.executable, "-m", "indexer", verb, *([str(archive), "--index", str(path), "--as-version"] if verb == "import"
+                                                         else [str(path), *map(str, args)]), "--keep", "2"]
+        if round_ % 8 < 4:  # a kill somewhere between start-up and the end of the write
+            writer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(float(rng.uniform(0.3, 5.0 if verb == "upsert" else 1.5)))  # upsert loads the model first
+            writer.send_signal(signal.SIGKILL)
+            writer.wait()
+            code = writer.returncode
+        else:  # a disk with between nothing and 256 KiB left
+            fill(roomy_disk, leave=int(rng.uniform(0, 256 << 10)))
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            (roomy_disk / "filler").unlink()
+            code = done.returncode
+            assert code in (0, EXIT_CODES[DiskFullError]), done.stderr  # success, or no space left
+            assert "Traceback" not in done.stderr, done.stderr
+        assert check_index(path, all_versions=True)["problems"] == [], (verb, code)
+        with Index(path) as index:
+            served = {d["id"] for d in index.get_documents(sorted(live | after))}
+            assert len(index) == len(served)
+        assert served == after if code == 0 else served in (live, after), (verb, code, len(served), len(live), len(after))
+        outcomes.append((verb, code))
+        live = served
+    assert {code for _, code in outcomes} >= {0, -signal.SIGKILL, EXIT_CODES[DiskFullError]}, outcomes
+
+
+def test_http_upserts_of_ids_with_control_characters_are_refused_and_leave_the_index_as_it_was(segmented):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from indexer.server import create_app
+
+    before = tree_digest(segmented)
+    auth = {"Authorization": "Bearer key-of-the-test"}
+    with TestClient(create_app(segmented, api_key="key-of-the-test")) as client:
+        for doc_id in ("nul\u0000id", "line\nbreak", "doc1\u0000"):
+            answer = client.post("/documents", json={"documents": [{"id": doc_id, "text": "t"}]}, headers=auth)
+            assert answer.status_code == 400 and "control character" in answer.json()["detail"], answer.text
+            assert "\n" not in answer.json()["detail"]
+        assert client.get("/documents/doc1").status_code == 200
+        assert client.delete("/documents/doc1%00x", headers=auth).status_code == 404
+    assert tree_digest(segmented) == before
