@@ -186,6 +186,7 @@ class Index:
     def get_documents(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The documents with these ids, in that order, as ``get_document`` gives them; ids not in the index are left out."""
         served = self._served
+        self._refuse_damaged(served)
         keys = served.keys_for_ids(list(ids))
         rows = served.fetch(keys.values()) if keys else {}
         return [{name: rows[keys[i]][name] for name in ("id", "text", "metadata", "fields")} for i in dict.fromkeys(ids) if i in keys]
@@ -268,6 +269,7 @@ class Index:
         (PQ, SQ codes, lists on disk) keeps no exact vectors, so those documents' texts are embedded again.
         """
         served, encoder = self._served, self._encoder
+        self._refuse_damaged(served)
         rows = served.rows_for_ids(list(ids))
         found = [doc_id for doc_id in dict.fromkeys(ids) if doc_id in rows]
         keys = np.array([rows[doc_id][0] for doc_id in found], dtype=np.int64)
