@@ -1,36 +1,6 @@
 """The on-disk format: versions that list immutable segments, published atomically.
 
-::
-
-    INDEX/
-      CURRENT              name of the published version, e.g. "v000007"
-      versions/
-        v000007/
-          manifest.json    settings, counts, the segments it lists, checksum of deleted.npy (see Manifest)
-          deleted.npy      sorted int64 keys of this version's deleted documents
-      segments/
-        s000003/
-          segment.json     its key range, FAISS structure, search parameters, file checksums (see SegmentMeta)
-          documents.db     SQLite: key, id, text, metadata, fields, origin; FTS5 keyword index
-          vectors.faiss    FAISS index whose ids are the SQLite keys
-          keys.npy         the segment's keys, sorted; lengths.npy: each document's keyword-token count
-      staging/             versions and segments being written; never read
-      cache.db             embedding cache shared by all versions (see cache.py)
-      LOCK                 held (flock) by the one writer; names its pid
-
-A segment is written once, under ``staging/``, fsynced and renamed into
-``segments/``; it never changes afterwards. A version is a manifest naming
-segments plus the set of deleted keys, so a write that adds one document
-writes one small segment and a new manifest, and every version that lists a
-segment shares it (a reference, never a copy). A writer publishes by renaming
-the version folder into ``versions/`` and replacing ``CURRENT`` with
-``os.replace``. Writers serialise on ``LOCK``; readers take no lock: a reader
-reads ``CURRENT`` once and opens what that version lists, which never changes.
-Pruning removes a version beyond the newest ``keep``, then every segment that
-no version left on disk lists.
-
-Format 1 (one ``documents.db`` and ``vectors.faiss`` inside each version
-folder) is still read; the first write converts the index (``convert_legacy``).
+The files, what each write costs and how a write is made safe are described once, in docs/on-disk-format.md.
 """
 
 from __future__ import annotations
