@@ -32,8 +32,6 @@ from pathlib import Path
 
 from common import debian_documents, machine, save, write_jsonl
 
-DIMENSION = 384
-
 # Run in a child process: ``python verify.py --child STEP INDEX``; prints one JSON line.
 CHILD = r"""
 import json, sys, time

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 from . import collector, layout
 from .cache import EmbeddingCache
 from .compact import after_write
-from .errors import ArgumentError, SourceError
+from .errors import DocumentNotFoundError, SourceError
 from .external import check_encoder, encoder_for_write
 from .ingest import CachedEncoder, ingest
 from .segments import segment_structure
@@ -116,7 +116,7 @@ def delete_documents(
         missing = [i for i in ids if i not in found]
         if missing and not missing_ok:
             shown = ", ".join(repr(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise ArgumentError(f"{path}: no document with id {shown}; nothing deleted (use --missing-ok to skip)")
+            raise DocumentNotFoundError(f"{path}: no document with id {shown}; nothing deleted (use --missing-ok to skip)")
         report = BuildReport(str(path), manifest.version, len(current), deleted=len(found), segments=len(current.segments),
                              warnings=txn.warnings)
         if not found:

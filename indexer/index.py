@@ -82,7 +82,6 @@ class Index:
             raise ArgumentError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         self.path = layout.index_path(path)
         self.device = device
-        self._verify = verify
         self._fault: tuple[str, str] | None = None  # (version, what is wrong with it), found by a background check
         self._checking: threading.Thread | None = None
         self._served = Snapshot.open(self.path)

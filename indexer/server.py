@@ -11,11 +11,14 @@ file named by ``INDEXER_API_KEY_FILE``); with no key configured they answer
 403. Bound beyond loopback, every endpoint needs the key and the server will
 not start without one.
 
-Errors map to status codes here and only here: a bad request 400 (422 for a
-malformed body, one with a key given twice, or a boolean where a number
-belongs), an unknown document or index 404, a held writer lock 409, a body over
-``MAX_BODY_BYTES`` (counted as it streams, chunked or not) or a search answer
-over ``MAX_RESPONSE_BYTES`` 413, a damaged index 503, a full disk 507, anything
+The routes are in :mod:`indexer.routes`; this module holds the app around them
+(keys, limits, metrics, error handlers) and the process that runs it. Each
+library error answers the ``http_status`` its class carries (indexer.errors):
+a bad request 400 (422 for a malformed body, one with a key given twice, or a
+boolean where a number belongs), an unknown document or index 404, a held
+writer lock 409, a body over ``MAX_BODY_BYTES`` (counted as it streams,
+chunked or not) or a search answer over ``MAX_RESPONSE_BYTES`` 413, a damaged
+index 503, a full disk 507, anything
 else 500; every one of them is logged and counted in ``/metrics``. When the
 index on disk becomes unreadable the server keeps serving the version it has
 loaded and ``/health`` answers 503. The API docs (``/docs``, ``/redoc``) load
@@ -24,7 +27,6 @@ their scripts from the fastapi-offline package, so they work with no network.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -33,40 +35,45 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from fastapi.routing import APIRoute
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import layout
 from .build import rebuild_index
-from .edit import delete_documents, upsert_documents
-from .errors import ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexLockedError, IndexNotFoundError
-from .index import Index
-from .query import MODES, Hit, parse_condition
-from .sources import DocumentSource
+from .errors import ArgumentError, IndexerError
+from .routes import (
+    MAX_DOCUMENTS,
+    MAX_K,
+    MAX_QUERIES,
+    MAX_QUERY_CHARS,
+    PAGE,
+    SMALL_WRITE_WAIT,
+    SearchRequest,
+    Service,
+    StrictJSONRoute,
+    UpsertRequest,
+    router,
+)
 
-MAX_K = 1000
-MAX_QUERIES = 256
-MAX_QUERY_CHARS = 2000
-MAX_DOCUMENTS = 10_000
+# Names the routes module holds, importable from here as before.
+__all__ = [
+    "MAX_BODY_BYTES", "MAX_DOCUMENTS", "MAX_K", "MAX_QUERIES", "MAX_QUERY_CHARS", "MAX_RESPONSE_BYTES", "METHODS", "PAGE",
+    "SMALL_WRITE_WAIT", "SearchRequest", "StrictJSONRoute", "UpsertRequest", "api_key_from_environment", "app_from_environment",
+    "check_address", "create_app", "parse_duration", "rebuild_periodically", "serve",
+]
+
 MAX_BODY_BYTES = 16 * 2**20
 # A search answer larger than this is refused (413) before it is serialised: 4 queries x 100 hits of 1 MB texts made 400 MB.
 MAX_RESPONSE_BYTES = 16 * 2**20
-# How long an upsert or delete queues behind another write before answering 409 (a small write takes well under a second).
-SMALL_WRITE_WAIT = 10.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Methods counted under their own name in /metrics; any other is "other", so clients cannot mint series.
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
-# The search page: one self-contained file (no external scripts, fonts or styles), its mode list filled in here.
-PAGE = Path(__file__).with_name("page.html")
 
 access_log = logging.getLogger("indexer.access")
 
@@ -82,64 +89,6 @@ def api_key_from_environment() -> str | None:
         except OSError as exc:
             raise ArgumentError(f"{key_file}: cannot read the API key file ({exc.strerror})") from None
     return None
-
-
-class SearchRequest(BaseModel):
-    # Strict: true is not the integer 1, nor are "3" and 3.0 integers.
-    model_config = ConfigDict(strict=True)
-
-    query: Optional[str] = Field(None, max_length=MAX_QUERY_CHARS)
-    queries: Optional[list[str]] = Field(None, max_length=MAX_QUERIES)
-    k: int = Field(10, ge=1, le=MAX_K)
-    mode: str = "dense"
-    fusion: str = "score"
-    where: list[str] = Field(default_factory=list, max_length=32)
-    text_chars: Optional[int] = Field(None, ge=0, description="Cut each hit's text to this many characters; hits then say `text_truncated`.")
-    include_text: bool = Field(True, description="false: hits without their text.")
-
-
-class UpsertRequest(BaseModel):
-    """Documents in the source's own record shape, or as ``GET /documents/{id}`` returns them."""
-
-    documents: list[dict[str, Any]] = Field(..., min_length=1, max_length=MAX_DOCUMENTS)
-
-
-class DuplicateKey(ValueError):
-    """A JSON object in a request body gives one key twice."""
-
-
-def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` for ``json.loads``: a dict, or DuplicateKey (json.loads alone keeps the last value silently)."""
-    found = dict(pairs)
-    if len(found) < len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise DuplicateKey(key)
-            seen.add(key)
-    return found
-
-
-class StrictJSONRequest(Request):
-    """A request whose ``json()`` refuses a key given twice with a 422 naming it."""
-
-    async def json(self) -> Any:
-        try:
-            return json.loads(await self.body(), object_pairs_hook=unique_keys)
-        except DuplicateKey as exc:
-            raise HTTPException(422, f"duplicate key {exc.args[0]!r} in the request body") from None
-
-
-class StrictJSONRoute(APIRoute):
-    """A route whose JSON body is read by ``StrictJSONRequest``: a key given twice, at any depth, is a 422."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def strict(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
-
-        return strict
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -220,52 +169,41 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-STATUS_CODES: dict[type[IndexerError], int] = {
-    IndexNotFoundError: 404,
-    IndexLockedError: 409,
-    IndexCorruptError: 503,
-    DiskFullError: 507,
-}
+async def guard_and_measure(request: Request, call_next) -> Response:
+    """Middleware: the API key where the server is public, then the answer (500 for a bug) logged and counted."""
+    started = time.perf_counter()
+    served: Service = request.app.state.service
+    # The page holds no data (it asks for the key when /search answers 401), so it is served to anyone.
+    if served.public and not served.authorised(request) and request.url.path != "/":
+        response = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401)
+    else:
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug: answer 500, and still log and count it
+            logging.getLogger("indexer.server").exception("unhandled error")
+            response = JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+    seconds = time.perf_counter() - started
+    route = request.scope.get("route")
+    served.metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code, seconds)
+    access_log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
+                                "ms": round(seconds * 1000, 2), "client": request.client.host if request.client else None}))
+    return response
 
 
-def status_code(exc: IndexerError) -> int:
-    """The HTTP status of a user-facing error: 400 unless ``STATUS_CODES`` says otherwise."""
-    return next((code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), 400)
+async def user_error(request: Request, exc: IndexerError) -> Response:
+    """A library error: the status its class carries (``http_status``, see indexer.errors)."""
+    return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
 
 
-def hit_shown(hit: Hit, text_chars: int | None, include_text: bool) -> dict[str, Any]:
-    """A hit as /search answers it: its text whole, cut to ``text_chars`` (with ``text_truncated``), or left out."""
-    shown = hit.to_dict()
-    if not include_text:
-        del shown["text"]
-    elif text_chars is not None:
-        shown["text"] = hit.text[:text_chars]
-        shown["text_truncated"] = len(hit.text) > text_chars
-    return shown
+async def malformed(request: Request, exc: RequestValidationError) -> Response:
+    # FastAPI's own answer echoes the input, which may hold what JSON cannot (NaN) or UTF-8 cannot (a lone
+    # surrogate, from a "\ud800" escape): it failed with a 500. Without it, in ASCII escapes, anything goes.
+    errors = [{key: value for key, value in error.items() if key != "input"} for error in exc.errors()]
+    return Response(json.dumps({"detail": jsonable_encoder(errors)}), status_code=422, media_type="application/json")
 
 
-def json_size(value: Any) -> int:
-    """Bytes of ``value`` as compact UTF-8 JSON."""
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode())
-
-
-def answer_size(version: str, answers: list[dict[str, Any]]) -> int:
-    """About how many bytes the /search answer holding ``answers`` is, without serialising it whole.
-
-    Each document's text is measured once, however many queries it answers.
-    """
-    texts: dict[str, int] = {}
-    size = json_size({"version": version, "results": [{**answer, "hits": []} for answer in answers]})
-    for answer in answers:
-        for hit in answer["hits"]:
-            size += 1  # the comma
-            if "text" not in hit:
-                size += json_size(hit)
-                continue
-            if hit["id"] not in texts:
-                texts[hit["id"]] = json_size(hit["text"])
-            size += json_size({**hit, "text": ""}) - 2 + texts[hit["id"]]
-    return size
+async def too_deep(request: Request, exc: RecursionError) -> Response:
+    return JSONResponse({"detail": "request JSON is nested too deeply"}, status_code=400)
 
 
 def create_app(index: str | Path, api_key: str | None = None, public: bool = False,
@@ -273,162 +211,17 @@ def create_app(index: str | Path, api_key: str | None = None, public: bool = Fal
     """The FastAPI application serving ``index``; ``public`` means bound beyond loopback."""
     if public and not api_key:
         raise ArgumentError("refusing to listen beyond loopback without an API key (set INDEXER_API_KEY)")
-    # Resolved once: every write below gets this absolute Path, never the text the user typed.
+    # Resolved once: every write gets this absolute Path, never the text the user typed.
     path = layout.index_path(index).resolve()
-    searcher = Index(path, verify="background")  # answers at once; /health says when the files are proven
-    metrics = Metrics()
-    fault: dict[str, str | None] = {"error": None}
     app = FastAPIOffline(title="indexer", description="Semantic search over one index.", version="1")
+    app.state.service = Service(path, api_key, public, max_response_bytes, Metrics())
     app.router.route_class = StrictJSONRoute
+    app.include_router(router)
     app.add_middleware(BodyLimit)
-    page = PAGE.read_text(encoding="utf-8").replace("__MODES__", json.dumps(list(MODES)))
-
-    def authorised(request: Request) -> bool:
-        header = request.headers.get("authorization", "")
-        return bool(api_key) and hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode())
-
-    def require_writer(request: Request) -> None:
-        if not api_key:
-            raise HTTPException(403, "writes are disabled: the server has no API key (set INDEXER_API_KEY)")
-        if not authorised(request):
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)")
-
-    @app.middleware("http")
-    async def guard_and_measure(request: Request, call_next):
-        started = time.perf_counter()
-        # The page holds no data (it asks for the key when /search answers 401), so it is served to anyone.
-        if public and not authorised(request) and request.url.path != "/":
-            response = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # a bug: answer 500, and still log and count it
-                logging.getLogger("indexer.server").exception("unhandled error")
-                response = JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
-        seconds = time.perf_counter() - started
-        route = request.scope.get("route")
-        metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code, seconds)
-        access_log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
-                                    "ms": round(seconds * 1000, 2), "client": request.client.host if request.client else None}))
-        return response
-
-    @app.exception_handler(IndexerError)
-    async def user_error(request: Request, exc: IndexerError):
-        return JSONResponse({"detail": str(exc)}, status_code=status_code(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def malformed(request: Request, exc: RequestValidationError):
-        # FastAPI's own answer echoes the input, which may hold what JSON cannot (NaN) or UTF-8 cannot (a lone
-        # surrogate, from a "\ud800" escape): it failed with a 500. Without it, in ASCII escapes, anything goes.
-        errors = [{key: value for key, value in error.items() if key != "input"} for error in exc.errors()]
-        return Response(json.dumps({"detail": jsonable_encoder(errors)}), status_code=422, media_type="application/json")
-
-    @app.exception_handler(RecursionError)
-    async def too_deep(request: Request, exc: RecursionError):
-        return JSONResponse({"detail": "request JSON is nested too deeply"}, status_code=400)
-
-    def current() -> Index:
-        """The index, switched to a newer published version if there is one.
-
-        If the version on disk cannot be read (``CURRENT`` broken, files
-        missing), keep serving the loaded one and report the fault on /health.
-        """
-        try:
-            searcher.refresh()
-            fault["error"] = None
-        except IndexerError as exc:
-            fault["error"] = str(exc)
-        return searcher
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def search_page() -> str:
-        """The search page: a query box, mode, k and filters over POST /search, with the version and count from /health."""
-        return page
-
-    @app.post("/search")
-    def search(body: SearchRequest) -> dict[str, Any]:
-        """Top-k hits for `query` (one answer) or `queries` (a list), with the `query --json` hit shape.
-
-        An answer over the server's byte limit is a 413: ask for fewer hits, `text_chars` or `include_text: false`.
-        """
-        if (body.query is None) == (body.queries is None):
-            raise HTTPException(422, "give exactly one of query or queries")
-        if body.mode not in MODES:
-            raise HTTPException(422, f"mode must be one of {', '.join(MODES)}")
-        if body.queries and any(len(q) > MAX_QUERY_CHARS for q in body.queries):
-            raise HTTPException(422, f"queries are limited to {MAX_QUERY_CHARS} characters")
-        questions = [body.query] if body.query is not None else body.queries
-        conditions = [parse_condition(w) for w in body.where]
-        index = current()
-        results = index.search_many(questions, body.k, body.mode, conditions, fusion=body.fusion)
-        answers = [{"query": q, "hits": [hit_shown(h, body.text_chars, body.include_text) for h in hits]}
-                   for q, hits in zip(questions, results)]
-        size = answer_size(index.version, answers)
-        if size > max_response_bytes:
-            raise HTTPException(413, f"the answer would be {size:,} bytes, over the server's limit of {max_response_bytes:,}: "
-                                     "ask for fewer hits (k), shorter texts (text_chars) or none (include_text: false)")
-        payload = answers[0] if body.query is not None else {"results": answers}
-        return {"version": index.version, **payload}
-
-    @app.get("/documents/{doc_id:path}")
-    def get_document(doc_id: str) -> dict[str, Any]:
-        """One document by its id (ids may contain "/"): `{id, text, metadata, fields}`, a shape POST /documents accepts."""
-        document = current().get_document(doc_id)
-        if document is None:
-            raise HTTPException(404, f"no document with id {doc_id!r}")
-        return document
-
-    @app.post("/documents", dependencies=[Depends(require_writer)])
-    def upsert(body: UpsertRequest) -> dict[str, Any]:
-        """Add or replace documents, each in the source's record shape or as `{id, text, metadata, fields}`; publishes a new version.
-
-        Documents written here are kept by later rebuilds (see README, "Rebuilds and upserts").
-        """
-        index = current()
-        settings = index.settings
-        documents = DocumentSource.from_records(
-            body.documents, name="documents", id_field=settings.id_field, text_fields=settings.text_fields,
-            max_document_bytes=settings.max_document_bytes,
-        )
-        return upsert_documents(path, documents, encoder=index.encoder, wait=SMALL_WRITE_WAIT).to_dict()
-
-    @app.delete("/documents/{doc_id:path}", dependencies=[Depends(require_writer)])
-    def delete(doc_id: str) -> dict[str, Any]:
-        """Delete one document; publishes a new version."""
-        try:
-            return delete_documents(path, [doc_id], wait=SMALL_WRITE_WAIT).to_dict()
-        except ArgumentError:  # the library's message names the server's folder and a CLI option
-            raise HTTPException(404, f"no document with id {doc_id!r}") from None
-
-    @app.post("/rebuild", dependencies=[Depends(require_writer)])
-    def rebuild() -> dict[str, Any]:
-        """Rebuild from the recorded source, encoding only what changed."""
-        return rebuild_index(path, if_changed=True, encoder=current().encoder).to_dict()
-
-    @app.get("/info")
-    def info() -> dict[str, Any]:
-        """Version, counts, model and settings of the version being served."""
-        return current().info()
-
-    @app.get("/health")
-    def health() -> JSONResponse:
-        """"ok" (200); "damaged" (503) when the served version's files failed their checksums (searches then answer 503);
-        "degraded" (503) with the error while the index on disk is unreadable and the loaded version is served.
-        ``verified`` is false while the check of the served version's files is still reading."""
-        index = current()
-        integrity = index.integrity()
-        body = {"status": "ok", "version": index.version, "documents": len(index), "verified": integrity["verified"]}
-        if integrity["fault"]:
-            return JSONResponse({**body, "status": "damaged", "error": integrity["fault"]}, status_code=503)
-        if fault["error"]:
-            return JSONResponse({**body, "status": "degraded", "error": fault["error"]}, status_code=503)
-        return JSONResponse(body)
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def prometheus() -> str:
-        index = current()
-        return metrics.render(index.version, len(index))
-
+    app.middleware("http")(guard_and_measure)
+    app.add_exception_handler(IndexerError, user_error)
+    app.add_exception_handler(RequestValidationError, malformed)
+    app.add_exception_handler(RecursionError, too_deep)
     return app
 
 

@@ -85,9 +85,6 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 DOCUMENT_KEYS = frozenset({"id", "text", "metadata", "fields"})
 
 
-ORIGINS = ("source", "upsert")
-
-
 @dataclass
 class Document:
     """One document: its own id, the text to embed, the other fields.

@@ -107,16 +107,6 @@ class DocumentStore:
             rows = self.db.execute(sql, [wanted]).fetchall()
         return {row[0]: _row(row) for row in rows}
 
-    def rows_of_origin(self, origin: str, chunk: int = 4096) -> Iterator[list[dict[str, Any]]]:
-        """Every document written by ``origin`` ("source" or "upsert"), as rows in chunks, in key order."""
-        cursor = self.db.execute(f"SELECT {self._columns} FROM {TABLE} WHERE origin = ? ORDER BY key", [origin])
-        while rows := cursor.fetchmany(chunk):
-            yield [_row(row) for row in rows]
-
-    def count_of_origin(self, origin: str) -> int:
-        with self._lock:
-            return self.db.execute(f"SELECT count(*) FROM {TABLE} WHERE origin = ?", [origin]).fetchone()[0]
-
     @functools.cached_property
     def _columns(self) -> str:
         # Stores written before fields/origin existed are read with their defaults.
@@ -196,12 +186,6 @@ class DocumentStore:
                 if rows:  # most terms are absent from a small segment: no numpy work for those
                     found[term] = np.unique(np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows)), return_counts=True)
         return found
-
-    def key_texts(self, chunk: int = 10_000) -> Iterator[tuple[list[int], list[str]]]:
-        """Every document's (key, text), in chunks of keys and texts."""
-        cursor = self.db.execute(f"SELECT key, text FROM {TABLE} ORDER BY key")
-        while rows := cursor.fetchmany(chunk):
-            yield [row[0] for row in rows], [row[1] for row in rows]
 
     def field_types(self) -> dict[str, set[str]]:
         """Each top-level metadata field, with the kinds of JSON value it holds across the documents.

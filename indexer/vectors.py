@@ -26,8 +26,6 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from .errors import ArgumentError, IndexCorruptError
 
-INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "auto")
-RECALL_TARGET = 0.95
 # Tuning aims above the target so that queries unlike the tuning sample still reach it.
 TUNING_RECALL = 0.97
 TUNING_QUERIES = 256
@@ -164,10 +162,6 @@ class VectorIndex:
         """Add ``vectors`` (n x d, float32, unit length) under integer ``keys``."""
         if len(vectors):
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(keys, dtype=np.int64))
-
-    def remove(self, keys: np.ndarray) -> int:
-        """Remove the vectors stored under ``keys``; returns how many were removed."""
-        return self.index.remove_ids(np.asarray(keys, dtype=np.int64))
 
     @property
     def keeps_vectors(self) -> bool:
