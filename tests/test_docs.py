@@ -180,3 +180,11 @@ def test_http_doc_names_every_route(demo_clone):
                     if f"{method} {path}" not in documented]
     assert app.openapi()["paths"], "no routes in the OpenAPI schema"
     assert not missing, f"docs/http.md does not name: {missing}"
+
+
+def test_paths_named_in_the_docs_exist():
+    """A file the docs point to (a test, a benchmark script, a module) is still there: moving it means updating them."""
+    pattern = re.compile(r"\b((?:tests|benchmarks|indexer|docs|dataset)/[\w./-]*\.(?:py|html|png|md|jsonl))\b")
+    missing = sorted({f"{path.relative_to(REPO)}: {name}" for path in DOCS
+                      for name in pattern.findall(path.read_text(encoding="utf-8")) if not (REPO / name).exists()})
+    assert not missing, f"the docs name files that do not exist: {missing}"
