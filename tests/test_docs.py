@@ -11,8 +11,10 @@ the file, the block's first line and its output.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -111,14 +113,29 @@ def test_examples_run(path, demo_clone, tmp_path):
             command = [str(VENV / "bin" / "python"), str(script)]
         else:
             command = ["bash", "-euo", "pipefail", "-c", shell_code(block)]
-        try:
-            result = subprocess.run(command, cwd=folder, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                                    text=True, timeout=BLOCK_TIMEOUT)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"{block.where()}: {block.lang} block ran over {BLOCK_TIMEOUT} s\n{exc.stdout or ''}{exc.stderr or ''}")
-        if result.returncode != 0:
-            output = (result.stdout + result.stderr)[-4000:]
-            pytest.fail(f"{block.where()}: {block.lang} block failed (exit {result.returncode}):\n{output}", pytrace=False)
+        returncode, output = _run(command, folder, env)
+        if returncode is None:
+            pytest.fail(f"{block.where()}: {block.lang} block ran over {BLOCK_TIMEOUT} s:\n{output}", pytrace=False)
+        if returncode != 0:
+            pytest.fail(f"{block.where()}: {block.lang} block failed (exit {returncode}):\n{output}", pytrace=False)
+
+
+def _run(command: list[str], folder: Path, env: dict[str, str]) -> tuple[int | None, str]:
+    """Run one block in its own process group; whatever it left running (a server in the background) is stopped.
+    Returns its exit status (None if it ran over BLOCK_TIMEOUT) and the end of its output."""
+    process = subprocess.Popen(command, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=BLOCK_TIMEOUT)
+        returncode: int | None = process.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        returncode = None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return returncode, output[-4000:]
 
 
 def test_not_run_markers_have_reasons():
