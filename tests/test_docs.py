@@ -205,3 +205,20 @@ def test_paths_named_in_the_docs_exist():
     missing = sorted({f"{path.relative_to(REPO)}: {name}" for path in DOCS
                       for name in pattern.findall(path.read_text(encoding="utf-8")) if not (REPO / name).exists()})
     assert not missing, f"the docs name files that do not exist: {missing}"
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of ``path``: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.M | re.S)
+    headings = re.findall(r"^#+\s+(.*)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_links_between_the_docs_resolve():
+    broken = []
+    for path in DOCS:
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md)?(?:#([\w-]+))?\)", path.read_text(encoding="utf-8")):
+            linked = (path.parent / target).resolve() if target else path
+            if not linked.exists() or (anchor and anchor not in _anchors(linked)):
+                broken.append(f"{path.relative_to(REPO)}: {target}#{anchor}")
+    assert not broken, f"links that lead nowhere: {broken}"
