@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -141,7 +141,7 @@ def serve(index: Path, key: str, start_timeout: float = 300) -> Iterator[str]:
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("indexer serve did not start")
+                    raise SystemExit("indexer serve did not start") from None
                 time.sleep(0.2)
         yield base
     finally:

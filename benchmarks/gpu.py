@@ -137,7 +137,7 @@ def main() -> None:
         vectors, budgets, encoders = {}, {}, {"fp32": fp32}
         for precision in ("fp32", "fp16", "bf16") if args.device.startswith("cuda") else ("fp32",):
             encoder = encoders.setdefault(precision, Encoder(str(model), device=args.device, precision=precision))
-            rows[f"our encoder, {precision}, defaults"] = timed(lambda: vectors.__setitem__(precision, encoder.encode_texts(texts)))
+            rows[f"our encoder, {precision}, defaults"] = timed(lambda: vectors.__setitem__(precision, encoder.encode_texts(texts)))  # noqa: B023 (called at once)
             budgets[precision] = encoder.batch_tokens
         if args.device.startswith("cuda"):
             fixed = Encoder(str(model), device=args.device, precision="fp16", batch_tokens=131072)
@@ -156,7 +156,7 @@ def main() -> None:
             if half and not args.device.startswith("cuda"):
                 continue
             model_st = reference.half() if half else reference.float()
-            rows[name] = timed(lambda: model_st.encode(texts, batch_size=batch, normalize_embeddings=True), 1)
+            rows[name] = timed(lambda: model_st.encode(texts, batch_size=batch, normalize_embeddings=True), 1)  # noqa: B023 (called at once)
 
         source = write_jsonl(tmp / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
         stages: dict[str, dict] = {"fp32": {}, "fp16": {}}
@@ -222,7 +222,9 @@ def main() -> None:
         "encoder / best sentence-transformers": max(v for k, v in figures.items() if k.startswith("our encoder")) / best_st,
         "query p50 ms": latency["fp32"],
     }
-    checks.update({"ray / local build": ratio for name, ratio in rows.items() if name.startswith("ray / local build")})
+    ray = [ratio for name, ratio in rows.items() if name.startswith("ray / local build")]
+    if ray:  # the last one, as before
+        checks["ray / local build"] = ray[-1]
     for name, value in checks.items():
         below = name in ("query p50 ms", "ray / local build")
         met = value <= TARGETS[name] if below else value >= TARGETS[name]

@@ -40,7 +40,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEBIAN, debian_corpus, debian_documents, debian_queries, machine, ndcg_at_10, percentile, save, serve, tiny_model, write_jsonl
+from common import (
+    DEBIAN,
+    debian_corpus,
+    debian_documents,
+    debian_queries,
+    machine,
+    ndcg_at_10,
+    percentile,
+    save,
+    serve,
+    tiny_model,
+    write_jsonl,
+)
 from common import call as common_call
 
 KEY = "writes-benchmark-key"
@@ -213,7 +225,7 @@ def main() -> None:
     from indexer.encoder import Encoder
     from indexer.settings import IndexSettings
 
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split() if f.startswith("avx")})
+    flags = sorted({f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags") for f in line.split() if f.startswith("avx")})
     queries = [r["text"][:80] for r in debian_corpus(args.queries, DEBIAN)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -154,7 +154,7 @@ def _in_memory(name: str, data: bytes) -> Member:
 
 
 def _opened(name: str, file: Path, checksum: str) -> Member:
-    handle = open(file, "rb")
+    handle = open(file, "rb")  # noqa: SIM115 (the Member holds it open until the archive is written)
     return Member(name, handle, checksum, os.fstat(handle.fileno()).st_size)
 
 

@@ -28,8 +28,9 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import sqlite_utils
@@ -221,8 +222,6 @@ class EmbeddingCache:
         self.report_rejected()
         if not hasattr(self, "db"):
             return
-        try:
+        with contextlib.suppress(sqlite3.DatabaseError):
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.DatabaseError:
-            pass
         self.db.conn.close()

@@ -15,8 +15,9 @@ import gc
 import json
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Sequence
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -162,23 +163,23 @@ IndexArgument = Annotated[str, typer.Argument(metavar="INDEX", help="Index folde
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hugging Face model name or local folder.")]
 PoolingOption = Annotated[Pooling, typer.Option(help="Pooling of token vectors: mean or cls.")]
 MaxLengthOption = Annotated[
-    Optional[int],
+    int | None,
     typer.Option(min=1, max=MAX_LENGTH_CAP, help=f"Tokens per text (default: the model's own limit, at most {MAX_LENGTH_CAP})."),
 ]
-BatchSizeOption = Annotated[Optional[int], typer.Option(min=1, help="Most texts per model batch (default: no cap; batches are sized by tokens).")]
+BatchSizeOption = Annotated[int | None, typer.Option(min=1, help="Most texts per model batch (default: no cap; batches are sized by tokens).")]
 BatchTokensOption = Annotated[
-    Optional[int], typer.Option(min=1, help="Most padded tokens per model batch (default: measured while encoding, from 1024 on CPU and 65536 on GPU).")
+    int | None, typer.Option(min=1, help="Most padded tokens per model batch (default: measured while encoding, from 1024 on CPU and 65536 on GPU).")
 ]
 PrecisionOption = Annotated[Precision, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see README for quality cost.")]
-IdFieldOption = Annotated[Optional[str], typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
+IdFieldOption = Annotated[str | None, typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
 TextFieldOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--text-field", help="Field(s) to embed, joined with a space; repeat for several (default: text, else title + description)."),
 ]
 MaxDocumentBytesOption = Annotated[
     int, typer.Option(min=1, help="Refuse a document whose text is over this many UTF-8 bytes (recorded for later upserts).")
 ]
-DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, mps... (default: the best available).")]
+DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, mps... (default: the best available).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 KeepOption = Annotated[int, typer.Option(min=1, help="Versions to keep on disk (the current one always stays).")]
 WaitOption = Annotated[
@@ -187,12 +188,12 @@ WaitOption = Annotated[
 IfChangedOption = Annotated[bool, typer.Option("--if-changed", help="Publish nothing if the documents are unchanged.")]
 EngineOption = Annotated[Engine, typer.Option(help="Where texts are encoded: local (this process) or ray (a Ray cluster; the ray extra).")]
 RayAddressOption = Annotated[
-    Optional[str], typer.Option(help="Ray cluster to use with --engine ray (auto, ray://host:10001); default: start Ray here.")
+    str | None, typer.Option(help="Ray cluster to use with --engine ray (auto, ray://host:10001); default: start Ray here.")
 ]
-ReplicasOption = Annotated[Optional[int], typer.Option(min=1, help="Encoder replicas on Ray (default: one per node, or per --gpus-per-replica GPUs).")]
+ReplicasOption = Annotated[int | None, typer.Option(min=1, help="Encoder replicas on Ray (default: one per node, or per --gpus-per-replica GPUs).")]
 GpusOption = Annotated[float, typer.Option(min=0, help="GPUs each Ray encoder replica takes (0: CPU replicas).")]
 RayWorkDirOption = Annotated[
-    Optional[str], typer.Option(help="Folder for the Parquet shards of a Ray build; on several nodes, storage all of them reach.")
+    str | None, typer.Option(help="Folder for the Parquet shards of a Ray build; on several nodes, storage all of them reach.")
 ]
 
 
@@ -304,7 +305,7 @@ def build(
     index_type: Annotated[
         str, typer.Option(help="flat (exact), hnsw, ivf, ivfpq, auto, or a FAISS factory string such as IVF1024,PQ32.")
     ] = "flat",
-    memory: Annotated[Optional[str], typer.Option(help="Memory budget for --index-type auto, e.g. 2GB.")] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory budget for --index-type auto, e.g. 2GB.")] = None,
     device: DeviceOption = None,
     keep: KeepOption = 3,
     wait: WaitOption = 0,
@@ -336,7 +337,7 @@ def build(
 @user_errors
 def rebuild(
     index: IndexArgument,
-    source: Annotated[Optional[Path], typer.Option(help="Read this source instead of the one the index was built from.")] = None,
+    source: Annotated[Path | None, typer.Option(help="Read this source instead of the one the index was built from.")] = None,
     device: DeviceOption = None,
     keep: KeepOption = 3,
     wait: WaitOption = 0,
@@ -419,7 +420,7 @@ def compact(
 @user_errors
 def rollback(
     index: IndexArgument,
-    to: Annotated[Optional[str], typer.Option("--to", help="Version to make current (default: the one before).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Version to make current (default: the one before).")] = None,
     wait: WaitOption = 0,
     as_json: JsonOption = False,
 ) -> None:
@@ -458,16 +459,16 @@ def query(
     index: IndexArgument,
     questions: Annotated[list[str], typer.Argument(metavar="QUESTION", help="One or more questions.")],
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits per question.")] = 10,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Refuse to run unless the index uses this model.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Refuse to run unless the index uses this model.")] = None,
     mode: Annotated[Mode, typer.Option(help="dense (embeddings), keyword (BM25) or hybrid (both, fused).")] = "dense",
     fusion: Annotated[
         Fusion, typer.Option(help="How hybrid fuses: score (0.6 cosine + 0.4 BM25 as a share of the best, in [0, 1]) or rrf (reciprocal ranks).")
     ] = "score",
     where: Annotated[
-        Optional[list[str]], typer.Option(help="Filter FIELD=VALUE (also !=, <, <=, >, >=, 'FIELD in A,B'); repeatable.")
+        list[str] | None, typer.Option(help="Filter FIELD=VALUE (also !=, <, <=, >, >=, 'FIELD in A,B'); repeatable.")
     ] = None,
-    nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF cells to visit (default: tuned at build).")] = None,
-    ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default: tuned at build).")] = None,
+    nprobe: Annotated[int | None, typer.Option(min=1, help="IVF cells to visit (default: tuned at build).")] = None,
+    ef_search: Annotated[int | None, typer.Option(min=1, help="HNSW search breadth (default: tuned at build).")] = None,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -505,13 +506,13 @@ def query(
 def evaluate(
     index: IndexArgument,
     queries: Annotated[Path, typer.Option(help="Queries: JSONL/CSV with a relevant-id field, or BEIR queries.jsonl.")],
-    qrels: Annotated[Optional[Path], typer.Option(help="BEIR qrels TSV (query-id, corpus-id, score).")] = None,
+    qrels: Annotated[Path | None, typer.Option(help="BEIR qrels TSV (query-id, corpus-id, score).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Cutoff of recall, MRR and nDCG.")] = 10,
     mode: Annotated[
         list[EvaluateMode], typer.Option(help="dense, keyword, hybrid (score fusion) or hybrid-rrf; repeat to compare.")
-    ] = ["dense"],
-    relevant_field: Annotated[Optional[str], typer.Option(help="Field naming the relevant document (default: *_id).")] = None,
-    per_query: Annotated[Optional[Path], typer.Option(help="Write each query's metrics and top hits here (JSONL).")] = None,
+    ] = ["dense"],  # noqa: B006 (typer reads this default and never changes it)
+    relevant_field: Annotated[str | None, typer.Option(help="Field naming the relevant document (default: *_id).")] = None,
+    per_query: Annotated[Path | None, typer.Option(help="Write each query's metrics and top hits here (JSONL).")] = None,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -546,7 +547,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; beyond loopback an API key is required.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
-    rebuild_every: Annotated[Optional[str], typer.Option(help="Rebuild from the recorded source every 30m, 6h, ...")] = None,
+    rebuild_every: Annotated[str | None, typer.Option(help="Rebuild from the recorded source every 30m, 6h, ...")] = None,
 ) -> None:
     """Serve an index over HTTP (FastAPI; needs the server extra). API key from INDEXER_API_KEY."""
     try:
@@ -619,7 +620,7 @@ def embed(
 def export(
     index: IndexArgument,
     output: Annotated[Path, typer.Option("--output", "-o", help="Archive to write, FILE.tar.gz.")],
-    version: Annotated[Optional[str], typer.Option("--version", help="Version to export (default: the current one).")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Version to export (default: the current one).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write one version of an index, with checksums, to a .tar.gz (readers and writers may keep running)."""

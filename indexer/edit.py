@@ -10,8 +10,9 @@ A compaction may follow (``compact.after_write``).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from . import collector, layout
 from .cache import EmbeddingCache

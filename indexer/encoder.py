@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,18 @@ from tqdm import tqdm
 
 from . import interrupts
 from .errors import ArgumentError, ModelError
-from .models import (SBERT_CONFIG, ModelFacts, canonical_model_name, embeds_as, file_stamp, files_identity, read_memo,
-                     remember_facts, resolve_model_path, write_memo)
+from .models import (
+    SBERT_CONFIG,
+    ModelFacts,
+    canonical_model_name,
+    embeds_as,
+    file_stamp,
+    files_identity,
+    read_memo,
+    remember_facts,
+    resolve_model_path,
+    write_memo,
+)
 from .settings import DEFAULT_MODEL, MAX_LENGTH_CAP, IndexSettings, check_embedding, embedding_config, resolved_max_length
 
 PROGRESS_MIN_TEXTS = 1000
@@ -150,7 +160,7 @@ class TextTokenizer:
         self._ascii = _ascii_shortcut(self._backend) if self._backend is not None else None
 
     @classmethod
-    def from_settings(cls, settings: IndexSettings) -> "TextTokenizer":
+    def from_settings(cls, settings: IndexSettings) -> TextTokenizer:
         """The tokenizer an index's settings describe (model and max length)."""
         return cls(settings.model, settings.max_length)
 
@@ -291,7 +301,7 @@ class Encoder:
         self._embed = _Graphed(self._unit_vectors) if self.device.type == "cuda" else self._unit_vectors
 
     @classmethod
-    def from_settings(cls, settings: IndexSettings, device: str | None = None, *, tokenizer: TextTokenizer | None = None) -> "Encoder":
+    def from_settings(cls, settings: IndexSettings, device: str | None = None, *, tokenizer: TextTokenizer | None = None) -> Encoder:
         """A new encoder as an index's settings describe (``external.load_encoder`` reuses a loaded one first).
 
         ``tokenizer``: the one ``TextTokenizer.from_settings`` loaded from the same settings, if it has.
@@ -766,7 +776,7 @@ def flatten(token_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return flat, np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths
 
 
-def length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int | None, batch_tokens: "int | BatchBudget",
+def length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int | None, batch_tokens: int | BatchBudget,
                    *, uniform: bool = False) -> Iterator[np.ndarray]:
     """Slices of ``order`` (indices sorted by length, longest first) of at most ``batch_size`` texts (None: no cap)
     and ``batch_tokens`` padded tokens (a ``BatchBudget`` is read again for every batch).
@@ -934,6 +944,6 @@ def _loading(name: str):
     logging.disable_progress_bar()
     try:
         yield
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {name!r}: {first}") from None

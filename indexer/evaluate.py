@@ -13,9 +13,10 @@ Two query formats:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import SourceError
 from .sources import open_text, read_records

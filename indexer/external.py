@@ -14,8 +14,9 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,8 +35,8 @@ def is_external(model: str) -> bool:
     return model.startswith(EXTERNAL_PREFIX)
 
 
-def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Encoder | ExternalEncoder | None" = None, *,
-                 tokenizer: "TextTokenizer | None" = None):
+def load_encoder(settings: IndexSettings, device: str | None = None, reuse: Encoder | ExternalEncoder | None = None, *,
+                 tokenizer: TextTokenizer | None = None):
     """The encoder ``settings`` describe: ``reuse`` if it embeds that way, else our model loaded from them
     (with ``tokenizer``, if ``load_tokenizer`` loaded it from the same settings).
 
@@ -53,7 +54,7 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: "Enc
         return Encoder.from_settings(settings, device, tokenizer=tokenizer)
 
 
-def encoder_for_write(settings: IndexSettings, *, device: str | None = None, reuse: "Encoder | ExternalEncoder | None" = None):
+def encoder_for_write(settings: IndexSettings, *, device: str | None = None, reuse: Encoder | ExternalEncoder | None = None):
     """The encoder a write embeds with: as ``load_encoder``, except that our model comes as a ``DeferredEncoder``
     (loaded only when a text must be encoded) where a load of its files as they are now was remembered."""
     if (reuse is None or not reuse.embeds_as(settings)) and not is_external(settings.model):
@@ -93,7 +94,7 @@ class DeferredEncoder:
     def embeds_as(self, settings: IndexSettings) -> bool:
         return embeds_as(self, settings)
 
-    def encoder(self) -> "Encoder":
+    def encoder(self) -> Encoder:
         """The model, loaded now if it is not yet."""
         with self._lock:
             if self._encoder is None:
@@ -116,7 +117,7 @@ class DeferredEncoder:
         return self.encoder().encode_texts(texts, progress)
 
 
-def load_tokenizer(settings: IndexSettings, device: str | None = None) -> "TextTokenizer | None":
+def load_tokenizer(settings: IndexSettings, device: str | None = None) -> TextTokenizer | None:
     """Our model's tokenizer as ``settings`` describe, without the model (``load_encoder`` takes it to load the rest).
 
     None where loading the model will time its forwards (its first load on
@@ -128,7 +129,7 @@ def load_tokenizer(settings: IndexSettings, device: str | None = None) -> "TextT
         return None if times_forwards(settings, device) else TextTokenizer.from_settings(settings)
 
 
-def check_encoder(encoder: "Encoder | ExternalEncoder", fingerprint: str, where: object) -> None:
+def check_encoder(encoder: Encoder | ExternalEncoder, fingerprint: str, where: object) -> None:
     """Raise ModelError unless ``encoder`` makes the vectors whose ``fingerprint`` an index's manifest records."""
     if not fingerprint or encoder.fingerprint == fingerprint:
         return

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class Index:
     """
 
     def __init__(self, path: str | Path, model: str | None = None, device: str | None = None, *,
-                 encoder: "Encoder | ExternalEncoder | None" = None, verify: str = "open"):
+                 encoder: Encoder | ExternalEncoder | None = None, verify: str = "open"):
         if verify not in VERIFY_MODES:
             raise ArgumentError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         self.path = layout.index_path(path)
@@ -242,7 +243,7 @@ class Index:
     def close(self) -> None:
         self._served.close()
 
-    def __enter__(self) -> "Index":
+    def __enter__(self) -> Index:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 _requested = threading.Event()

@@ -15,10 +15,11 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import DISK_FULL_ERRNOS, ArgumentError, IndexCorruptError, IndexLockedError, IndexNotFoundError
 from .settings import IndexSettings
@@ -77,7 +78,7 @@ class Manifest:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         data = dict(data)
         data["settings"] = IndexSettings.from_dict(data.get("settings", {}))
         known = {f.name for f in fields(cls)}
@@ -114,7 +115,7 @@ class SegmentMeta:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SegmentMeta":
+    def from_dict(cls, data: dict[str, Any]) -> SegmentMeta:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import numbers
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class TextCondition(tuple):
     text: str
     written: str | list[str]
 
-    def __new__(cls, field_: str, operator: str, value: Any, text: str, written: str | list[str]) -> "TextCondition":
+    def __new__(cls, field_: str, operator: str, value: Any, text: str, written: str | list[str]) -> TextCondition:
         condition = super().__new__(cls, (field_, operator, value))
         condition.text, condition.written = text, written
         return condition

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -39,13 +39,13 @@ class SearchRequest(BaseModel):
     # Strict: true is not the integer 1, nor are "3" and 3.0 integers.
     model_config = ConfigDict(strict=True)
 
-    query: Optional[str] = Field(None, max_length=MAX_QUERY_CHARS)
-    queries: Optional[list[str]] = Field(None, max_length=MAX_QUERIES)
+    query: str | None = Field(None, max_length=MAX_QUERY_CHARS)
+    queries: list[str] | None = Field(None, max_length=MAX_QUERIES)
     k: int = Field(10, ge=1, le=MAX_K)
     mode: str = "dense"
     fusion: str = "score"
     where: list[str] = Field(default_factory=list, max_length=32)
-    text_chars: Optional[int] = Field(None, ge=0, description="Cut each hit's text to this many characters; hits then say `text_truncated`.")
+    text_chars: int | None = Field(None, ge=0, description="Cut each hit's text to this many characters; hits then say `text_truncated`.")
     include_text: bool = Field(True, description="false: hits without their text.")
 
 

@@ -9,9 +9,11 @@ documents it deletes, is the manifest's business (``snapshot``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,10 +74,8 @@ class SegmentWriter:
         return meta
 
     def discard(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # already closed, or the disk is gone: the folder goes anyway
             self.store.close()
-        except Exception:  # already closed, or the disk is gone: the folder goes anyway
-            pass
         self.spool.close()
         layout.discard(self.folder)
 
@@ -103,7 +103,7 @@ class Segment:
     lengths: np.ndarray
 
     @classmethod
-    def open(cls, folder: Path, *, vectors: bool = True, legacy: layout.Manifest | None = None) -> "Segment":
+    def open(cls, folder: Path, *, vectors: bool = True, legacy: layout.Manifest | None = None) -> Segment:
         """Open the segment in ``folder``; ``legacy`` is the manifest of a format-1 version folder opened as one."""
         if legacy is not None:
             store = DocumentStore.open_readonly(folder / layout.DOCUMENTS)

@@ -11,8 +11,9 @@ those. ``key`` is the document's SQLite key and its FAISS id. Needs pyarrow
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class Snapshot:
 
     @classmethod
     def open(cls, path: Path, version: str | None = None, *, vectors: bool = True,
-             loaded: dict[str, Segment] | None = None) -> "Snapshot":
+             loaded: dict[str, Segment] | None = None) -> Snapshot:
         """Open ``version`` (default the current one) of the index at ``path``.
 
         ``loaded`` holds segments already open, by uid, to reuse instead of
@@ -82,7 +83,7 @@ class Snapshot:
         raise AssertionError("unreachable")
 
     @classmethod
-    def _open(cls, path: Path, manifest: layout.Manifest, vectors: bool, loaded: dict[str, Segment]) -> "Snapshot":
+    def _open(cls, path: Path, manifest: layout.Manifest, vectors: bool, loaded: dict[str, Segment]) -> Snapshot:
         if manifest.legacy:
             return cls(path, manifest, [Segment.open(layout.version_dir(path, manifest.version), vectors=vectors, legacy=manifest)],
                        np.empty(0, dtype=np.int64))

@@ -56,9 +56,10 @@ import math
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from .errors import SourceError
 from .settings import MAX_DOCUMENT_BYTES
@@ -142,7 +143,7 @@ class DocumentSource:
         id_field: str | None = None,
         text_fields: Iterable[str] | None = None,
         max_document_bytes: int = MAX_DOCUMENT_BYTES,
-    ) -> "DocumentSource":
+    ) -> DocumentSource:
         """The documents of in-memory JSON objects (an HTTP request's), located as "NAME: record N".
 
         A record is either in the source's own shape (id and text fields as

@@ -14,13 +14,15 @@ take no locks at all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import sqlite3
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import sqlite_utils
@@ -54,7 +56,7 @@ class DocumentStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, path: str | Path) -> "DocumentStore":
+    def create(cls, path: str | Path) -> DocumentStore:
         """A new, empty store at ``path`` (which must not exist)."""
         db = _open_writable(path)
         db[TABLE].create(
@@ -73,7 +75,7 @@ class DocumentStore:
             self.db.execute(f"INSERT INTO {KEYWORDS}({KEYWORDS}) VALUES('rebuild')")
 
     @classmethod
-    def open_readonly(cls, path: str | Path) -> "DocumentStore":
+    def open_readonly(cls, path: str | Path) -> DocumentStore:
         """Open a published (immutable) store for reading, without locks."""
         path = Path(path)
         if not path.is_file():
@@ -293,10 +295,9 @@ class DocumentStore:
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close."""
         with self._lock:
-            try:
+            # Read-only (immutable) connections have no WAL to checkpoint; a damaged file closes all the same.
+            with contextlib.suppress(sqlite3.DatabaseError):
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.DatabaseError:
-                pass  # read-only (immutable) connections have no WAL to checkpoint; a damaged file closes all the same
             self.db.conn.close()
 
 

@@ -16,9 +16,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import faiss
 import numpy as np
@@ -106,7 +106,7 @@ class VectorIndex:
         self.search_params = dict(search_params or {})
 
     @classmethod
-    def create(cls, dimension: int, structure: str = "Flat") -> "VectorIndex":
+    def create(cls, dimension: int, structure: str = "Flat") -> VectorIndex:
         """An empty inner-product index of the given FAISS factory ``structure``."""
         try:
             inner = faiss.index_factory(dimension, structure, faiss.METRIC_INNER_PRODUCT)
@@ -117,7 +117,7 @@ class VectorIndex:
         return cls(faiss.IndexIDMap2(inner))
 
     @classmethod
-    def load(cls, path: str | Path, search_params: dict[str, int] | None = None, mmap: bool = False) -> "VectorIndex":
+    def load(cls, path: str | Path, search_params: dict[str, int] | None = None, mmap: bool = False) -> VectorIndex:
         """Read a saved index; ``mmap`` maps it instead of reading it (for counts)."""
         path = Path(path)
         if not path.is_file():
@@ -347,8 +347,9 @@ class VectorSpool:
         self.dimension = dimension
         self.vectors_path = folder / "spool.f32"
         self.keys_path = folder / "spool.i64"
-        self._vectors = open(self.vectors_path, "wb")
-        self._keys = open(self.keys_path, "wb")
+        # Held open for the whole build (closed by close()): a context manager cannot span the calls to append().
+        self._vectors = open(self.vectors_path, "wb")  # noqa: SIM115
+        self._keys = open(self.keys_path, "wb")  # noqa: SIM115
         self.count = 0
 
     def append(self, vectors: np.ndarray, keys: np.ndarray) -> None:

@@ -18,9 +18,10 @@ searches that object's vectors instead of running our model (see
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from langchain_core.documents import Document
@@ -189,7 +190,7 @@ class IndexerVectorStore(VectorStore):
 
     @classmethod
     def from_texts(cls, texts: list[str], embedding: Embeddings | None = None, metadatas: list[dict] | None = None, *,
-                   ids: list[str] | None = None, index: str | Path | None = None, **kwargs: Any) -> "IndexerVectorStore":
+                   ids: list[str] | None = None, index: str | Path | None = None, **kwargs: Any) -> IndexerVectorStore:
         """A store over ``index`` (required) holding ``texts``."""
         if index is None:
             raise ArgumentError("IndexerVectorStore.from_texts needs index=PATH")
