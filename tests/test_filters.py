@@ -35,7 +35,8 @@ def mixed(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def products(sample_index):
+def sample(sample_index):
+    """The sample index, opened once for the module (read only)."""
     with Index(sample_index) as index:
         yield index
 
@@ -80,9 +81,9 @@ def test_field_types_of_a_writable_store_follow_its_writes(tmp_path):
     store.close()
 
 
-def test_text_values_take_the_fields_type(products, mixed):
-    assert ids(products, "price<30") == product_ids(lambda p: p["price"] < 30)
-    assert ids(products, "price>=129.99", "category=outdoors") == product_ids(lambda p: p["price"] >= 129.99 and p["category"] == "outdoors")
+def test_text_values_take_the_fields_type(sample, mixed):
+    assert ids(sample, "price<30") == product_ids(lambda p: p["price"] < 30)
+    assert ids(sample, "price>=129.99", "category=outdoors") == product_ids(lambda p: p["price"] >= 129.99 and p["category"] == "outdoors")
     # Numbers compare with numbers only, text with text only: never across types.
     assert ids(mixed, "price<30") == {"n10", "n25"}
     assert ids(mixed, "price=5") == set()  # "5" reads as a number and the field holds numbers: the text "5" is not 5
@@ -129,11 +130,11 @@ def test_not_equal_and_in_lists(mixed):
         (("", "=", 1), "cannot be filtered on"),
     ],
 )
-def test_conditions_that_cannot_compare_are_errors(products, condition, message):
+def test_conditions_that_cannot_compare_are_errors(sample, condition, message):
     where = [parse_condition(condition) if isinstance(condition, str) else condition]
     for mode in ("dense", "keyword", "hybrid"):
         with pytest.raises(ArgumentError) as caught:
-            products.search("kitchen gadget", k=3, mode=mode, where=where)
+            sample.search("kitchen gadget", k=3, mode=mode, where=where)
         assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -148,14 +149,14 @@ def test_type_errors_on_mixed_and_unfilterable_fields(mixed):
         mixed.search("x", where=[parse_condition("note=null")])
 
 
-def test_integers_beyond_64_bits_compare_as_floats(products, mixed):
+def test_integers_beyond_64_bits_compare_as_floats(sample, mixed):
     everything = product_ids(lambda p: True)
-    assert ids(products, "price<99999999999999999999") == everything
-    assert ids(products, "price>-99999999999999999999") == everything
-    assert ids(products, ("price", "<", 10**30)) == everything
-    assert ids(products, ("price", ">", -(10**400))) == everything  # beyond even a float: -infinity
-    assert ids(products, "price>1e400") == set()
-    assert ids(products, "price in 99999999999999999999,129.99") == product_ids(lambda p: p["price"] == 129.99)
+    assert ids(sample, "price<99999999999999999999") == everything
+    assert ids(sample, "price>-99999999999999999999") == everything
+    assert ids(sample, ("price", "<", 10**30)) == everything
+    assert ids(sample, ("price", ">", -(10**400))) == everything  # beyond even a float: -infinity
+    assert ids(sample, "price>1e400") == set()
+    assert ids(sample, "price in 99999999999999999999,129.99") == product_ids(lambda p: p["price"] == 129.99)
     assert ids(mixed, ("price", "in", [10**400, 10])) == {"n10"}
     assert parse_condition("price<99999999999999999999") == ("price", "<", 1e20)
     assert parse_condition("price<=20") == ("price", "<=", 20) and parse_condition("x in a, 3") == ("x", "in", ["a", 3])
@@ -185,11 +186,11 @@ def test_http_filters_are_400_not_500(sample_index):
         assert response.status_code == 400 and message in response.json()["detail"]
 
 
-def test_hybrid_score_of_a_document_only_dense_found_is_its_weighted_cosine(products):
+def test_hybrid_score_of_a_document_only_dense_found_is_its_weighted_cosine(sample):
     where = [parse_condition("price<20")]
-    assert products.search("kitchen gadget", k=5, mode="keyword", where=where) == []  # no cheap product has either word
-    dense = products.search("kitchen gadget", k=5, mode="dense", where=where)
-    hybrid = products.search("kitchen gadget", k=5, mode="hybrid", where=where)
+    assert sample.search("kitchen gadget", k=5, mode="keyword", where=where) == []  # no cheap product has either word
+    dense = sample.search("kitchen gadget", k=5, mode="dense", where=where)
+    hybrid = sample.search("kitchen gadget", k=5, mode="hybrid", where=where)
     assert hybrid[0].id == dense[0].id and "Cat Feeder" in hybrid[0].text
     assert [h.id for h in hybrid] == [d.id for d in dense]
     for h, d in zip(hybrid, dense):
@@ -197,12 +198,12 @@ def test_hybrid_score_of_a_document_only_dense_found_is_its_weighted_cosine(prod
     assert hybrid[0].score < 0.5
 
 
-def test_hybrid_score_combines_cosine_and_bm25_share(products):
+def test_hybrid_score_combines_cosine_and_bm25_share(sample):
     query = "espresso machine with milk frother"
-    dense = {h.id: h.score for h in products.search(query, k=len(PRODUCTS), mode="dense")}
-    keyword = {h.id: h.score for h in products.search(query, k=len(PRODUCTS), mode="keyword")}
+    dense = {h.id: h.score for h in sample.search(query, k=len(PRODUCTS), mode="dense")}
+    keyword = {h.id: h.score for h in sample.search(query, k=len(PRODUCTS), mode="keyword")}
     best = max(keyword.values())
-    for hit in products.search(query, k=20, mode="hybrid"):
+    for hit in sample.search(query, k=20, mode="hybrid"):
         expected = DENSE_WEIGHT * max(dense[hit.id], 0.0) + (1 - DENSE_WEIGHT) * keyword.get(hit.id, 0.0) / best
         assert hit.score == pytest.approx(expected) and 0.0 <= hit.score <= 1.0
 

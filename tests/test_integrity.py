@@ -1,9 +1,14 @@
 """What a reader trusts is proven: ids compare exactly, checksums cover manifests, pointers, deletion sets, segment
-files and cache rows, a damaged version is neither served nor written on, and a failure after publishing is a warning."""
+files and cache rows, a damaged version is neither served nor written on, and a failure after publishing is a warning;
+damaged, missing and full storage: writes never launder damage, the embedding cache is disposable, a broken pointer is
+recoverable, a full disk is one line."""
 
 from __future__ import annotations
 
 import json
+import numpy as np
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -11,34 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import fill, tree_digest, write_jsonl
-from typer.testing import CliRunner
+from helpers import fill, indexer, one_line_error, records, run_cli, tree_digest, write_jsonl
 
-from indexer import Index, build_index, check_index, compact_index, delete_documents, layout, upsert_documents
-from indexer.cache import CHECK_BYTES, cache_holds_vectors
-from indexer.cli import EXIT_CODES, app
-from indexer.errors import ArgumentError, DiskFullError, IndexCorruptError
-from indexer.settings import IndexSettings
-from indexer.snapshot import Snapshot
+pytest.importorskip("fastapi")
 
-
-def records(n: int, start: int = 0, prefix: str = "doc") -> list[dict]:
-    return [{"id": f"{prefix}{i}", "text": f"{prefix} number {i} about topic {i % 7}", "n": i} for i in range(start, start + n)]
-
-
-def indexer(*args) -> object:
-    """``indexer ARGS`` in this process (typer's CliRunner)."""
-    return CliRunner().invoke(app, [str(a) for a in args], prog_name="indexer")
-
-
-def one_line_error(result, code: int, *parts: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("indexer: error: "), result.stderr
-    assert all(part in lines[0] for part in parts), lines[0]
-    return lines[0]
+from indexer import build_index, check_index, compact_index, delete_documents, Index, layout, upsert_documents  # noqa: E402
+from indexer.cache import cache_holds_vectors, CHECK_BYTES  # noqa: E402
+from indexer.cli import EXIT_CODES  # noqa: E402
+from indexer.errors import ArgumentError, DiskFullError, IndexCorruptError  # noqa: E402
+from indexer.settings import IndexSettings  # noqa: E402
+from indexer.snapshot import Snapshot  # noqa: E402
 
 
 @pytest.fixture
@@ -414,3 +402,224 @@ def test_http_upserts_of_ids_with_control_characters_are_refused_and_leave_the_i
         assert client.get("/documents/doc1").status_code == 200
         assert client.delete("/documents/doc1%00x", headers=auth).status_code == 404
     assert tree_digest(segmented) == before
+
+
+# Damaged, missing and full storage, through the CLI.
+
+def current_folder(path: Path) -> Path:
+    return layout.version_dir(path, layout.current_version(path))
+
+
+def base_segment(path: Path) -> Path:
+    """The folder of the first segment the current version lists."""
+    return layout.segment_dir(path, layout.read_manifest(current_folder(path)).segments[0])
+
+
+def flip_bytes(file: Path, offset: int = -64, count: int = 8) -> None:
+    data = bytearray(file.read_bytes())
+    for i in range(count):
+        data[offset + i] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+# Writes verify what they carry over.
+
+
+@pytest.mark.parametrize("damaged", [layout.VECTORS, layout.DOCUMENTS])
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_writes_never_launder_a_damaged_segment(tmp_path, tiny_model, damaged, index_type):
+    """Every write proves the version it starts from against its checksums and refuses a damaged one, before writing."""
+    source = write_jsonl(tmp_path / "source.jsonl", records(40))
+    path = tmp_path / "idx"
+    build_index(source, path, IndexSettings(model=str(tiny_model), index_type=index_type))
+    flip_bytes(base_segment(path) / damaged)
+    before = tree_digest(path)
+    extra = write_jsonl(tmp_path / "extra.jsonl", records(2, 100))
+    for verb, *args in (("delete", "doc3"), ("compact",), ("upsert", str(extra))):
+        message = one_line_error(run_cli(verb, str(path), *args, check=False), 6)
+        assert "v000001 is damaged" in message and f"{damaged} does not match its checksum" in message and "nothing written" in message
+    assert tree_digest(path) == before
+    problems = check_index(path, all_versions=True)["problems"]
+    assert {p.split(":")[0] for p in problems} == {"v000001"} and all(damaged in p for p in problems)
+    # A damaged file that also changed size is named as such.
+    with open(base_segment(path) / damaged, "ab") as f:
+        f.write(b"\0" * 16)
+    message = one_line_error(run_cli("delete", str(path), "doc4", check=False), 6)
+    assert f"{damaged} has the wrong size" in message
+
+
+def test_writes_refuse_a_missing_documents_file_and_rebuild_creates_nothing_in_it(tiny_index):
+    folder = base_segment(tiny_index)
+    (folder / layout.DOCUMENTS).unlink()
+    before = tree_digest(tiny_index)
+    assert "documents.db is missing" in one_line_error(run_cli("delete", str(tiny_index), "doc1", check=False), 6)
+    extra = write_jsonl(tiny_index.parent / "extra.jsonl", records(1, 100))
+    one_line_error(run_cli("upsert", str(tiny_index), str(extra), check=False), 6)
+    # A rebuild must carry upserted documents over, which it cannot read: it refuses and names the way out.
+    message = one_line_error(run_cli("rebuild", str(tiny_index), check=False), 6)
+    assert "--prune-upserts" in message
+    assert tree_digest(tiny_index) == before and not (folder / layout.DOCUMENTS).exists()
+    report = json.loads(run_cli("rebuild", str(tiny_index), "--prune-upserts", "--json").stdout)
+    assert report["version"] == "v000002" and report["documents"] == 40
+    assert not (folder / layout.DOCUMENTS).exists()
+    assert check_index(tiny_index)["problems"] == []
+
+
+@pytest.mark.parametrize("manifest", ["[]", "{}", '{"format_version": 1, "settings": {}}', '{"format_version": 1, "dimension": "x"}', "not json"])
+def test_a_damaged_manifest_is_one_line_for_every_reader(tiny_index, manifest):
+    (current_folder(tiny_index) / layout.MANIFEST).write_text(manifest)
+    for command in (["query", str(tiny_index), "x"], ["info", str(tiny_index)], ["upsert", str(tiny_index), "nope.jsonl"]):
+        one_line_error(run_cli(*command, check=False), 6)
+    result = run_cli("check", str(tiny_index), check=False)
+    assert result.returncode == 6 and "manifest" in result.stderr and "Traceback" not in result.stderr
+
+
+# The embedding cache is disposable.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_cache_is_set_aside_and_rebuilt(tmp_path, tiny_model, damage):
+    source = write_jsonl(tmp_path / "source.jsonl", records(300))
+    path = tmp_path / "idx"
+    build_index(source, path, IndexSettings(model=str(tiny_model), index_type="hnsw"))
+    cache = path / layout.CACHE
+
+    def spoil() -> None:
+        if damage == "garbage":
+            cache.write_bytes(os.urandom(50_000))
+        else:
+            cache.write_bytes(cache.read_bytes()[:8192])
+
+    def one_warning(result) -> None:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("indexer: warning: "), result.stderr
+        assert "cache.db" in lines[0] and "set aside" in lines[0]
+
+    spoil()
+    write_jsonl(source, [{**r, "n": -1} for r in records(301)])  # every document changed, so every text goes to the cache
+    result = run_cli("rebuild", str(path), "--json")
+    one_warning(result)
+    assert json.loads(result.stdout)["encoded"] == 301 and (path / "cache.db.broken").exists()
+    spoil()
+    result = run_cli("upsert", str(path), str(write_jsonl(tmp_path / "new.jsonl", records(2, 500))), "--json")
+    one_warning(result)
+    assert json.loads(result.stdout)["documents"] == 303
+    spoil()
+    result = run_cli("delete", str(path), "doc1", "--json")  # only tidying up after it reads the cache
+    one_warning(result)
+    assert json.loads(result.stdout)["documents"] == 302
+    assert check_index(path, all_versions=True)["problems"] == []
+    with Index(path) as index:
+        assert index.search("doc number 7 about topic 0", k=1)[0].id == "doc7"
+    assert json.loads(run_cli("rebuild", str(path), "--json").stdout)["encoded"] == 1  # doc1 is back
+    write_jsonl(source, [{**r, "n": -2} for r in records(301)])
+    changed = json.loads(run_cli("rebuild", str(path), "--json").stdout)
+    assert (changed["encoded"], changed["reused"]) == (300, 1)  # the new cache holds doc1
+    write_jsonl(source, [{**r, "n": -3} for r in records(301)])
+    again = json.loads(run_cli("rebuild", str(path), "--json").stdout)
+    assert (again["encoded"], again["reused"]) == (0, 301)  # the new cache works
+
+
+# A broken CURRENT pointer can be repaired with the tool.
+
+
+def test_current_pointing_at_a_missing_version_is_recoverable(tmp_path, tiny_model):
+    source = write_jsonl(tmp_path / "source.jsonl", records(30))
+    path = tmp_path / "idx"
+    build_index(source, path, IndexSettings(model=str(tiny_model)))
+    upsert_documents(path, write_jsonl(tmp_path / "new.jsonl", records(1, 50)))
+    (path / layout.POINTER).write_text("v000009\n")
+    one_line_error(run_cli("query", str(path), "x", check=False), 6)
+    checked = run_cli("check", str(path), "--all", "--json", check=False)
+    result = json.loads(checked.stdout)
+    assert checked.returncode == 6 and result["checked"] == ["v000001", "v000002"]
+    assert len(result["problems"]) == 1 and "v000009" in result["problems"][0]
+    rolled = json.loads(run_cli("rollback", str(path), "--to", "v000001", "--json").stdout)
+    assert rolled == {"index": str(path), "version": "v000001", "previous": "v000009"}
+    (path / layout.POINTER).write_text("v000009\n")
+    assert json.loads(run_cli("rollback", str(path), "--json").stdout)["version"] == "v000002"  # the newest sound one
+    (path / layout.POINTER).write_text("v000009\n")
+    result = run_cli("build", str(source), "--index", str(path), "--model", str(tiny_model), "--json")
+    assert json.loads(result.stdout)["version"] == "v000003"
+    assert "v000009" in result.stderr and result.stderr.startswith("indexer: warning: ")
+    assert check_index(path, all_versions=True)["problems"] == []
+
+
+def test_a_build_never_writes_among_a_folders_own_files(tmp_path, tiny_model):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "fine"}\nnot json\n')
+    (tmp_path / "good.jsonl").write_text('{"id": "a", "text": "fine"}\n')
+    for source in ("bad.jsonl", "good.jsonl"):
+        result = run_cli("build", str(tmp_path / source), "--index", str(folder), "--model", str(tiny_model), check=False)
+        assert result.returncode == 2 and f"{folder}: holds files of its own (notes.txt) and no index" in result.stderr
+        assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
+    # What a fresh volume or a file manager puts in any folder does not make it the user's.
+    volume = tmp_path / "volume"
+    (volume / "lost+found").mkdir(parents=True)
+    (volume / ".DS_Store").write_bytes(b"\0")
+    (volume / "cache.db-wal").write_bytes(b"")  # what a crashed first build can leave
+    assert layout.foreign_names(volume) == []
+    run_cli("build", str(tmp_path / "good.jsonl"), "--index", str(volume), "--model", str(tiny_model))
+    assert layout.current_version(volume) == "v000001"
+
+
+def test_writes_never_create_a_missing_index(tmp_path):
+    missing = tmp_path / "nothing"
+    for command in (["delete", str(missing), "a"], ["rollback", str(missing)], ["upsert", str(missing), "x.jsonl"]):
+        assert run_cli(*command, check=False).returncode == 5
+    assert not missing.exists()
+    # Nor write into a folder that is no index (not even their lock file).
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    for command in (["delete", str(data), "a"], ["rollback", str(data)], ["upsert", str(data), "x.jsonl"], ["compact", str(data)]):
+        message = one_line_error(run_cli(*command, check=False), 5)
+        assert message == f"indexer: error: {data}: not an index (no versions in it)"
+    assert [p.name for p in data.iterdir()] == ["notes.txt"]
+
+
+# A full disk.
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_exit_8_and_leaves_the_index_as_it_was(small_disk, tmp_path, tiny_model):
+    source = write_jsonl(tmp_path / "source.jsonl", records(40))
+    path = small_disk / "idx"
+    build_index(source, path, IndexSettings(model=str(tiny_model)))
+    fill(small_disk, leave=64 * 1024)
+    before = tree_digest(path)
+    big = write_jsonl(tmp_path / "big.jsonl", [{"id": f"big{i}", "text": f"long text {i} " + "word " * 2000} for i in range(40)])
+    assert "no space left on device" in one_line_error(run_cli("upsert", str(path), str(big), check=False), 8)
+    assert "no space left on device" in one_line_error(
+        run_cli("build", str(big), "--index", str(path), "--model", str(tiny_model), check=False), 8)
+    assert tree_digest(path) == before and not (path / layout.STAGING).exists()
+    assert check_index(path)["problems"] == []
+    (small_disk / "filler").unlink()
+    run_cli("upsert", str(path), str(big))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_a_cache_on_a_full_disk_never_fails_a_write(small_disk, tmp_path, tiny_model, index_type):
+    """The cache (a symlink onto a full disk) cannot be used; the version still publishes, with one warning.
+
+    HNSW is rebuilt on upsert: its new vectors come from the write itself, not the cache.
+    """
+    source = write_jsonl(tmp_path / "source.jsonl", records(40))
+    path = tmp_path / "idx"
+    build_index(source, path, IndexSettings(model=str(tiny_model), index_type=index_type))
+    cache = path / layout.CACHE
+    shutil.move(cache, small_disk / layout.CACHE)
+    cache.symlink_to(small_disk / layout.CACHE)
+    fill(small_disk, leave=0)
+    changed = write_jsonl(tmp_path / "changed.jsonl", [{**r, "n": -1} for r in records(40)])
+    result = run_cli("upsert", str(path), str(changed), "--json")
+    report = json.loads(result.stdout)
+    assert report["published"] is True and report["version"] == "v000002" and report["encoded"] == 40
+    assert layout.current_version(path) == "v000002"
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("indexer: warning: ") and "cache" in warnings[0], result.stderr
+    assert check_index(path)["problems"] == []

@@ -1,8 +1,7 @@
-"""Versions, incremental rebuilds, upsert/delete/rollback, the writer lock, crashes and live readers.
+"""Versions, incremental rebuilds, upsert/delete/rollback, what rebuilds do with upserted documents, writes that change
+nothing, the writer lock, crashes and live readers.
 
-Everything runs against real files with the real default model; writers,
-readers and crashes are real subprocesses.
-"""
+Everything runs against real files; writers, readers and crashes that are the subject are real subprocesses."""
 
 from __future__ import annotations
 
@@ -16,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import DATASET, run_cli, write_jsonl
+from helpers import DATASET, records, run_cli, write_jsonl
 
-from indexer import Index, IndexLockedError, check_index, index_info, rebuild_index
-from indexer import layout
+from indexer import build_index, check_index, delete_documents, Index, index_info, IndexLockedError, layout, rebuild_index, upsert_documents
+from indexer.settings import IndexSettings
+
 
 WORDS = (
     "amber river copper falcon granite harbor lantern meadow nickel orchard pepper quartz saddle timber velvet "
@@ -65,8 +65,8 @@ def wait_for_lock_holder(path: Path, process: subprocess.Popen, timeout: float =
 
 
 @pytest.fixture
-def products(tmp_path):
-    """A copy of the sample corpus, built as an index."""
+def products_with_source(tmp_path):
+    """A copy of the sample corpus built as an index: (path, source), for tests that change the source and rebuild."""
     source = tmp_path / "corpus.jsonl"
     source.write_text((DATASET / "corpus.jsonl").read_text())
     path = tmp_path / "products"
@@ -74,8 +74,8 @@ def products(tmp_path):
     return path, source
 
 
-def test_unchanged_rebuild_encodes_nothing_one_change_encodes_one(products):
-    path, source = products
+def test_unchanged_rebuild_encodes_nothing_one_change_encodes_one(products_with_source):
+    path, source = products_with_source
     # Unchanged documents stay in their segment: nothing is encoded, looked up or written but a manifest.
     unchanged = json.loads(run_cli("rebuild", str(path), "--json").stdout)
     assert (unchanged["encoded"], unchanged["reused"], unchanged["deleted"], unchanged["version"], unchanged["segments"]) == (0, 0, 0, "v000002", 1)
@@ -96,8 +96,8 @@ def test_unchanged_rebuild_encodes_nothing_one_change_encodes_one(products):
     assert (hit.id, hit.text.endswith("Now with a lifetime warranty.")) == (records[10]["product_id"], True)
 
 
-def test_rebuild_reads_another_source_when_told(products, tmp_path):
-    path, _ = products
+def test_rebuild_reads_another_source_when_told(products_with_source, tmp_path):
+    path, _ = products_with_source
     other = write_jsonl(
         tmp_path / "other.jsonl",
         [{"product_id": f"N{i}", "title": f"Thing {i}", "description": "A new thing."} for i in range(5)],
@@ -116,8 +116,8 @@ def query_ids(path: Path, question: str, k: int = 200) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_upsert_delete_rollback_round_trip(products, tmp_path):
-    path, _ = products
+def test_upsert_delete_rollback_round_trip(products_with_source, tmp_path):
+    path, _ = products_with_source
     original = query_ids(path, "espresso")["P0026"]
     updates = write_jsonl(
         tmp_path / "updates.jsonl",
@@ -149,8 +149,8 @@ def test_upsert_delete_rollback_round_trip(products, tmp_path):
     assert json.loads(run_cli("check", str(path), "--all", "--json").stdout)["problems"] == []
 
 
-def test_refresh_picks_up_a_new_version_without_reopening(products, tmp_path):
-    path, _ = products
+def test_refresh_picks_up_a_new_version_without_reopening(products_with_source, tmp_path):
+    path, _ = products_with_source
     index = Index(path)
     assert index.refresh() is False
     write_jsonl(tmp_path / "new.jsonl", [{"product_id": "P0777", "title": "Kayak", "description": "Sit-on-top sea kayak."}])
@@ -206,7 +206,7 @@ def test_sigkill_during_rebuild_leaves_previous_version_serving(tmp_path):
     run_cli("build", str(source), "--index", str(path), "--keep", "2")
     synthetic_corpus(source, 300, revision=1)
     timed = time.monotonic()
-    run_cli("rebuild", str(path), "--keep", "2")
+    run_cli("rebuild", str(path), "--keep", "2", process=True)  # timed as the killed writers run: a process
     duration = time.monotonic() - timed
     rng = random.Random(42)
     served = 1
@@ -286,7 +286,7 @@ def test_readers_see_consistent_versions_while_rebuilds_publish(tmp_path):
     try:
         time.sleep(4)
         words = corpus_words(200)
-        for revision in range(1, 5):
+        for revision in range(1, 4):  # 7 versions published while they read
             synthetic_corpus(source, 200, revision=revision, shuffle=True)
             run_cli("rebuild", str(path), "--keep", "2")
             # Small writes between rebuilds: new segments and deletion sets while readers refresh.
@@ -303,3 +303,60 @@ def test_readers_see_consistent_versions_while_rebuilds_publish(tmp_path):
         result = json.loads(out)
         assert result["errors"] == 0 and result["problems"] == [], result
         assert result["queries"] > 20 and len(result["versions"]) >= 3, result
+
+
+# What a rebuild does with upserted documents.
+
+
+def test_rebuild_keeps_upserted_documents_until_deleted_or_pruned(tmp_path, tiny_model):
+    source = write_jsonl(tmp_path / "source.jsonl", records(20))
+    path = tmp_path / "idx"
+    build_index(source, path, IndexSettings(model=str(tiny_model)))
+    upsert_documents(path, write_jsonl(tmp_path / "new.jsonl", [
+        {"id": "api1", "text": "written through the API", "n": 1},
+        {"id": "doc5", "text": "an edit of a source document", "n": 5},
+    ]))
+    write_jsonl(source, records(21))  # the source grows by doc20
+    report = rebuild_index(path)
+    assert report.published and report.kept_upserts == 2 and report.documents == 22
+    with Index(path) as index:
+        assert index.get_document("api1")["text"] == "written through the API"
+        assert index.get_document("doc5")["text"] == "an edit of a source document"  # the upsert shadows the source
+        assert index.get_document("doc20") is not None
+    delete_documents(path, ["api1"])
+    rebuild_index(path)
+    with Index(path) as index:
+        assert index.get_document("api1") is None and len(index) == 21
+    report = rebuild_index(path, prune_upserts=True)
+    assert report.kept_upserts == 0
+    with Index(path) as index:
+        assert index.get_document("doc5")["text"] == "doc number 5 about topic 5"
+    # build publishes exactly its source
+    upsert_documents(path, write_jsonl(tmp_path / "again.jsonl", [{"id": "api2", "text": "another", "n": 2}]))
+    build_index(source, path, IndexSettings(model=str(tiny_model)))
+    with Index(path) as index:
+        assert index.get_document("api2") is None and len(index) == 21
+
+
+def test_rebuild_cli_reports_kept_upserts_and_prunes_them(tiny_index):
+    extra = write_jsonl(tiny_index.parent / "extra.jsonl", records(3, 100, prefix="new"))
+    run_cli("upsert", str(tiny_index), str(extra))
+    kept = json.loads(run_cli("rebuild", str(tiny_index), "--json").stdout)
+    assert kept["kept_upserts"] == 3 and kept["documents"] == 43
+    assert "3 upserts kept" in run_cli("rebuild", str(tiny_index)).stdout
+    pruned = json.loads(run_cli("rebuild", str(tiny_index), "--prune-upserts", "--json").stdout)
+    assert pruned["kept_upserts"] == 0 and pruned["documents"] == 40 and pruned["deleted"] == 3
+
+
+# Writes that change nothing publish nothing.
+
+
+def test_no_op_writes_publish_nothing(tiny_index):
+    result = json.loads(run_cli("delete", str(tiny_index), "nope", "--missing-ok", "--json").stdout)
+    assert result["published"] is False and result["version"] == "v000001"
+    same = write_jsonl(tiny_index.parent / "same.jsonl", records(3))
+    upsert_documents(tiny_index, same)  # same ids and texts, but now marked as upserted: a change
+    versions = layout.list_versions(tiny_index)
+    report = upsert_documents(tiny_index, same)
+    assert report.published is False and layout.list_versions(tiny_index) == versions
+    assert run_cli("delete", str(tiny_index), "nope", "--missing-ok").stdout.strip().endswith("unchanged, still v000002 (40 documents, 0 encoded)")

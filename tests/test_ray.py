@@ -43,7 +43,7 @@ def vectors_by_id(index: Index) -> dict[str, np.ndarray]:
 def test_ray_build_equals_the_embedded_build(tmp_path):
     source = three_views(tmp_path)
     build_index(source, tmp_path / "local", IndexSettings(index_type="flat"))
-    result = run_cli("build", str(source), "--index", str(tmp_path / "on-ray"), "--engine", "ray", "--replicas", "2", "--json")
+    result = run_cli("build", str(source), "--index", str(tmp_path / "on-ray"), "--engine", "ray", "--replicas", "2", "--json", process=True)
     report = json.loads(result.stdout)
     assert report["documents"] == 297 and report["encoded"] == 297
     assert "Traceback" not in result.stderr
@@ -65,7 +65,7 @@ def test_ray_build_equals_the_embedded_build(tmp_path):
     changed["text"] = "Waterproof boots for muddy trails, resoled"
     retagged["kind"] = "retagged"  # same text: its vector comes from the cache
     source.write_text("\n".join([json.dumps(changed), json.dumps(retagged)] + lines[2:]) + "\n")
-    report = json.loads(run_cli("rebuild", str(tmp_path / "on-ray"), "--engine", "ray", "--json").stdout)
+    report = json.loads(run_cli("rebuild", str(tmp_path / "on-ray"), "--engine", "ray", "--json", process=True).stdout)
     assert (report["encoded"], report["reused"], report["documents"], report["segments"]) == (1, 1, 297, 2)
     run_cli("check", str(tmp_path / "on-ray"))
 
@@ -131,7 +131,7 @@ def test_ray_build_over_the_memory_budget_keeps_ivf_lists_on_disk(tmp_path, tiny
     source = write_jsonl(tmp_path / "docs.jsonl", records)
     index = tmp_path / "big"
     built = run_cli("build", str(source), "--index", str(index), "--model", str(tiny_model), "--index-type", "IVF16,Flat",
-                    "--memory", "100KB", "--engine", "ray", "--json")
+                    "--memory", "100KB", "--engine", "ray", "--json", process=True)
     assert json.loads(built.stdout)["documents"] == 3000
     segment = next((index / "segments").iterdir())
     assert (segment / "vectors.ivfdata").stat().st_size > 3000 * 32 * 4
@@ -211,5 +211,5 @@ def test_ray_flags_need_the_ray_engine(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
     result = run_cli("build", str(source), "--index", str(tmp_path / "x"), "--engine", "spark", check=False)
     assert result.returncode == 2 and "'spark' is not one of 'local', 'ray'" in result.stderr
-    too_many = run_cli("build", str(source), "--index", str(tmp_path / "x"), "--engine", "ray", "--gpus-per-replica", "1", check=False)
+    too_many = run_cli("build", str(source), "--index", str(tmp_path / "x"), "--engine", "ray", "--gpus-per-replica", "1", check=False, process=True)
     assert too_many.returncode != 0 and "GPUs" in too_many.stderr and "Traceback" not in too_many.stderr
