@@ -34,11 +34,13 @@ demo: install
 lint: install-dev
 	$(BIN)/ruff check indexer tests benchmarks
 
-# The whole suite: 17 to 33 minutes on an idle 2-core machine, by CPU (make test prints the slowest tests).
+# The whole suite (make test prints the slowest tests). CLI calls run in-process where the process is not what
+# is tested, and tests/conftest.py bounds the pytest process's memory. 24 min on this 2-core machine while another
+# full suite ran beside it; the slow tests (Ctrl-C and SIGKILL loops, Ray, readers) are much of it.
 test: lint
 	$(BIN)/python -m pytest -q --durations=15
 
-# Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts).
+# Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts): 7-9 min here.
 test-quick: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
