@@ -34,13 +34,12 @@ demo: install
 lint: install-dev
 	$(BIN)/ruff check indexer tests benchmarks
 
-# The whole suite (make test prints the slowest tests). CLI calls run in-process where the process is not what
-# is tested, and tests/conftest.py bounds the pytest process's memory. 24 min on this 2-core machine while another
-# full suite ran beside it; the slow tests (Ctrl-C and SIGKILL loops, Ray, readers) are much of it.
+# The whole suite; it prints its wall time and the 15 slowest tests. CLI calls run in-process where the process
+# is not what is tested (tests/helpers.py run_cli).
 test: lint
 	$(BIN)/python -m pytest -q --durations=15
 
-# Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts): 7-9 min here.
+# Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts): 7 to 9 minutes on 2 cores.
 test-quick: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 

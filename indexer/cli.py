@@ -30,24 +30,10 @@ except ImportError:  # typer before it carried its own copy of click
 from . import interrupts
 from .errors import (
     ArgumentError,
-    DiskFullError,
-    DocumentNotFoundError,
     IndexCorruptError,
     IndexerError,
-    IndexLockedError,
-    IndexNotFoundError,
-    ModelError,
-    SourceError,
 )
 from .settings import DEFAULT_MODEL, ENGINES, FUSIONS, MAX_DOCUMENT_BYTES, MAX_LENGTH_CAP, MODES, POOLINGS, PRECISIONS, IndexSettings
-
-# Deprecated: each error class carries its own ``exit_code`` (indexer.errors). Kept, derived from the classes, only
-# because tests import it; to be removed once they read ``.exit_code``. Nothing in indexer/ uses it.
-EXIT_CODES: dict[type[IndexerError], int] = {
-    cls: cls.exit_code
-    for cls in (ArgumentError, DocumentNotFoundError, SourceError, ModelError, IndexNotFoundError, IndexCorruptError,
-                IndexLockedError, DiskFullError)
-}
 
 # At exit the interpreter's last collections walk every object left (~0.7 s after loading a model); the process is
 # ending, so they free nothing that matters. Registered first, this runs after every other exit handler.
@@ -170,7 +156,7 @@ BatchSizeOption = Annotated[int | None, typer.Option(min=1, help="Most texts per
 BatchTokensOption = Annotated[
     int | None, typer.Option(min=1, help="Most padded tokens per model batch (default: measured while encoding, from 1024 on CPU and 65536 on GPU).")
 ]
-PrecisionOption = Annotated[Precision, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see README for quality cost.")]
+PrecisionOption = Annotated[Precision, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see docs/benchmarks.md for quality cost.")]
 IdFieldOption = Annotated[str | None, typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
 TextFieldOption = Annotated[
     list[str] | None,

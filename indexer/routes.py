@@ -223,7 +223,7 @@ def get_document(doc_id: str, served: Served) -> dict[str, Any]:
 def upsert(body: UpsertRequest, served: Served) -> dict[str, Any]:
     """Add or replace documents, each in the source's record shape or as `{id, text, metadata, fields}`; publishes a new version.
 
-    Documents written here are kept by later rebuilds (see README, "Rebuilds and upserts").
+    Documents written here are kept by later rebuilds (see docs/operations.md, "Rebuilds and upserts").
     """
     index = served.current()
     settings = index.settings

@@ -143,7 +143,7 @@ def served(index: Path, **env: str):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the server did not start: {server.stdout.read() if server.poll() is not None else 'timeout'}")
+                    raise AssertionError(f"the server did not start: {server.stdout.read() if server.poll() is not None else 'timeout'}") from None
                 time.sleep(0.3)
         yield base
     finally:

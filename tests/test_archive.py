@@ -3,21 +3,21 @@ deep check, a size cap or a depth cap catches, or that retry after a killed impo
 
 from __future__ import annotations
 
-import faiss
 import hashlib
 import io
 import json
-import numpy as np
 import shutil
 import sqlite3
 import tarfile
 
+import faiss
+import numpy as np
 import pytest
-from helpers import stored, indexer, one_line_error, run_cli, tree_digest, write_jsonl
+from helpers import indexer, one_line_error, run_cli, stored, tree_digest, write_jsonl
 
-from indexer import archive as archive_module, build_index, check_index, delete_documents, IndexSettings, layout, upsert_documents
+from indexer import IndexSettings, build_index, check_index, delete_documents, layout, upsert_documents
+from indexer import archive as archive_module
 from indexer.archive import SNAPSHOT
-from indexer.cli import EXIT_CODES
 from indexer.errors import ArgumentError, IndexCorruptError
 
 
@@ -85,7 +85,7 @@ def test_import_as_version_publishes_over_an_existing_index_and_rollback_undoes_
     build_index(documents(tmp_path / "c.jsonl", 10, "c"), other, IndexSettings(model=str(tiny_model)))
     before = contents(other)
     refused = run_cli("import", str(archive), "--index", str(other), check=False)
-    assert refused.returncode == EXIT_CODES[ArgumentError] and "--as-version" in refused.stderr
+    assert refused.returncode == ArgumentError.exit_code and "--as-version" in refused.stderr
     assert contents(other) == before
     report = json.loads(run_cli("import", str(archive), "--index", str(other), "--as-version", "--json").stdout)
     assert report["version"] == "v000002" and report["source_version"] == layout.current_version(segmented)
@@ -99,7 +99,7 @@ def test_import_as_version_publishes_over_an_existing_index_and_rollback_undoes_
 def refused_import(archive, target, existing=None) -> str:
     digest = tree_digest(existing) if existing is not None else None
     result = run_cli("import", str(archive), "--index", str(target), *(["--as-version"] if existing else []), check=False)
-    assert result.returncode == EXIT_CODES[IndexCorruptError], result.stderr
+    assert result.returncode == IndexCorruptError.exit_code, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "nothing imported" in result.stderr
     if existing is not None:
@@ -152,10 +152,10 @@ def test_import_refuses_a_folder_that_holds_something_else(segmented, tmp_path):
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     result = run_cli("import", str(archive), "--index", str(busy), check=False)
-    assert result.returncode == EXIT_CODES[ArgumentError] and "neither empty nor an index" in result.stderr
+    assert result.returncode == ArgumentError.exit_code and "neither empty nor an index" in result.stderr
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
     missing_folder = run_cli("export", str(segmented), "-o", str(tmp_path / "nowhere" / "x.tar.gz"), check=False)
-    assert missing_folder.returncode == EXIT_CODES[ArgumentError] and "cannot write the archive" in missing_folder.stderr
+    assert missing_folder.returncode == ArgumentError.exit_code and "cannot write the archive" in missing_folder.stderr
     assert "Traceback" not in missing_folder.stderr
 
 
@@ -222,12 +222,12 @@ def test_import_refuses_an_archive_whose_segments_hold_the_same_keys(exported, t
     crafted = repack(tmp_path / "crafted.tar.gz", files)
 
     result = indexer("import", crafted, "--index", tmp_path / "new")
-    one_line_error(result, EXIT_CODES[IndexCorruptError], "two segments hold the same key", "nothing imported")
+    one_line_error(result, IndexCorruptError.exit_code, "two segments hold the same key", "nothing imported")
     assert not (tmp_path / "new").exists()
     shutil.copytree(path, tmp_path / "existing")
     before = tree_digest(tmp_path / "existing")
     result = indexer("import", crafted, "--index", tmp_path / "existing", "--as-version")
-    one_line_error(result, EXIT_CODES[IndexCorruptError], "two segments hold the same key")
+    one_line_error(result, IndexCorruptError.exit_code, "two segments hold the same key")
     assert tree_digest(tmp_path / "existing") == before
 
 
@@ -240,11 +240,11 @@ def test_import_refuses_json_members_over_the_size_limit(exported, tmp_path, mon
     assert indexer("import", archive, "--index", tmp_path / "fits").exit_code == 0  # the real archive is under it
 
     padded = repack(tmp_path / "padded.tar.gz", files, snapshot=files[SNAPSHOT] + b" " * 101)
-    one_line_error(indexer("import", padded, "--index", tmp_path / "a"), EXIT_CODES[IndexCorruptError],
+    one_line_error(indexer("import", padded, "--index", tmp_path / "a"), IndexCorruptError.exit_code,
                    f"snapshot.json is {len(files[SNAPSHOT]) + 101} bytes, over the limit of {limit}")
     name = f"versions/{version}/manifest.json"
     big_manifest = repack(tmp_path / "manifest.tar.gz", {**files, name: files[name] + b" " * (limit - len(files[name]) + 1)})
-    one_line_error(indexer("import", big_manifest, "--index", tmp_path / "b"), EXIT_CODES[IndexCorruptError],
+    one_line_error(indexer("import", big_manifest, "--index", tmp_path / "b"), IndexCorruptError.exit_code,
                    f"{name} is {limit + 1} bytes, over the limit of {limit}")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -252,7 +252,7 @@ def test_import_refuses_json_members_over_the_size_limit(exported, tmp_path, mon
 def test_import_of_a_deeply_nested_snapshot_is_one_line(exported, tmp_path):
     _, archive = exported
     deep = repack(tmp_path / "deep.tar.gz", members(archive), snapshot=b"[" * 200_000 + b"]" * 200_000)
-    one_line_error(indexer("import", deep, "--index", tmp_path / "deep"), EXIT_CODES[IndexCorruptError],
+    one_line_error(indexer("import", deep, "--index", tmp_path / "deep"), IndexCorruptError.exit_code,
                    "unreadable snapshot.json (nested too deeply)", "nothing imported")
     assert not (tmp_path / "deep").exists()
 

@@ -232,8 +232,8 @@ def test_batches_side_by_side_share_the_token_limit(tiny_model):
 def test_later_processes_use_the_remembered_choice(tiny_model, tmp_path):
     """The choice is remembered on disk per model, torch, CPU and thread count; a new process reads it instead of timing."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    show = ("from indexer.encoder import Encoder; e = Encoder(%r); "
-            "print(getattr(e._forward, '__name__', type(e._forward).__name__), e.query_threads)") % str(tiny_model)
+    show = (f"from indexer.encoder import Encoder; e = Encoder({str(tiny_model)!r}); "
+            "print(getattr(e._forward, '__name__', type(e._forward).__name__), e.query_threads)")
     first = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.split()
     choices_file = tmp_path / "indexer" / "forwards.json"
     (key, choice), = json.loads(choices_file.read_text()).items()

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from helpers import DATASET, tree_digest, write_jsonl
 
-from indexer import Index, IndexNotFoundError, IndexSettings, ModelError, SourceError, build_index, index_info
-from indexer import layout
+from indexer import Index, IndexNotFoundError, IndexSettings, ModelError, SourceError, build_index, index_info, layout
 
 
 def test_sample_queries_find_their_product_in_top_3(sample_index, sample_queries):

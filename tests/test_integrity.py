@@ -6,7 +6,6 @@ recoverable, a full disk is one line."""
 from __future__ import annotations
 
 import json
-import numpy as np
 import os
 import shutil
 import signal
@@ -16,14 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import fill, indexer, one_line_error, records, run_cli, tree_digest, write_jsonl
 
 pytest.importorskip("fastapi")
 
-from indexer import build_index, check_index, compact_index, delete_documents, Index, layout, upsert_documents  # noqa: E402
-from indexer.cache import cache_holds_vectors, CHECK_BYTES  # noqa: E402
-from indexer.cli import EXIT_CODES  # noqa: E402
+from indexer import Index, build_index, check_index, compact_index, delete_documents, layout, upsert_documents  # noqa: E402
+from indexer.cache import CHECK_BYTES, cache_holds_vectors  # noqa: E402
 from indexer.errors import ArgumentError, DiskFullError, IndexCorruptError  # noqa: E402
 from indexer.settings import IndexSettings  # noqa: E402
 from indexer.snapshot import Snapshot  # noqa: E402
@@ -179,7 +178,7 @@ def test_an_edited_manifest_fails_check_and_open(segmented, edit):
     with pytest.raises(IndexCorruptError):
         Index(segmented)
     one_line_error(indexer("upsert", segmented, write_jsonl(where.parent.parent / "x.jsonl", records(1, 90))),
-                   EXIT_CODES[IndexCorruptError])
+                   IndexCorruptError.exit_code)
 
 
 def test_a_pointer_damaged_into_another_versions_name_is_caught(segmented):
@@ -204,7 +203,7 @@ def test_a_damaged_deletion_set_is_caught_at_open(segmented):
     with pytest.raises(IndexCorruptError, match="deletion set does not match its checksum"):
         Snapshot.open(segmented, vectors=False)
     deleted.write_bytes(b"")
-    one_line_error(indexer("query", segmented, "topic", "--mode", "keyword"), EXIT_CODES[IndexCorruptError])
+    one_line_error(indexer("query", segmented, "topic", "--mode", "keyword"), IndexCorruptError.exit_code)
 
 
 # 5 and 8. Damaged segment files are never served, written on, or met with a traceback.
@@ -220,9 +219,9 @@ def test_a_damaged_segment_file_is_neither_served_nor_written_on(segmented, tmp_
         file.write_bytes(file.read_bytes()[: file.stat().st_size // 2] if damage == "half" else b"")
     before = tree_digest(segmented)
     for mode in ("dense", "keyword"):
-        one_line_error(indexer("query", segmented, "topic 3", "--mode", mode), EXIT_CODES[IndexCorruptError], "damaged")
-    one_line_error(indexer("upsert", segmented, write_jsonl(tmp_path / "x.jsonl", records(1, 90))), EXIT_CODES[IndexCorruptError])
-    one_line_error(indexer("delete", segmented, "doc1"), EXIT_CODES[IndexCorruptError])
+        one_line_error(indexer("query", segmented, "topic 3", "--mode", mode), IndexCorruptError.exit_code, "damaged")
+    one_line_error(indexer("upsert", segmented, write_jsonl(tmp_path / "x.jsonl", records(1, 90))), IndexCorruptError.exit_code)
+    one_line_error(indexer("delete", segmented, "doc1"), IndexCorruptError.exit_code)
     assert tree_digest(segmented) == before
     assert check_index(segmented)["problems"]
 
@@ -268,8 +267,8 @@ def test_a_filter_the_index_cannot_answer_fails_before_the_model_loads(segmented
     shutil_model = tmp_path / "gone"
     tiny_model.rename(shutil_model)  # a load would fail with a model error, exit 4
     try:
-        one_line_error(indexer("query", segmented, "topic", "--where", "year<nineteen"), EXIT_CODES[ArgumentError], "year")
-        one_line_error(indexer("query", segmented, "topic", "--where", "n<nineteen"), EXIT_CODES[ArgumentError], "n")
+        one_line_error(indexer("query", segmented, "topic", "--where", "year<nineteen"), ArgumentError.exit_code, "year")
+        one_line_error(indexer("query", segmented, "topic", "--where", "n<nineteen"), ArgumentError.exit_code, "n")
     finally:
         shutil_model.rename(tiny_model)
 
@@ -374,7 +373,7 @@ def test_sigkill_and_full_disk_over_every_write_lose_no_acknowledged_write(roomy
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
             (roomy_disk / "filler").unlink()
             code = done.returncode
-            assert code in (0, EXIT_CODES[DiskFullError]), done.stderr  # success, or no space left
+            assert code in (0, DiskFullError.exit_code), done.stderr  # success, or no space left
             assert "Traceback" not in done.stderr, done.stderr
         assert check_index(path, all_versions=True)["problems"] == [], (verb, code)
         with Index(path) as index:
@@ -383,7 +382,7 @@ def test_sigkill_and_full_disk_over_every_write_lose_no_acknowledged_write(roomy
         assert served == after if code == 0 else served in (live, after), (verb, code, len(served), len(live), len(after))
         outcomes.append((verb, code))
         live = served
-    assert {code for _, code in outcomes} >= {0, -signal.SIGKILL, EXIT_CODES[DiskFullError]}, outcomes
+    assert {code for _, code in outcomes} >= {0, -signal.SIGKILL, DiskFullError.exit_code}, outcomes
 
 
 def test_http_upserts_of_ids_with_control_characters_are_refused_and_leave_the_index_as_it_was(segmented):

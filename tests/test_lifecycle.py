@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 from helpers import DATASET, records, run_cli, write_jsonl
 
-from indexer import build_index, check_index, delete_documents, Index, index_info, IndexLockedError, layout, rebuild_index, upsert_documents
+from indexer import Index, IndexLockedError, build_index, check_index, delete_documents, index_info, layout, rebuild_index, upsert_documents
 from indexer.settings import IndexSettings
-
 
 WORDS = (
     "amber river copper falcon granite harbor lantern meadow nickel orchard pepper quartz saddle timber velvet "

@@ -7,19 +7,18 @@ from __future__ import annotations
 import datetime
 import gzip
 import json
-import numpy as np
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import stored, DATASET, indexer, one_line_error, write_jsonl
+from helpers import DATASET, indexer, one_line_error, stored, write_jsonl
 
-from indexer.cli import EXIT_CODES
 from indexer.errors import SourceError
 from indexer.settings import MAX_DOCUMENT_BYTES
-from indexer.sources import Document, DocumentSource, id_fault, MAX_NESTING, read_records
+from indexer.sources import MAX_NESTING, Document, DocumentSource, id_fault, read_records
 
 
 def read(path, **kwargs):
@@ -515,7 +514,7 @@ def test_an_id_with_a_control_character_fails_the_build(tmp_path, tiny_model, na
     source = tmp_path / name
     source.write_text(content)
     result = indexer("build", source, "--index", tmp_path / "idx", "--model", tiny_model)
-    one_line_error(result, EXIT_CODES[SourceError], shown)
+    one_line_error(result, SourceError.exit_code, shown)
     assert not (tmp_path / "idx").exists()
 
 
@@ -579,7 +578,7 @@ def test_metadata_over_the_byte_limit_is_refused(tmp_path, tiny_model):
     source = write_jsonl(tmp_path / "d.jsonl", [{"id": "small", "text": "short", "tags": ["x"] * 10},
                                                 {"id": "heavy", "text": "short", "notes": "é" * 600}])
     result = indexer("build", source, "--index", tmp_path / "idx", "--model", tiny_model, "--max-document-bytes", 1000)
-    one_line_error(result, EXIT_CODES[SourceError],
+    one_line_error(result, SourceError.exit_code,
                    "d.jsonl:2: text and metadata are 1218 bytes (1213 of metadata as stored), over the limit of 1000")
     assert not (tmp_path / "idx").exists()
     nested = DocumentSource.from_records([{"id": "a", "text": "t", "m": {"deep": [["y" * 200]]}}], name="batch", max_document_bytes=200)
