@@ -34,14 +34,18 @@ demo: install
 lint: install-dev
 	$(BIN)/ruff check indexer tests benchmarks
 
-# The whole suite; it prints its wall time and the 15 slowest tests. CLI calls run in-process where the process
-# is not what is tested (tests/helpers.py run_cli).
-test: lint
-	$(BIN)/python -m pytest -q --durations=15
+# Test files are shared out among one worker per core (at most 4: a worker can reach 4 GB), whole files at a
+# time so that module fixtures are built once (pytest-xdist, --dist loadfile).
+WORKERS := -n auto --maxprocesses 4 --dist loadfile
 
-# Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts): 7 to 9 minutes on 2 cores.
+# The whole suite; it prints its wall time and the 15 slowest tests. CLI calls run in-process where the process
+# is not what is tested (tests/helpers.py run_cli). 9 minutes on a 2-core machine.
+test: lint
+	$(BIN)/python -m pytest -q $(WORKERS) --durations=15
+
+# Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts).
 test-quick: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(WORKERS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) indexes/*/ .pytest_cache
