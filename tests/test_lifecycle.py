@@ -229,7 +229,7 @@ def test_sigkill_during_rebuild_leaves_previous_version_serving(tmp_path):
 
 
 READER = """
-import json, random, sys, time
+import json, os, random, sys, time
 from pathlib import Path
 from indexer import Index
 
@@ -247,6 +247,8 @@ while time.monotonic() < deadline and not stop.exists():
         i = rng.randrange(200)
         hits = index.search(f"doc {i}: " + WORDS[i], k=5)
         queries += 1
+        if queries == 1:
+            stop.with_name(f"ready.{os.getpid()}").touch()  # the writes start once every reader is answering
         for hit in hits:
             if not hit.text.startswith(f"doc {hit.id}: "):
                 problems.append(f"{version}: id {hit.id} has text {hit.text!r}")
@@ -283,7 +285,10 @@ def test_readers_see_consistent_versions_while_rebuilds_publish(tmp_path):
         for _ in range(2)
     ]
     try:
-        time.sleep(4)
+        deadline = time.monotonic() + 180  # readers load the model first: slow on a busy machine
+        while len(list(tmp_path.glob("ready.*"))) < len(readers) and time.monotonic() < deadline:
+            assert all(reader.poll() is None for reader in readers), "a reader ended before answering"
+            time.sleep(0.1)
         words = corpus_words(200)
         for revision in range(1, 4):  # 7 versions published while they read
             synthetic_corpus(source, 200, revision=revision, shuffle=True)
