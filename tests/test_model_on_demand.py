@@ -167,6 +167,8 @@ def test_a_model_that_disagrees_with_what_was_remembered_fails_the_write(model):
 
 
 def test_an_unreadable_or_foreign_memo_only_costs_a_load(model, env, tmp_path):
+    from indexer.models import remembered_facts
+
     source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
     path = tmp_path / "index"
     memo = tmp_path / "cache" / "indexer" / MODELS_FILE
@@ -175,13 +177,18 @@ def test_an_unreadable_or_foreign_memo_only_costs_a_load(model, env, tmp_path):
     assert cli(env, "build", str(source), "--index", str(path), "--model", str(model)).returncode == 0
     (key,) = remembered(tmp_path)  # rewritten whole
     right = remembered(tmp_path)[key]
-    for shelf, wrong in enumerate([{"fingerprint": "short"}, {"fingerprint": "z" * 64}, {"dimension": float("inf")},
-                                   {"dimension": 10**9}, {"max_length": 0}, {"max_length": None}]):
+    assert remembered_facts(str(model)) == ModelFacts(**right)
+    # Each foreign value is no memo at all (this process reads the same file the writes below read) ...
+    wrongs = [{"fingerprint": "short"}, {"fingerprint": "z" * 64}, {"dimension": float("inf")},
+              {"dimension": 10**9}, {"max_length": 0}, {"max_length": None}]
+    for wrong in wrongs:
         memo.write_text(json.dumps({key: {**right, **wrong}}))
-        moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": shelf}])
-        report = write(env, f"upsert_documents({str(path)!r}, {str(moved)!r})")
-        assert (report["torch"], report["published"], report["reused"]) == (True, True, 1), wrong
-        assert remembered(tmp_path)[key] == right
+        assert remembered_facts(str(model)) is None, wrong
+    # ... so a write that needs the model's facts loads it, and puts the memo right.
+    moved = write_jsonl(tmp_path / "moved.jsonl", [{**RECORDS[1], "shelf": "b"}])
+    report = write(env, f"upsert_documents({str(path)!r}, {str(moved)!r})")
+    assert (report["torch"], report["published"], report["reused"]) == (True, True, 1)
+    assert remembered(tmp_path)[key] == right
 
 
 def test_a_merge_after_a_published_write_that_cannot_load_the_model_is_a_warning(model, env, tmp_path, monkeypatch):
