@@ -43,9 +43,10 @@ WORKERS := -n auto --maxprocesses 4 --dist loadfile
 test: lint
 	$(BIN)/python -m pytest -q $(WORKERS) --durations=15
 
-# Without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts).
+# The inner loop: without the tests marked slow (crash loops, concurrent readers, Ray, full disk, huge texts) or
+# process (whole processes: start-up imports, the docs' examples, models loaded on demand, a real server and browser).
 test-quick: lint
-	$(BIN)/python -m pytest -q $(WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -q $(WORKERS) -m "not slow and not process"
 
 clean:
 	rm -rf $(VENV) indexes/*/ .pytest_cache

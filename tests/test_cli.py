@@ -178,6 +178,7 @@ def test_build_with_precision_and_ann_structure(tmp_path, sample_queries):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.process
 def test_a_hub_model_in_the_hugging_face_cache_loads_without_asking_the_hub(tmp_path, tiny_model, monkeypatch):
     """By its name, transformers asked an unreachable hub about every file first (minutes of retries)."""
     import os

@@ -13,6 +13,8 @@ CORPUS = str(DATASET / "corpus.jsonl")
 HEAVY = ("torch", "transformers", "ray")
 COMMANDS = ["build", "rebuild", "upsert", "delete", "rollback", "check", "query", "evaluate", "serve", "info", "embed", "export", "import"]
 
+pytestmark = pytest.mark.process  # every test here starts indexer in a process of its own
+
 
 def run_traced(*args: str, cwd=None) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run ``python -X importtime -m indexer ARGS``; the result (stderr without the import lines) and every module imported."""

@@ -98,6 +98,7 @@ def _env(cache: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("path", DOCS, ids=[str(path.relative_to(REPO)) for path in DOCS])
 def test_examples_run(path, demo_clone, tmp_path):
     demo, cache = demo_clone
@@ -180,6 +181,7 @@ def test_cli_reference_names_every_command_and_option():
     assert not missing, f"docs/cli.md does not name: {missing}"
 
 
+@pytest.mark.process
 def test_http_doc_names_every_route(demo_clone):
     pytest.importorskip("fastapi")
     from indexer.server import create_app

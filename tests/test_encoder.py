@@ -229,6 +229,7 @@ def test_batches_side_by_side_share_the_token_limit(tiny_model):
     assert Encoder(str(tiny_model), batch_tokens=4096).budget.limit == 4096  # a budget given is kept as given
 
 
+@pytest.mark.process
 def test_later_processes_use_the_remembered_choice(tiny_model, tmp_path):
     """The choice is remembered on disk per model, torch, CPU and thread count; a new process reads it instead of timing."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}

@@ -64,6 +64,7 @@ def stored_vector(path, doc_id: str) -> np.ndarray:
     return segment.vectors.reconstruct(key)[0]
 
 
+@pytest.mark.process
 def test_writes_that_encode_nothing_never_load_the_model(model, env, tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
     path = tmp_path / "index"
@@ -108,6 +109,7 @@ def save_new_weights(model) -> None:
     assert (file.stat().st_size, file.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
+@pytest.mark.process
 def test_changed_model_files_are_loaded_and_never_taken_for_the_remembered_ones(model, env, tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
     path = tmp_path / "index"
@@ -128,6 +130,7 @@ def test_changed_model_files_are_loaded_and_never_taken_for_the_remembered_ones(
     assert write(env, f"rebuild_index({str(path)!r}, if_changed=True)")["torch"] is False
 
 
+@pytest.mark.process
 def test_a_wrong_memo_fails_the_write_that_loads_the_model_and_is_put_right(model, env, tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
     path = tmp_path / "index"
@@ -166,6 +169,7 @@ def test_a_model_that_disagrees_with_what_was_remembered_fails_the_write(model):
         DeferredEncoder(IndexSettings(model=str(model), precision="int8"), facts, device="cuda:1")
 
 
+@pytest.mark.process
 def test_an_unreadable_or_foreign_memo_only_costs_a_load(model, env, tmp_path):
     from indexer.models import remembered_facts
 
@@ -209,6 +213,7 @@ def test_a_merge_after_a_published_write_that_cannot_load_the_model_is_a_warning
                                f"{str(model)!r}: gone); 'indexer compact' merges"]
 
 
+@pytest.mark.process
 def test_a_deferred_build_with_other_options_is_the_build_a_loaded_model_makes(model, env, tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
     reports, manifests, embeddings = [], [], []

@@ -51,6 +51,7 @@ def browser():
     driver.quit()
 
 
+@pytest.mark.process
 def test_search_page_in_a_real_browser(sample_index, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select

@@ -188,6 +188,7 @@ def test_body_size_and_durations(client):
         parse_duration("soon")
 
 
+@pytest.mark.process
 def test_real_server_over_http(products):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INDEXER_API_KEY": KEY}
@@ -598,6 +599,7 @@ def offline_browser():
     driver.quit()
 
 
+@pytest.mark.process
 def test_docs_list_the_routes_in_a_real_browser_offline(big_index, offline_browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -613,6 +615,7 @@ def test_docs_list_the_routes_in_a_real_browser_offline(big_index, offline_brows
         assert f"{base}/openapi.json" in requested and not remote, remote
 
 
+@pytest.mark.process
 def test_search_page_shows_big_texts_cut_short(big_index, offline_browser):
     """The page asks for texts cut to 2,000 characters: a page of big documents stays within the answer's budget."""
     from selenium.webdriver.common.by import By
