@@ -518,7 +518,7 @@ class Encoder:
                 timings["eager"] = seconds(self._eager_forward) if chosen is None else 0.0
             if chosen in (None, "traced"):
                 try:
-                    traced = _frozen_trace(self.model, *example, mask_form=self._mask_form)
+                    traced = _shared_trace(f"{key}|{self._mask_form}", lambda: _frozen_trace(self.model, *example, mask_form=self._mask_form))
                     if matches(traced):
                         timings["traced"] = seconds(traced) if chosen is None else 0.0
                 except Exception:  # any model the tracer cannot handle runs another way
@@ -538,17 +538,17 @@ class Encoder:
             forward = {"packed": lambda: _HiddenStates(self.model, self._mask_form), "traced": lambda: traced}.get(chosen, lambda: self._eager_forward)()
             if self.query_threads is None:
                 self.query_threads = _fastest_threads(lambda: forward(*query))
-            unmasked = {"packed": lambda: None, "traced": self._traced_unmasked}.get(chosen, lambda: self._eager_unmasked)()
+            unmasked = {"packed": lambda: None, "traced": lambda: self._traced_unmasked(key)}.get(chosen, lambda: self._eager_unmasked)()
         if _CHOSEN.get(key) != (chosen, self.query_threads):
             _CHOSEN[key] = (chosen, self.query_threads)
             write_memo(FORWARDS_FILE, key, list(_CHOSEN[key]))
         return forward, unmasked
 
-    def _traced_unmasked(self):
+    def _traced_unmasked(self, key: str):
         """The model traced without attention mask, if it matches eager's within 1e-5 (else eager's)."""
         example, check = torch.tensor(self.tokenize(["two words"] * 2)), torch.tensor(self.tokenize(["a check text of one length"] * 3))
         try:
-            traced = _frozen_trace(self.model, example)
+            traced = _shared_trace(f"{key}|unmasked", lambda: _frozen_trace(self.model, example))
             if (traced(check) - self._eager_unmasked(check)).abs().max().item() <= 1e-5:
                 return traced
         except Exception:  # a model the tracer cannot handle runs eager
@@ -667,6 +667,19 @@ class _HiddenStates(torch.nn.Module):
         if attention_mask is not None:
             attention_mask = model_mask(attention_mask, self.mask_form)
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+# TorchScript keeps every graph it traces, frozen weights included, for the life of the process: tracing at each
+# load grew a process by a copy of the model per load (a tiny test model: 11 MB a load). So a trace is made once
+# per model files (``_machine_key``) and form, and every encoder of those files in the process shares it.
+_TRACES: dict[str, torch.jit.ScriptModule] = {}
+
+
+def _shared_trace(key: str, trace):
+    """The trace made for ``key`` in this process, made now by ``trace()`` if there is none."""
+    if key not in _TRACES:
+        _TRACES[key] = trace()
+    return _TRACES[key]
 
 
 def _frozen_trace(model: torch.nn.Module, *example: torch.Tensor, mask_form: str | None = None):

@@ -199,6 +199,20 @@ def test_the_choice_is_made_once_per_process_so_vectors_agree_bit_for_bit(tiny_m
     assert torch.get_num_threads() == threads  # a query's thread count is put back
 
 
+def test_encoders_of_one_model_share_one_trace(tiny_model, monkeypatch):
+    """TorchScript never frees a trace: a second load of the same files takes the first's, not a new copy."""
+    from indexer import encoder as module
+
+    first = Encoder(str(tiny_model))
+    key = module._machine_key(first._path, first._stamp)
+    monkeypatch.setitem(module._CHOSEN, key, ("traced", first.query_threads))  # traced, whatever timing chose
+    monkeypatch.setattr(module, "_TRACES", {})
+    traced, again = Encoder(str(tiny_model)), Encoder(str(tiny_model))
+    assert isinstance(traced._forward, torch.jit.ScriptModule) and again._forward is traced._forward
+    assert again._unmasked is traced._unmasked and len(module._TRACES) == 2  # with mask and without
+    np.testing.assert_allclose(again.encode_texts(TEXTS), first.encode_texts(TEXTS), atol=1e-5, rtol=0)
+
+
 def test_batches_side_by_side_give_the_same_vectors_whatever_the_worker_count(tiny_model):
     """On CPU each batch runs on one thread, so the number of workers (cores) changes no bit of any vector."""
     encoder = Encoder(str(tiny_model), batch_tokens=256)  # many batches
