@@ -148,7 +148,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
             diff = Diff(current, carry=carry, keep_upserts=keep_upserts)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
-            writer = txn.new_segment(encoder.dimension, encoder.embedding_config)
+            writer = txn.new_segment(encoder.dimension, encoder.embedding.key)
             cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
             stages: dict[str, float] = {}
             if ray is None:
@@ -189,5 +189,5 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
 def _carries_over(txn: Transaction, encoder: Encoder, settings: IndexSettings) -> bool:
     """Whether the current version's segments can stay: same embedding configuration and index type."""
     manifest = txn.manifest
-    same_vectors = all(s.embedding == encoder.embedding_config for s in txn.segments)
+    same_vectors = all(s.embedding == encoder.embedding.key for s in txn.segments)
     return same_vectors and manifest.settings.index_type == settings.index_type and manifest.dimension == encoder.dimension

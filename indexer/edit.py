@@ -64,7 +64,7 @@ def upsert_documents(
         check_encoder(encoder, manifest.model_fingerprint, path)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
-            writer = txn.new_segment(encoder.dimension, encoder.embedding_config)
+            writer = txn.new_segment(encoder.dimension, encoder.embedding.key)
             cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
             diff = Diff(current, carry=True, keep_upserts=False)
             stages = ingest(diff.changed(_as_upserts(documents)), cached, writer.add, progress=progress).rounded()

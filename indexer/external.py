@@ -23,7 +23,7 @@ import numpy as np
 from . import collector
 from .errors import ModelError
 from .models import ModelFacts, canonical_model_name, embeds_as, remembered_facts
-from .settings import IndexSettings, check_embedding, embedding_config, resolved_max_length
+from .settings import EXTERNAL_POOLING, Embedding, IndexSettings, check_embedding, resolved_max_length
 
 if TYPE_CHECKING:
     from .encoder import Encoder, TextTokenizer
@@ -88,8 +88,8 @@ class DeferredEncoder:
         self.load_seconds = 0.0
 
     @property
-    def embedding_config(self) -> str:
-        return embedding_config(self.fingerprint, self.pooling, self.max_length, self.precision)
+    def embedding(self) -> Embedding:
+        return Embedding(self.fingerprint, self.pooling, self.max_length, self.precision)
 
     def embeds_as(self, settings: IndexSettings) -> bool:
         return embeds_as(self, settings)
@@ -100,7 +100,7 @@ class DeferredEncoder:
             if self._encoder is None:
                 started = time.perf_counter()
                 encoder = load_encoder(self._settings, self._device)
-                if encoder.embedding_config != self.embedding_config or encoder.dimension != self.dimension:
+                if encoder.embedding != self.embedding or encoder.dimension != self.dimension:
                     raise ModelError(f"the files of model {self.model_name!r} do not give what models.json remembers "
                                      "of them; run the write again")
                 self._encoder = encoder
@@ -153,7 +153,7 @@ class ExternalEncoder:
     cosine. Texts are handed over whole: the encoder truncates as it does.
     """
 
-    pooling = "external"
+    pooling = EXTERNAL_POOLING
     precision = "fp32"
     max_length = None
 
@@ -167,8 +167,8 @@ class ExternalEncoder:
         self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()
 
     @property
-    def embedding_config(self) -> str:
-        return embedding_config(self.fingerprint, self.pooling, 0, self.precision)
+    def embedding(self) -> Embedding:
+        return Embedding(self.fingerprint, self.pooling, 0, self.precision)
 
     def embeds_as(self, settings: IndexSettings) -> bool:
         return settings.model == self.model_name

@@ -58,7 +58,7 @@ class CachedEncoder:
         self.encoder = encoder
         self.cache = cache
         self.segment = segment
-        self.prefix = encoder.embedding_config + "|" if cache is not None else ""
+        self.prefix = encoder.embedding.key + "|" if cache is not None else ""
         self.encoded = 0
         self.reused = 0
 

@@ -94,7 +94,7 @@ class SegmentMeta:
     """What a segment holds: ``count`` documents under keys ``keys.npy`` (all >= ``base``), in a FAISS ``vector_index``.
 
     ``embedding`` is the embedding configuration its vectors were made with
-    (``settings.embedding_config``); ``uid`` tells apart two segments that
+    (``settings.Embedding.key``); ``uid`` tells apart two segments that
     ever had the same name. ``files`` and ``sizes``: checksum and size of each file.
     """
 

@@ -37,7 +37,8 @@ MODELS_FILE = "models.json"
 # in use. One dropped only costs what remembering it saved (a forward timing, a model load).
 MEMO_ENTRIES = 64
 # Our code that decides what a load gives (the fingerprint, the max length and its cap): part of the memo's key.
-LOADING_CODE = ("encoder.py", "settings.py", "models.py")
+LOADING_CODE = ("encoder/tokenizer.py", "encoder/torch_backend.py", "encoder/pooling.py", "encoder/cpu_kernels.py",
+                "settings.py", "models.py")
 # A load's result depends on these besides the files and LOADING_CODE (how weights are named and read, how text
 # is tokenised, how a slow tokenizer converts to a fast one).
 LOADERS = ("torch", "transformers", "tokenizers", "sentencepiece", "protobuf")
@@ -235,7 +236,7 @@ def _loaders() -> list | None:
     code = hashlib.sha256()
     try:
         for name in LOADING_CODE:
-            code.update(Path(__file__).with_name(name).read_bytes())
+            code.update((Path(__file__).parent / name).read_bytes())
     except OSError:
         return None
     return [versions, code.hexdigest()]

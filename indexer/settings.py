@@ -55,9 +55,39 @@ class IndexSettings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def embedding_config(fingerprint: str, pooling: str, max_length: int, precision: str) -> str:
-    """What, besides the text, decides a vector (see ``Encoder.embedding_config``)."""
-    return f"{fingerprint}|{pooling}|{max_length}|{precision}"
+# The pooling an external encoder's vectors are recorded with: it pools (and truncates) as it does.
+EXTERNAL_POOLING = "external"
+BACKENDS = ("torch",)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """What, besides the text, decides a vector: the model's fingerprint (weights and tokenizer), pooling, max
+    length, precision and backend. Checked when made.
+
+    ``key`` is how segments (``segment.json``) and the embedding cache record it; a
+    write reuses a vector only under the same key, and a rebuild whose every
+    segment has the encoder's key keeps them. (The torch backend's key has no
+    backend part: it is the key indexes were written with before there were others.)
+    """
+
+    fingerprint: str
+    pooling: str
+    max_length: int
+    precision: str = "fp32"
+    backend: str = "torch"
+
+    def __post_init__(self):
+        if self.pooling != EXTERNAL_POOLING:
+            check_embedding(pooling=self.pooling, precision=self.precision, max_length=self.max_length)
+        if self.backend not in BACKENDS:
+            raise ModelError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+    @property
+    def key(self) -> str:
+        parts = [self.fingerprint, self.pooling, str(self.max_length), self.precision]
+        return "|".join(parts if self.backend == "torch" else [*parts, self.backend])
+
 
 
 def check_embedding(*, pooling: str | None = None, precision: str | None = None, max_length: int | None = None,

@@ -32,7 +32,7 @@ from .check import check_version
 from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexNotFoundError
 from .ingest import CHUNK_SIZE, document_chunks
 from .segments import Segment, SegmentWriter
-from .settings import IndexSettings, embedding_config
+from .settings import Embedding, IndexSettings
 from .snapshot import Snapshot
 from .sources import Document
 
@@ -140,7 +140,7 @@ class Transaction:
         settings = legacy.settings
         meta = layout.SegmentMeta(
             self.allocate(), int(source.keys[0]) if len(source.keys) else 0, len(source.keys), legacy.dimension,
-            embedding_config(legacy.model_fingerprint, settings.pooling, settings.max_length, settings.precision),
+            Embedding(legacy.model_fingerprint, settings.pooling, settings.max_length, settings.precision).key,
             legacy.vector_index, legacy.search_params, legacy.tuned_recall,
         )
         old.close()

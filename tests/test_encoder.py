@@ -137,10 +137,25 @@ def test_batches_respect_both_limits():
 def test_reduced_precision_stays_close_to_fp32(encoder, precision, min_cosine):
     reduced = Encoder(precision=precision)
     assert reduced.fingerprint == encoder.fingerprint
-    assert reduced.embedding_config != encoder.embedding_config
+    assert reduced.embedding.key != encoder.embedding.key
     cosines = (reduced.encode_texts(TEXTS) * encoder.encode_texts(TEXTS)).sum(axis=1)
     assert cosines.min() > min_cosine
     np.testing.assert_allclose(np.linalg.norm(reduced.encode_texts(TEXTS), axis=1), 1.0, atol=1e-5)
+
+
+def test_the_embedding_identity_checks_itself_and_is_what_segments_record(encoder, sample_index):
+    from indexer import layout
+    from indexer.settings import Embedding
+
+    embedding = encoder.embedding
+    assert embedding == Embedding(encoder.fingerprint, "mean", 256, "fp32", "torch")
+    assert embedding.key == f"{encoder.fingerprint}|mean|256|fp32"  # the key indexes were written with so far
+    (segment,) = layout.segment_folders(sample_index, layout.read_manifest(layout.version_dir(sample_index, "v000001")))
+    assert layout.read_segment_meta(segment).embedding == embedding.key
+    for wrong, message in [({"pooling": "max"}, "unknown pooling"), ({"max_length": 0}, "max length"),
+                           ({"precision": "fp8"}, "unknown precision"), ({"backend": "tpu"}, "unknown backend")]:
+        with pytest.raises(ModelError, match=message):
+            Embedding(**{**vars(embedding), **wrong})
 
 
 def test_empty_input_gives_empty_matrix(encoder):
@@ -164,7 +179,7 @@ def test_bad_model_settings_are_user_errors(kwargs, message):
 
 def test_forward_is_the_fastest_of_those_that_match_eager(tiny_model, monkeypatch, tmp_path):
     """On CPU the forward (eager, traced, oneDNN prepacked) is chosen by timing, among those that agree with eager."""
-    from indexer import encoder as module
+    from indexer.encoder import cpu_kernels as module
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no choice remembered from earlier processes
 
@@ -174,17 +189,17 @@ def test_forward_is_the_fastest_of_those_that_match_eager(tiny_model, monkeypatc
     np.testing.assert_allclose(chosen.encode_texts(TEXTS), expected, atol=1e-5)
 
     # A packed kernel slower than the rest is not chosen.
-    exact = module._PackedLinear.forward
-    monkeypatch.setattr(module._PackedLinear, "forward", lambda self, x: (time.sleep(0.002), exact(self, x))[1])
+    exact = module.PackedLinear.forward
+    monkeypatch.setattr(module.PackedLinear, "forward", lambda self, x: (time.sleep(0.002), exact(self, x))[1])
     monkeypatch.setattr(module, "_CHOSEN", {})
     slow = Encoder(str(tiny_model))
-    assert not any(isinstance(m, module._PackedLinear) for m in slow.model.modules())
+    assert not any(isinstance(m, module.PackedLinear) for m in slow.model.modules())
 
     # One that disagrees with eager is not chosen however fast it is, and the fingerprint is the same.
-    monkeypatch.setattr(module._PackedLinear, "forward", lambda self, x: exact(self, x) * 1.01)
+    monkeypatch.setattr(module.PackedLinear, "forward", lambda self, x: exact(self, x) * 1.01)
     monkeypatch.setattr(module, "_CHOSEN", {})
     fallback = Encoder(str(tiny_model))
-    assert not any(isinstance(m, module._PackedLinear) for m in fallback.model.modules())
+    assert not any(isinstance(m, module.PackedLinear) for m in fallback.model.modules())
     np.testing.assert_allclose(fallback.encode_texts(TEXTS), expected, atol=1e-5)
     assert fallback.fingerprint == chosen.fingerprint
 
@@ -201,10 +216,10 @@ def test_the_choice_is_made_once_per_process_so_vectors_agree_bit_for_bit(tiny_m
 
 def test_encoders_of_one_model_share_one_trace(tiny_model, monkeypatch):
     """TorchScript never frees a trace: a second load of the same files takes the first's, not a new copy."""
-    from indexer import encoder as module
+    from indexer.encoder import cpu_kernels as module
 
     first = Encoder(str(tiny_model))
-    key = module._machine_key(first._path, first._stamp)
+    key = module.machine_key(first._path, first._stamp)
     monkeypatch.setitem(module._CHOSEN, key, ("traced", first.query_threads))  # traced, whatever timing chose
     monkeypatch.setattr(module, "_TRACES", {})
     traced, again = Encoder(str(tiny_model)), Encoder(str(tiny_model))
@@ -259,13 +274,13 @@ def test_later_processes_use_the_remembered_choice(tiny_model, tmp_path):
 
 
 def test_query_threads_are_the_count_that_measured_fastest(monkeypatch):
-    from indexer import encoder as module
+    from indexer.encoder import cpu_kernels as module
 
     counts = [2]
     monkeypatch.setattr(torch, "get_num_threads", lambda: counts[-1])
     monkeypatch.setattr(torch, "set_num_threads", counts.append)
     # On one thread this "query" takes 1 ms, on two 10 ms: one thread is chosen, and the count is restored.
-    assert module._fastest_threads(lambda: time.sleep(0.001 if counts[-1] == 1 else 0.01)) == 1
+    assert module.fastest_threads(lambda: time.sleep(0.001 if counts[-1] == 1 else 0.01)) == 1
     assert counts == [2, 1, 2, 2, 2]
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import tree_digest, write_jsonl
 
-import indexer.encoder
+import indexer.encoder.cpu_kernels
 import indexer.ingest
 from indexer import Index, IndexNotFoundError, IndexSettings, SourceError, build_index, layout
 from indexer.encoder import Encoder, TextTokenizer
@@ -115,7 +115,7 @@ def test_a_first_build_reads_ahead_unless_loading_the_model_times_its_forwards(t
 
     given.clear()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing remembered: this load times the forwards
-    monkeypatch.setattr(indexer.encoder, "_CHOSEN", {})
+    monkeypatch.setattr(indexer.encoder.cpu_kernels, "_CHOSEN", {})
     build_index(source, tmp_path / "two", settings=settings)
     assert given == [False] * 9
     (rows, vectors), (rows_again, vectors_again) = stored(tmp_path / "one"), stored(tmp_path / "two")
