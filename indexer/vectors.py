@@ -143,14 +143,6 @@ class VectorIndex:
         index = faiss.downcast_index(self.index)
         return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
-    @property
-    def can_remove(self) -> bool:
-        """Whether vectors can be removed in place (not graph indexes such as HNSW, nor lists kept on disk)."""
-        inner = self.inner
-        if isinstance(inner, faiss.IndexIVF):
-            return not isinstance(faiss.downcast_InvertedLists(inner.invlists), faiss.OnDiskInvertedLists)
-        return not isinstance(inner, faiss.IndexHNSW)
-
     def __len__(self) -> int:
         return self.index.ntotal
 

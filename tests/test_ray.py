@@ -177,7 +177,6 @@ def test_merged_ivf_shards_search_like_one_piece(tmp_path, on_disk):
     if on_disk:
         merged = VectorIndex.load(tmp_path / "merged.faiss")
         assert isinstance(faiss.downcast_InvertedLists(merged.inner.invlists), faiss.OnDiskInvertedLists)
-        assert not merged.can_remove
 
     whole = VectorIndex.create(dimension, "IVF64,Flat")
     whole.train(sample_from_shards(shards, count, 100_000))

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import DATASET, free_port, run_cli, served, write_jsonl
+from helpers import DATASET, free_port, headless_chromium, run_cli, served, write_jsonl
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -577,26 +576,11 @@ def test_docs_and_every_asset_they_load_are_served_by_the_app_itself(big_index):
     assert "/search" in client.get("/openapi.json").json()["paths"]
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
 @pytest.fixture
 def offline_browser():
     """Headless chromium that cannot resolve any host but loopback."""
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("no chromium and chromedriver here (Debian: apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes, failed ones too
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
+    with headless_chromium("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", log_requests=True) as driver:
+        yield driver
 
 
 @pytest.mark.process
