@@ -1,8 +1,8 @@
 # Set-up and everyday commands. torch==2.13.0 (a CPU build) is installed before
 # the project, because a bare torch requirement resolved first pulls a multi-GB CUDA build.
 # Two stamps, each redone when pyproject.toml or the constraints change: .installed is what
-# running needs (make install, make demo), .installed-dev adds the test, lint, Ray and
-# LangChain toolchains on top (make lint, make test, make test-quick).
+# running needs (make install, make demo), .installed-dev adds the test, lint, Ray, LangChain
+# and ONNX Runtime toolchains on top (make lint, make test, make test-quick).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 
 # After the runtime stamp, so a change to pyproject.toml or the constraints redoes both, in this order.
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) -e '.[dev,ray,langchain]'
+	$(PIP) -e '.[dev,ray,langchain,onnx]'
 	touch $@
 
 demo: install

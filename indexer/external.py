@@ -54,6 +54,36 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: Enco
         return Encoder.from_settings(settings, device, tokenizer=tokenizer)
 
 
+# An ONNX export answers an index's questions only if it embeds stored documents as the index holds them: every
+# cosine at least this, on up to AGREEMENT_TEXTS of them (MiniLM's export: 0.9999999, max abs difference 2e-7).
+AGREEMENT_COSINE = 0.99999
+AGREEMENT_TEXTS = 16
+
+
+def load_query_encoder(settings: IndexSettings, fingerprint: str, sample: Callable[[int], tuple[list[str], np.ndarray] | None],
+                       device: str | None = None, reuse: Encoder | ExternalEncoder | None = None):
+    """The encoder a search embeds questions with: ONNX Runtime, without torch, where it is installed, an export of
+    the index's model (``fingerprint``) exists and it agrees with ``sample(n)`` (up to n stored texts and their
+    vectors; None where no segment keeps whole vectors); else as ``load_encoder``."""
+    if ((reuse is None or not reuse.embeds_as(settings)) and device in (None, "cpu") and settings.precision == "fp32"
+            and not is_external(settings.model)):
+        from .encoder import onnx_backend
+
+        if onnx_backend.available() and onnx_backend.export_path(fingerprint).is_file():
+            try:
+                with collector.paused():
+                    encoder = onnx_backend.OnnxEncoder(settings.model, fingerprint, pooling=settings.pooling,
+                                                       max_length=settings.max_length)
+                found = sample(AGREEMENT_TEXTS)
+                if (found is not None and len(found[0]) and encoder.max_length == settings.max_length
+                        and encoder.dimension == found[1].shape[1]
+                        and float((encoder.encode_texts(found[0]) * found[1]).sum(axis=1).min()) >= AGREEMENT_COSINE):
+                    return encoder
+            except Exception:  # an export is a cache: one that cannot load or run leaves the question to the model itself
+                pass
+    return load_encoder(settings, device, reuse)
+
+
 def encoder_for_write(settings: IndexSettings, *, device: str | None = None, reuse: Encoder | ExternalEncoder | None = None):
     """The encoder a write embeds with: as ``load_encoder``, except that our model comes as a ``DeferredEncoder``
     (loaded only when a text must be encoded) where a load of its files as they are now was remembered."""

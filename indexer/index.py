@@ -12,7 +12,7 @@ import numpy as np
 
 from . import layout
 from .errors import ArgumentError, IndexCorruptError, ModelError
-from .external import check_encoder, is_external, load_encoder
+from .external import check_encoder, is_external, load_encoder, load_query_encoder
 from .models import canonical_model_name
 from .query import Condition, Hit, search_texts, typed_conditions
 from .settings import IndexSettings
@@ -97,7 +97,8 @@ class Index:
                 f"{self.path}: index was built with model {settings.model!r}, not {canonical_model_name(model)!r}; "
                 "queries must use the index's own model (leave out --model)"
             )
-        self._encoder = load_encoder(settings, device, reuse=encoder)
+        self._encoder = load_query_encoder(settings, self._served.manifest.model_fingerprint, self._served.stored_sample,
+                                           device, reuse=encoder)
         self._check_encoder(self._served, self._encoder)
         self._refresh_lock = threading.Lock()
 

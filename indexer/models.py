@@ -180,9 +180,15 @@ def write_memo(name: str, key: str, value) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def cache_folder() -> Path:
+    """Our folder for what loads remember (``$XDG_CACHE_HOME/indexer``, else ``~/.cache/indexer``); raises OSError or
+    RuntimeError where there is no home folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "indexer"
+
+
 def _memo_path(name: str) -> Path:
-    """Where remembered choices live; raises OSError or RuntimeError where there is no home folder."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "indexer" / name
+    """Where remembered choices live."""
+    return cache_folder() / name
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class IndexSettings:
 
 # The pooling an external encoder's vectors are recorded with: it pools (and truncates) as it does.
 EXTERNAL_POOLING = "external"
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass(frozen=True)

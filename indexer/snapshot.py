@@ -262,6 +262,16 @@ class Snapshot:
         order = np.lexsort((keys, -scores))[:k]
         return keys[order].tolist(), scores[order].tolist()
 
+    def stored_sample(self, count: int) -> tuple[list[str], np.ndarray] | None:
+        """Up to ``count`` stored texts and their vectors as a segment keeps them whole; None if no segment does."""
+        for segment in self.segments:
+            if segment.vectors.keeps_vectors:
+                keys = segment.vectors.keys()[:count]
+                rows = segment.store.fetch(keys)
+                keys = np.array([k for k in keys if int(k) in rows], dtype=np.int64)
+                return [rows[int(k)]["text"] for k in keys], segment.vectors.reconstruct(keys)
+        return None
+
     def close(self, keep: dict[str, Segment] | None = None) -> None:
         """Close the segments' stores, except those in ``keep`` (by uid), which another snapshot still uses."""
         for segment in self.segments:

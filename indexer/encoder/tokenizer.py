@@ -29,14 +29,17 @@ def model_max_length(model_path: str, tokenizer, config) -> int:
     """
     limit = None
     try:
-        from transformers.utils import cached_file
+        local = Path(model_path) / SBERT_CONFIG
+        found = str(local) if local.is_file() else None
+        if found is None and not Path(model_path).is_dir():
+            from transformers.utils import cached_file
 
-        found = cached_file(
-            model_path,
-            SBERT_CONFIG,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-        )
+            found = cached_file(
+                model_path,
+                SBERT_CONFIG,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
         if found:
             limit = int(json.loads(Path(found).read_text())["max_seq_length"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -57,7 +60,9 @@ class TextTokenizer:
     still loads (``ingest.ReadAhead``).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, max_length: int | None = None):
+    def __init__(self, model: str = DEFAULT_MODEL, max_length: int | None = None, *, files_only: bool = False):
+        """``files_only``: read the model folder's ``tokenizer.json`` and configuration with ``tokenizers`` alone
+        (milliseconds, and neither transformers nor torch is imported); ModelError where the folder has none."""
         check_embedding(max_length=max_length)
         self.model_name = canonical_model_name(model)
         self.path = resolve_model_path(model)
@@ -65,7 +70,8 @@ class TextTokenizer:
         # The model's files before anything of them is read: what forward choices are remembered by, and what the
         # facts a write remembers from this load are (see models.remember_facts).
         self.stamp, self.identity = file_stamp(self.path), files_identity(self.path)
-        self.tokenizer, config = _load_tokenizer(self.model_name, self.path)
+        load = _tokenizer_from_files if files_only else _load_tokenizer
+        self.tokenizer, config = load(self.model_name, self.path)
         self.limit = model_max_length(self.path, self.tokenizer, config)
         self.max_length = resolved_max_length(max_length, self.limit)
         self._backend = self._plain_backend()
@@ -186,6 +192,60 @@ def _last_spaces(text: str, end: int) -> int:
     """
     last = text.rfind(" ", 0, end)
     return -1 if last < 0 else len(text[:last].rstrip(" "))
+
+
+class _FileTokenizer:
+    """What ``TextTokenizer`` reads of a transformers fast tokenizer, from a model folder's files alone."""
+
+    is_fast = True
+
+    def __init__(self, backend, settings: dict, special: dict):
+        self.backend_tokenizer = backend
+        self.truncation_side = settings.get("truncation_side", "right")
+        self.model_max_length = int(min(settings.get("model_max_length") or MAX_LENGTH_CAP, 10**6))
+        pad = settings.get("pad_token") or special.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        self.pad_token_id = backend.token_to_id(pad) if pad else None
+
+    def __call__(self, texts: list[str], *, max_length: int, return_offsets_mapping: bool = False, **_):
+        backend = self._truncating(max_length)
+        encodings = backend.encode_batch(texts)
+        out = {"input_ids": [e.ids for e in encodings]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [e.offsets for e in encodings]
+        return out
+
+    def _truncating(self, max_length: int):
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self.backend_tokenizer.to_str())
+        backend.no_padding()
+        backend.enable_truncation(max_length, direction=self.truncation_side)
+        return backend
+
+
+def _tokenizer_from_files(name: str, path: str):
+    """The tokenizer and configuration of the model folder ``path`` through ``tokenizers`` alone (see ``_FileTokenizer``)."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    folder = Path(path)
+
+    def read(file: str) -> dict:
+        with contextlib.suppress(OSError, ValueError):
+            found = json.loads((folder / file).read_text())
+            if isinstance(found, dict):
+                return found
+        return {}
+
+    try:
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # missing, unreadable or not a tokenizer: the caller loads through transformers instead
+        raise ModelError(f"cannot load the tokenizer of model {name!r} from its files: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    config = read("config.json")
+    return (_FileTokenizer(backend, read("tokenizer_config.json"), read("special_tokens_map.json")),
+            SimpleNamespace(max_position_embeddings=config.get("max_position_embeddings")))
 
 
 def _load_tokenizer(name: str, path: str):

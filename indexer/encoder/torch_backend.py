@@ -109,7 +109,7 @@ class Encoder:
         self.tokenizer, self.max_length = self.text.tokenizer, self.text.max_length
         path = self._path = self.text.path
         self._stamp = self.text.stamp
-        self._weights = _load_model(self.model_name, path)
+        self._weights = load_weights(self.model_name, path)
         self._weights.to(self.device).eval()
         # On a GPU the half precisions run a half model (no per-op casts, the same fast path as fp32); on CPU
         # bf16 stays autocast, which keeps layer norms and softmax in fp32. The fingerprint reads the files again.
@@ -165,7 +165,7 @@ class Encoder:
         if self._cast or any(isinstance(m, PackedLinear) for m in weights.modules()):
             if file_stamp(self._path) != self._stamp:
                 raise ModelError(f"the files of model {self.model_name!r} changed since it was loaded; restart")
-            weights = _load_model(self.model_name, self._path)
+            weights = load_weights(self.model_name, self._path)
         digest = hashlib.sha256()
         for name, tensor in sorted(weights.state_dict().items()):
             digest.update(name.encode())
@@ -365,7 +365,7 @@ class Encoder:
                     pass
             chosen = min(timings, key=timings.__getitem__) if timings else "eager"
             if chosen != "packed" and any(isinstance(m, PackedLinear) for m in self.model.modules()):
-                self._weights = _load_model(self.model_name, self._path)
+                self._weights = load_weights(self.model_name, self._path)
                 self.model = self._weights.eval()
             forward = {"packed": lambda: HiddenStates(self.model, self._mask_form), "traced": lambda: traced}.get(chosen, lambda: self._eager_forward)()
             if self.query_threads is None:
@@ -417,7 +417,7 @@ class Encoder:
         return torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
 
 
-def _load_model(name: str, path: str):
+def load_weights(name: str, path: str):
     """The model's weights (importing its code: most of a load)."""
     from transformers import AutoModel
 

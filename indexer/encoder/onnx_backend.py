@@ -1,0 +1,165 @@
+"""The ONNX Runtime backend: the model's forward exported once with torch, then run without torch or transformers.
+
+``export`` (which needs torch) writes the model's last hidden state as
+``model.onnx`` into ``$XDG_CACHE_HOME/indexer/onnx/<fingerprint>/`` (or
+``~/.cache/...``), keyed by the model's fingerprint, so an export is only ever
+taken for the weights and tokenizer it came from. ``OnnxEncoder`` tokenises
+with ``tokenizers`` alone (``TextTokenizer(files_only=True)``), runs the
+export, and pools and normalises with numpy, by the same formulas as the
+torch backend (masked mean over the last hidden state, or ``[CLS]``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError
+from ..models import cache_folder, canonical_model_name, embeds_as
+from ..settings import Embedding, IndexSettings, check_embedding
+from .batching import BatchBudget, flatten, length_batches
+from .tokenizer import TextTokenizer
+
+ONNX_FILE = "model.onnx"
+# Padded tokens per ONNX Runtime call: the torch backend's CPU starting budget.
+BATCH_TOKENS = 1024
+
+
+def export_path(fingerprint: str) -> Path:
+    """Where the export of the model whose fingerprint is ``fingerprint`` lives."""
+    return cache_folder() / "onnx" / fingerprint / ONNX_FILE
+
+
+def available() -> bool:
+    """Whether ONNX Runtime is installed (the ``onnx`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def export(model: str, *, opset: int = 17) -> Path:
+    """Export ``model``'s forward (ids, mask -> last hidden state) for ONNX Runtime, once per fingerprint; its path.
+
+    Needs torch and transformers. The export takes the same attention-mask
+    form as the torch backend's traced forward, so batch and width stay free.
+    """
+    import warnings
+
+    import torch
+
+    from .cpu_kernels import HiddenStates
+    from .tokenizer import TextTokenizer
+    from .torch_backend import load_weights
+
+    path = export_path(fingerprint(model))
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = TextTokenizer(model)
+    weights = load_weights(text.model_name, text.path).eval()
+    sdpa = getattr(weights.config, "_attn_implementation", None) == "sdpa"
+    forward = HiddenStates(weights, "row" if sdpa else None).eval()
+    ids = torch.tensor([[101, 2023, 2003, 102, 0, 0], [101, 2023, 2003, 1037, 2000, 102]])
+    ids = ids.clamp(max=weights.config.vocab_size - 1)
+    axes = {0: "batch", 1: "width"}
+    partial = path.with_name(f".{ONNX_FILE}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(forward, (ids, (ids != 0).long()), str(partial), input_names=["input_ids", "attention_mask"],
+                              output_names=["last_hidden_state"], opset_version=opset, dynamo=False,
+                              dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def fingerprint(model: str) -> str:
+    """The fingerprint of ``model`` (remembered from an earlier load of its files as they are now, else loaded)."""
+    from ..models import remembered_facts
+
+    facts = remembered_facts(model)
+    if facts is not None:
+        return facts.fingerprint
+    from .torch_backend import Encoder
+
+    return Encoder(model, device="cpu").fingerprint
+
+
+class OnnxEncoder:
+    """An encoder (see ``indexer.encoder``) that runs an ``export`` of the model with ONNX Runtime, fp32, on the CPU."""
+
+    backend = "onnx"
+    precision = "fp32"
+
+    def __init__(self, model: str, fingerprint: str, *, pooling: str = "mean", max_length: int | None = None,
+                 path: str | Path | None = None, threads: int | None = None):
+        check_embedding(pooling=pooling, max_length=max_length)
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ModelError("the onnx backend needs onnxruntime: pip install 'indexer[onnx]'") from None
+        path = Path(path) if path is not None else export_path(fingerprint)
+        if not path.is_file():
+            raise ModelError(f"no ONNX export of model {canonical_model_name(model)!r} at {path}")
+        self.model_name, self.fingerprint, self.pooling = canonical_model_name(model), fingerprint, pooling
+        self.text = TextTokenizer(model, max_length, files_only=True)
+        self.max_length, self.batch_size = self.text.max_length, None
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.dimension = int(self.session.get_outputs()[0].shape[-1])
+        self._pad_id = self.text.tokenizer.pad_token_id or 0
+        self.budget = BatchBudget(BATCH_TOKENS, limit=BATCH_TOKENS)
+
+    @property
+    def embedding(self) -> Embedding:
+        return Embedding(self.fingerprint, self.pooling, self.max_length, self.precision, self.backend)
+
+    def embeds_as(self, settings: IndexSettings) -> bool:
+        return embeds_as(self, settings)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.text.tokenize(texts)
+
+    def encode_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Unit vectors of ``texts``, in their order."""
+        return self.embed_tokens(self.tokenize(list(texts)))
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        return self.encode_texts(queries)
+
+    def embed_tokens(self, token_ids: list[list[int]], progress: bool = False) -> np.ndarray:
+        """Unit vectors of texts given as token ids, in batches of one padded width each."""
+        flat, starts, lengths = flatten(token_ids)
+        out = np.empty((len(lengths), self.dimension), dtype=np.float32)
+        order = np.argsort(-lengths, kind="stable")
+        for batch in length_batches(order, lengths, None, self.budget):
+            width = int(lengths[batch].max()) if len(batch) else 0
+            ids = np.full((len(batch), max(width, 1)), self._pad_id, dtype=np.int64)
+            mask = np.zeros(ids.shape, dtype=np.int64)
+            for row, text in enumerate(batch):
+                ids[row, : lengths[text]] = flat[starts[text] : starts[text] + lengths[text]]
+                mask[row, : lengths[text]] = 1
+            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            out[batch] = _unit(_pool(hidden, mask, self.pooling))
+        return out
+
+
+def _pool(hidden: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
+    """``pooling.mean_pool`` / ``cls_pool`` in numpy: the masked mean of the token vectors, or the first one's."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = mask[:, :, None].astype(np.float32)
+    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -1,0 +1,80 @@
+"""The ONNX Runtime backend: an export of the real model embeds as the torch backend does, and answers an index's
+questions without torch where it agrees with the vectors the index holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import DATASET
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from indexer import Index  # noqa: E402
+from indexer.encoder import (
+    TextTokenizer,  # noqa: E402
+    onnx_backend,  # noqa: E402
+)
+
+TEXTS = [json.loads(line)["description"] for line in (DATASET / "corpus.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache folder of this test's own, here and in the processes it starts (exports live there)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_tokenizer_read_from_files_alone_equals_transformers(tiny_model):
+    long = ["word " * 20_000 + "é" * 5, "x" * 100_000, "Ünïcödé and \t tabs\ncontrol\x07 characters"]
+    for model in ("all-MiniLM-L6-v2", str(tiny_model)):
+        files, full = TextTokenizer(model, files_only=True), TextTokenizer(model)
+        assert (files.max_length, files.limit, files.tokenizer.pad_token_id) == (full.max_length, full.limit, full.tokenizer.pad_token_id)
+        assert files.tokenize(TEXTS + long) == full.tokenize(TEXTS + long)
+
+
+def test_an_export_embeds_as_the_torch_backend(encoder, cache):
+    path = onnx_backend.export("all-MiniLM-L6-v2")
+    assert path == onnx_backend.export_path(encoder.fingerprint) and path.is_file()
+    onnx = onnx_backend.OnnxEncoder("all-MiniLM-L6-v2", encoder.fingerprint)
+    assert onnx.embedding.key == encoder.embedding.key + "|onnx" and onnx.dimension == 384
+    expected, got = encoder.encode_texts(TEXTS), onnx.encode_texts(TEXTS)
+    assert np.abs(got - expected).max() < 1e-5
+    assert (got * expected).sum(axis=1).min() >= 0.99999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.process
+def test_a_question_is_answered_without_torch_where_an_export_agrees(products, encoder, cache):
+    onnx_backend.export("all-MiniLM-L6-v2")
+    question = "boots that keep my feet dry on muddy trails"
+    with Index(products, encoder=encoder) as by_torch:
+        expected = [(h.id, round(h.score, 5)) for h in by_torch.search(question, k=5)]
+    code = ("import json, sys; from indexer import Index; index = Index(sys.argv[1]); "
+            "hits = [(h.id, round(h.score, 5)) for h in index.search(sys.argv[2], k=5)]; "
+            "print(json.dumps({'hits': hits, 'encoder': type(index.encoder).__name__, "
+            "'loaded': sorted(m for m in ('torch', 'transformers') if m in sys.modules)}))")
+    done = subprocess.run([sys.executable, "-c", code, str(products), question], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["encoder"] == "OnnxEncoder" and answer["loaded"] == []
+    assert [tuple(hit) for hit in answer["hits"]] == expected
+
+
+def test_an_export_that_disagrees_with_the_index_is_not_used(products, encoder, tiny_model, cache):
+    # Another model's export filed under this model's fingerprint: its vectors are not the index's.
+    wrong = onnx_backend.export(str(tiny_model))
+    target = onnx_backend.export_path(encoder.fingerprint)
+    target.parent.mkdir(parents=True)
+    shutil.copy(wrong, target)
+    with Index(products) as index:
+        assert type(index.encoder).__name__ == "Encoder"
+        assert index.search("espresso machine", k=1)
