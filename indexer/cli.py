@@ -33,7 +33,18 @@ from .errors import (
     IndexCorruptError,
     IndexerError,
 )
-from .settings import DEFAULT_MODEL, ENGINES, FUSIONS, MAX_DOCUMENT_BYTES, MAX_LENGTH_CAP, MODES, POOLINGS, PRECISIONS, IndexSettings
+from .settings import (
+    BACKENDS,
+    DEFAULT_MODEL,
+    ENGINES,
+    FUSIONS,
+    MAX_DOCUMENT_BYTES,
+    MAX_LENGTH_CAP,
+    MODES,
+    POOLINGS,
+    PRECISIONS,
+    IndexSettings,
+)
 
 # At exit the interpreter's last collections walk every object left (~0.7 s after loading a model); the process is
 # ending, so they free nothing that matters. Registered first, this runs after every other exit handler.
@@ -115,6 +126,7 @@ def _value(choice: Any) -> Any:
 
 Pooling = _choice("Pooling", POOLINGS)
 Precision = _choice("Precision", PRECISIONS)
+Backend = _choice("Backend", BACKENDS)
 Engine = _choice("Engine", ENGINES)
 Mode = _choice("Mode", MODES)
 Fusion = _choice("Fusion", FUSIONS)
@@ -157,6 +169,7 @@ BatchTokensOption = Annotated[
     int | None, typer.Option(min=1, help="Most padded tokens per model batch (default: measured while encoding, from 1024 on CPU and 65536 on GPU).")
 ]
 PrecisionOption = Annotated[Precision, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see docs/benchmarks.md for quality cost.")]
+BackendOption = Annotated[Backend, typer.Option(help="torch, or onnx (ONNX Runtime on the CPU, fp32; the onnx extra; the model is exported once).")]
 IdFieldOption = Annotated[str | None, typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
 TextFieldOption = Annotated[
     list[str] | None,
@@ -285,6 +298,7 @@ def build(
     batch_size: BatchSizeOption = None,
     batch_tokens: BatchTokensOption = None,
     precision: PrecisionOption = "fp32",
+    backend: BackendOption = "torch",
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
     max_document_bytes: MaxDocumentBytesOption = MAX_DOCUMENT_BYTES,
@@ -309,7 +323,8 @@ def build(
 
     parse_memory(memory)  # a bad budget fails before the model loads
     settings = _settings(
-        model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, index_type=index_type, memory=memory,
+        model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, backend=_value(backend),
+        index_type=index_type, memory=memory,
         max_document_bytes=max_document_bytes,
     )
     ray = _ray_options(engine, ray_address, replicas, gpus_per_replica, ray_work_dir)
@@ -586,6 +601,7 @@ def embed(
     batch_size: BatchSizeOption = None,
     batch_tokens: BatchTokensOption = None,
     precision: PrecisionOption = "fp32",
+    backend: BackendOption = "torch",
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
     max_document_bytes: MaxDocumentBytesOption = MAX_DOCUMENT_BYTES,
@@ -595,7 +611,8 @@ def embed(
     from .ingest import embed_source
 
     settings = _settings(
-        model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, max_document_bytes=max_document_bytes
+        model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, backend=_value(backend),
+        max_document_bytes=max_document_bytes
     )
     count = embed_source(source, output, settings, device=device, progress=sys.stderr.isatty())
     typer.echo(f"wrote {count} embeddings to {output}")

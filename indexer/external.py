@@ -49,6 +49,10 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: Enco
         raise ModelError(f"this index's vectors come from the external encoder {settings.model!r}: "
                          f"open it with that encoder (e.g. through the LangChain adapter){given}")
     with collector.paused():
+        if settings.backend == "onnx":
+            from .encoder import onnx_backend
+
+            return onnx_backend.from_settings(settings, device)
         from .encoder import Encoder  # torch: imported only where our model is loaded
 
         return Encoder.from_settings(settings, device, tokenizer=tokenizer)
@@ -107,10 +111,11 @@ class DeferredEncoder:
     def __init__(self, settings: IndexSettings, facts: ModelFacts, *, device: str | None = None):
         # What can be checked without torch fails now, as a load would (the device's name only if one is given).
         check_embedding(pooling=settings.pooling, precision=settings.precision, max_length=settings.max_length,
-                        batch_size=settings.batch_size, device_type=device.split(":")[0] if device else None)
+                        batch_size=settings.batch_size, device_type=device.split(":")[0] if device else None,
+                        backend=settings.backend)
         self._settings, self._device = replace(settings), device
         self.model_name = canonical_model_name(settings.model)
-        self.pooling, self.precision = settings.pooling, settings.precision
+        self.pooling, self.precision, self.backend = settings.pooling, settings.precision, settings.backend
         self.max_length = resolved_max_length(settings.max_length, facts.max_length)
         self.dimension, self.fingerprint = facts.dimension, facts.fingerprint
         self._encoder: Encoder | None = None
@@ -119,7 +124,7 @@ class DeferredEncoder:
 
     @property
     def embedding(self) -> Embedding:
-        return Embedding(self.fingerprint, self.pooling, self.max_length, self.precision)
+        return Embedding(self.fingerprint, self.pooling, self.max_length, self.precision, self.backend)
 
     def embeds_as(self, settings: IndexSettings) -> bool:
         return embeds_as(self, settings)
@@ -185,6 +190,7 @@ class ExternalEncoder:
 
     pooling = EXTERNAL_POOLING
     precision = "fp32"
+    backend = "torch"  # what settings of an external index say: the encoder given is what embeds
     max_length = None
 
     def __init__(self, embed_documents: Callable[[list[str]], Sequence[Sequence[float]]],

@@ -362,12 +362,12 @@ def embed_source(
     classic BERT-embeddings notebooks save. ``.npy``: the matrix, with the ids
     as a JSON list beside it in ``<output>.ids.json``. Written atomically.
     """
-    from .encoder import Encoder
+    from .external import load_encoder
 
     settings = settings or IndexSettings()
     sink = ArrayFile(output)
     documents = DocumentSource(source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
-    count = ingest(documents, Encoder.from_settings(settings, device), sink, progress=progress).documents
+    count = ingest(documents, load_encoder(settings, device), sink, progress=progress).documents
     if not count:
         raise SourceError(f"{documents.path}: no documents")
     sink.write()

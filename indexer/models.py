@@ -115,8 +115,8 @@ def _cached_snapshot(name: str) -> str | None:
 
 def embeds_as(encoder, settings) -> bool:
     """Whether our ``encoder`` (loaded or deferred) embeds texts exactly as ``settings`` describe."""
-    return (encoder.model_name, encoder.pooling, encoder.max_length, encoder.precision) == (
-        canonical_model_name(settings.model), settings.pooling, settings.max_length, settings.precision)
+    return (encoder.model_name, encoder.pooling, encoder.max_length, encoder.precision, encoder.backend) == (
+        canonical_model_name(settings.model), settings.pooling, settings.max_length, settings.precision, settings.backend)
 
 
 def file_stamp(path: str) -> tuple | None:

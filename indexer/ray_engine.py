@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import Encoder
 from .errors import ArgumentError, IndexerError
+from .external import load_encoder
 from .settings import IndexSettings
 from .shards import vector_table
 
@@ -93,10 +93,12 @@ class EncodeBatch:
     """
 
     def __init__(self, settings: dict, device: str, threads: int):
-        import torch
+        settings = IndexSettings.from_dict(settings)
+        if settings.backend == "torch":
+            import torch
 
-        torch.set_num_threads(threads)
-        self.encoder = Encoder.from_settings(IndexSettings.from_dict(settings), device)
+            torch.set_num_threads(threads)
+        self.encoder = load_encoder(settings, device)
         self.model = threading.Lock()
 
     def __call__(self, batch):

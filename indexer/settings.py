@@ -9,6 +9,8 @@ from .errors import ModelError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
+# Encoder backends (``indexer.encoder``): torch (transformers), or onnx (ONNX Runtime running an export of the model).
+BACKENDS = ("torch", "onnx")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # Most tokens per text an index may be built with (``max_length``).
 MAX_LENGTH_CAP = 512
@@ -39,6 +41,7 @@ class IndexSettings:
     batch_size: int | None = None
     batch_tokens: int | None = None
     precision: str = "fp32"
+    backend: str = "torch"
     index_type: str = "flat"
     memory: str | None = None
     id_field: str | None = None
@@ -57,7 +60,6 @@ class IndexSettings:
 
 # The pooling an external encoder's vectors are recorded with: it pools (and truncates) as it does.
 EXTERNAL_POOLING = "external"
-BACKENDS = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,7 @@ class Embedding:
 
     def __post_init__(self):
         if self.pooling != EXTERNAL_POOLING:
-            check_embedding(pooling=self.pooling, precision=self.precision, max_length=self.max_length)
-        if self.backend not in BACKENDS:
-            raise ModelError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+            check_embedding(pooling=self.pooling, precision=self.precision, max_length=self.max_length, backend=self.backend)
 
     @property
     def key(self) -> str:
@@ -91,9 +91,15 @@ class Embedding:
 
 
 def check_embedding(*, pooling: str | None = None, precision: str | None = None, max_length: int | None = None,
-                    batch_size: int | None = None, device_type: str | None = None) -> None:
-    """Raise ModelError unless what is given is a pooling, precision, max length, batch size and device an encoder
-    embeds with."""
+                    batch_size: int | None = None, device_type: str | None = None, backend: str | None = None) -> None:
+    """Raise ModelError unless what is given is a pooling, precision, max length, batch size, device and backend an
+    encoder embeds with."""
+    if backend is not None and backend not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "onnx" and precision not in (None, "fp32"):
+        raise ModelError(f"the onnx backend embeds in fp32 only, not {precision}")
+    if backend == "onnx" and device_type not in (None, "cpu"):
+        raise ModelError("the onnx backend runs on the CPU only")
     if batch_size is not None and batch_size < 1:
         raise ModelError(f"batch size must be at least 1, got {batch_size}")
     if pooling is not None and pooling not in POOLINGS:

@@ -78,3 +78,37 @@ def test_an_export_that_disagrees_with_the_index_is_not_used(products, encoder, 
     with Index(products) as index:
         assert type(index.encoder).__name__ == "Encoder"
         assert index.search("espresso machine", k=1)
+
+
+def test_build_and_embed_on_the_onnx_backend_agree_with_torch(tmp_path, encoder, sample_index, cache):
+    from helpers import run_cli
+
+    corpus = DATASET / "corpus.jsonl"
+    report = json.loads(run_cli("build", corpus, "--index", tmp_path / "onnx", "--backend", "onnx", "--json").stdout)
+    assert report["documents"] == report["encoded"] == len(TEXTS)
+    with Index(tmp_path / "onnx") as on_onnx, Index(sample_index, encoder=encoder) as on_torch:
+        assert on_onnx.settings.backend == "onnx" and type(on_onnx.encoder).__name__ == "OnnxEncoder"
+        assert on_onnx._served.segments[0].meta.embedding == encoder.embedding.key + "|onnx"
+        (texts, got), (same, expected) = on_onnx._served.stored_sample(len(TEXTS)), on_torch._served.stored_sample(len(TEXTS))
+        assert texts == same and len(texts) == len(TEXTS)
+        assert np.abs(got - expected).max() < 1e-5 and (got * expected).sum(axis=1).min() >= 0.99999
+        for question in ["boots for muddy trails", "espresso at home", "a bed for a large dog"]:
+            assert [h.id for h in on_onnx.search(question, k=5)] == [h.id for h in on_torch.search(question, k=5)]
+    assert "ok" in run_cli("check", tmp_path / "onnx").stdout
+
+    for backend in ("torch", "onnx"):
+        run_cli("embed", corpus, "--output", tmp_path / f"{backend}.npy", "--backend", backend)
+    onnx_vectors, torch_vectors = np.load(tmp_path / "onnx.npy"), np.load(tmp_path / "torch.npy")
+    assert onnx_vectors.shape == torch_vectors.shape == (len(TEXTS), 384)
+    assert (onnx_vectors * torch_vectors).sum(axis=1).min() >= 0.99999
+
+
+def test_the_onnx_backend_refuses_what_it_cannot_run(tmp_path):
+    from helpers import one_line_error, run_cli
+
+    corpus = str(DATASET / "corpus.jsonl")
+    refused = run_cli("build", corpus, "--index", tmp_path / "x", "--backend", "onnx", "--precision", "int8", check=False)
+    one_line_error(refused, 4, "onnx backend embeds in fp32 only")
+    assert not (tmp_path / "x").exists()
+    unknown = run_cli("build", corpus, "--index", tmp_path / "x", "--backend", "tpu", check=False)
+    assert unknown.returncode == 2 and "'tpu' is not one of 'torch', 'onnx'" in unknown.stderr

@@ -90,6 +90,14 @@ def fingerprint(model: str) -> str:
     return Encoder(model, device="cpu").fingerprint
 
 
+def from_settings(settings: IndexSettings, device: str | None = None) -> OnnxEncoder:
+    """The ONNX encoder an index's settings describe, its model exported first if it never was (that needs torch)."""
+    check_embedding(pooling=settings.pooling, precision=settings.precision, max_length=settings.max_length,
+                    device_type=device.split(":")[0] if device else None, backend="onnx")
+    path = export(settings.model)
+    return OnnxEncoder(settings.model, path.parent.name, pooling=settings.pooling, max_length=settings.max_length, path=path)
+
+
 class OnnxEncoder:
     """An encoder (see ``indexer.encoder``) that runs an ``export`` of the model with ONNX Runtime, fp32, on the CPU."""
 

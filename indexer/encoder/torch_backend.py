@@ -77,6 +77,8 @@ class Encoder:
     ``TextTokenizer`` with the same ``max_length``, if one is loaded already.
     """
 
+    backend = "torch"
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
@@ -185,7 +187,7 @@ class Encoder:
     @property
     def embedding(self) -> Embedding:
         """Everything besides the text that decides a vector (a write's: it reads the fingerprint)."""
-        return Embedding(self.fingerprint, self.pooling, self.max_length, self.precision)
+        return Embedding(self.fingerprint, self.pooling, self.max_length, self.precision, self.backend)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to ``max_length``, unpadded (``TextTokenizer.tokenize``)."""
