@@ -169,7 +169,7 @@ BatchTokensOption = Annotated[
     int | None, typer.Option(min=1, help="Most padded tokens per model batch (default: measured while encoding, from 1024 on CPU and 65536 on GPU).")
 ]
 PrecisionOption = Annotated[Precision, typer.Option(help="fp32 (exact), bf16, fp16 (GPU) or int8 (CPU); see docs/benchmarks.md for quality cost.")]
-BackendOption = Annotated[Backend, typer.Option(help="torch, or onnx (ONNX Runtime on the CPU, fp32; the onnx extra; the model is exported once).")]
+BackendOption = Annotated[Backend, typer.Option(help="torch, or onnx (ONNX Runtime on the CPU, fp32 or int8; the onnx extra; the model is exported once).")]
 IdFieldOption = Annotated[str | None, typer.Option(help="Field holding the document id (default: id, _id or *_id).")]
 TextFieldOption = Annotated[
     list[str] | None,

@@ -96,8 +96,8 @@ def check_embedding(*, pooling: str | None = None, precision: str | None = None,
     encoder embeds with."""
     if backend is not None and backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "onnx" and precision not in (None, "fp32"):
-        raise ModelError(f"the onnx backend embeds in fp32 only, not {precision}")
+    if backend == "onnx" and precision not in (None, "fp32", "int8"):
+        raise ModelError(f"the onnx backend embeds in fp32 or int8, not {precision}")
     if backend == "onnx" and device_type not in (None, "cpu"):
         raise ModelError("the onnx backend runs on the CPU only")
     if batch_size is not None and batch_size < 1:

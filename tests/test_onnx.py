@@ -107,8 +107,23 @@ def test_the_onnx_backend_refuses_what_it_cannot_run(tmp_path):
     from helpers import one_line_error, run_cli
 
     corpus = str(DATASET / "corpus.jsonl")
-    refused = run_cli("build", corpus, "--index", tmp_path / "x", "--backend", "onnx", "--precision", "int8", check=False)
-    one_line_error(refused, 4, "onnx backend embeds in fp32 only")
+    refused = run_cli("build", corpus, "--index", tmp_path / "x", "--backend", "onnx", "--precision", "bf16", check=False)
+    one_line_error(refused, 4, "onnx backend embeds in fp32 or int8")
     assert not (tmp_path / "x").exists()
     unknown = run_cli("build", corpus, "--index", tmp_path / "x", "--backend", "tpu", check=False)
     assert unknown.returncode == 2 and "'tpu' is not one of 'torch', 'onnx'" in unknown.stderr
+
+
+def test_an_int8_export_builds_and_answers_as_its_own_embedding(tmp_path, tiny_index, tiny_model, cache):
+    from helpers import records, run_cli
+
+    source = tmp_path / "source.jsonl"
+    run_cli("build", source, "--index", tmp_path / "int8", "--model", tiny_model, "--backend", "onnx", "--precision", "int8")
+    assert onnx_backend.export_path(onnx_backend.fingerprint(str(tiny_model)), "int8").is_file()
+    with Index(tmp_path / "int8") as quantised, Index(tiny_index) as exact:
+        assert type(quantised.encoder).__name__ == "OnnxEncoder" and quantised.encoder.precision == "int8"
+        assert quantised._served.segments[0].meta.embedding.endswith("|int8|onnx")
+        (texts, got), (same, expected) = quantised._served.stored_sample(40), exact._served.stored_sample(40)
+        assert texts == same and (got * expected).sum(axis=1).min() > 0.9  # close to fp32, not equal to it
+        assert np.abs(got - expected).max() > 1e-4
+        assert quantised.search(records(40)[7]["text"], k=1)[0].id == "doc7"

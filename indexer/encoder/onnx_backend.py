@@ -24,13 +24,16 @@ from .batching import BatchBudget, flatten, length_batches
 from .tokenizer import TextTokenizer
 
 ONNX_FILE = "model.onnx"
+# The export with its linear layers' weights in int8 (ONNX Runtime's dynamic quantisation), beside the fp32 one.
+INT8_FILE = "model.int8.onnx"
+PRECISIONS = ("fp32", "int8")
 # Padded tokens per ONNX Runtime call: the torch backend's CPU starting budget.
 BATCH_TOKENS = 1024
 
 
-def export_path(fingerprint: str) -> Path:
-    """Where the export of the model whose fingerprint is ``fingerprint`` lives."""
-    return cache_folder() / "onnx" / fingerprint / ONNX_FILE
+def export_path(fingerprint: str, precision: str = "fp32") -> Path:
+    """Where the export of the model whose fingerprint is ``fingerprint`` lives, in ``precision``."""
+    return cache_folder() / "onnx" / fingerprint / (INT8_FILE if precision == "int8" else ONNX_FILE)
 
 
 def available() -> bool:
@@ -40,8 +43,9 @@ def available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def export(model: str, *, opset: int = 17) -> Path:
-    """Export ``model``'s forward (ids, mask -> last hidden state) for ONNX Runtime, once per fingerprint; its path.
+def export(model: str, *, precision: str = "fp32", opset: int = 17) -> Path:
+    """Export ``model``'s forward (ids, mask -> last hidden state) for ONNX Runtime, once per fingerprint and
+    precision; its path. int8 quantises the fp32 export's linear weights (dynamically: activations stay fp32).
 
     Needs torch and transformers. The export takes the same attention-mask
     form as the torch backend's traced forward, so batch and width stay free.
@@ -54,6 +58,8 @@ def export(model: str, *, opset: int = 17) -> Path:
     from .tokenizer import TextTokenizer
     from .torch_backend import load_weights
 
+    if precision == "int8":
+        return _quantised(export(model, opset=opset))
     path = export_path(fingerprint(model))
     if path.is_file():
         return path
@@ -94,24 +100,45 @@ def from_settings(settings: IndexSettings, device: str | None = None) -> OnnxEnc
     """The ONNX encoder an index's settings describe, its model exported first if it never was (that needs torch)."""
     check_embedding(pooling=settings.pooling, precision=settings.precision, max_length=settings.max_length,
                     device_type=device.split(":")[0] if device else None, backend="onnx")
-    path = export(settings.model)
-    return OnnxEncoder(settings.model, path.parent.name, pooling=settings.pooling, max_length=settings.max_length, path=path)
+    path = export(settings.model, precision=settings.precision)
+    return OnnxEncoder(settings.model, path.parent.name, pooling=settings.pooling, max_length=settings.max_length,
+                       precision=settings.precision, path=path)
+
+
+def _quantised(fp32: Path) -> Path:
+    path = fp32.with_name(INT8_FILE)
+    if not path.is_file():
+        import logging
+
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        partial = path.with_name(f".{INT8_FILE}.{os.getpid()}.tmp.onnx")
+        root = logging.getLogger()
+        level = root.level
+        try:
+            root.setLevel(logging.ERROR)  # its advice to pre-process the graph first, printed on every quantisation
+            quantize_dynamic(str(fp32), str(partial), weight_type=QuantType.QInt8)
+            os.replace(partial, path)
+        finally:
+            root.setLevel(level)
+            partial.unlink(missing_ok=True)
+    return path
 
 
 class OnnxEncoder:
     """An encoder (see ``indexer.encoder``) that runs an ``export`` of the model with ONNX Runtime, fp32, on the CPU."""
 
     backend = "onnx"
-    precision = "fp32"
 
     def __init__(self, model: str, fingerprint: str, *, pooling: str = "mean", max_length: int | None = None,
-                 path: str | Path | None = None, threads: int | None = None):
-        check_embedding(pooling=pooling, max_length=max_length)
+                 precision: str = "fp32", path: str | Path | None = None, threads: int | None = None):
+        check_embedding(pooling=pooling, max_length=max_length, precision=precision, backend=self.backend)
+        self.precision = precision
         try:
             import onnxruntime
         except ImportError:
             raise ModelError("the onnx backend needs onnxruntime: pip install 'indexer[onnx]'") from None
-        path = Path(path) if path is not None else export_path(fingerprint)
+        path = Path(path) if path is not None else export_path(fingerprint, precision)
         if not path.is_file():
             raise ModelError(f"no ONNX export of model {canonical_model_name(model)!r} at {path}")
         self.model_name, self.fingerprint, self.pooling = canonical_model_name(model), fingerprint, pooling
