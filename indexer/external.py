@@ -49,13 +49,9 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: Enco
         raise ModelError(f"this index's vectors come from the external encoder {settings.model!r}: "
                          f"open it with that encoder (e.g. through the LangChain adapter){given}")
     with collector.paused():
-        if settings.backend == "onnx":
-            from .encoder import onnx_backend
+        from . import encoder  # the backends import torch only where they load it
 
-            return onnx_backend.from_settings(settings, device)
-        from .encoder import Encoder  # torch: imported only where our model is loaded
-
-        return Encoder.from_settings(settings, device, tokenizer=tokenizer)
+        return encoder.load(settings, device, tokenizer=tokenizer)
 
 
 # An ONNX export answers an index's questions only if it embeds stored documents as the index holds them: every
@@ -150,6 +146,9 @@ class DeferredEncoder:
 
     def encode_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         return self.encoder().encode_texts(texts, progress)
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        return self.encoder().encode_queries(queries)
 
 
 def load_tokenizer(settings: IndexSettings, device: str | None = None) -> TextTokenizer | None:

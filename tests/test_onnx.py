@@ -127,3 +127,23 @@ def test_an_int8_export_builds_and_answers_as_its_own_embedding(tmp_path, tiny_i
         assert texts == same and (got * expected).sum(axis=1).min() > 0.9  # close to fp32, not equal to it
         assert np.abs(got - expected).max() > 1e-4
         assert quantised.search(records(40)[7]["text"], k=1)[0].id == "doc7"
+
+
+def test_every_backend_is_an_encoder_backend_made_by_its_name(tiny_model, cache):
+    from indexer.encoder import BACKEND_LOADERS, EncoderBackend, load
+    from indexer.external import DeferredEncoder, ExternalEncoder
+    from indexer.models import ModelFacts
+    from indexer.settings import BACKENDS, IndexSettings
+
+    assert tuple(BACKEND_LOADERS) == BACKENDS  # the CLI's choices are the backends there are
+    made = {}
+    for backend in BACKENDS:
+        made[backend] = load(IndexSettings(model=str(tiny_model), backend=backend))
+        assert isinstance(made[backend], EncoderBackend) and made[backend].embedding.backend == backend
+    np.testing.assert_allclose(made["onnx"].encode_queries(["a lamp by the river"]),
+                               made["torch"].encode_queries(["a lamp by the river"]), atol=1e-5, rtol=0)
+    facts = ModelFacts(made["torch"].fingerprint, 32, 128)
+    deferred = DeferredEncoder(IndexSettings(model=str(tiny_model)), facts)
+    external = ExternalEncoder(lambda texts: [[1.0, 0.0]] * len(texts), lambda text: [0.0, 1.0], name="two")
+    assert isinstance(deferred, EncoderBackend) and isinstance(external, EncoderBackend)
+    assert deferred.embedding == made["torch"].embedding
