@@ -12,7 +12,7 @@ import numpy as np
 
 from . import layout
 from .errors import ArgumentError, IndexCorruptError, ModelError
-from .external import check_encoder, is_external, load_encoder, load_query_encoder
+from .external import check_encoder, is_external, load_query_encoder
 from .models import canonical_model_name
 from .query import Condition, Hit, search_texts, typed_conditions
 from .settings import IndexSettings
@@ -170,7 +170,8 @@ class Index:
             served = Snapshot.open(self.path, loaded=loaded)
             # A new version is served only once its files are proven (shared segments were, and are not read again).
             self._check_files(served, background=False)
-            encoder = load_encoder(served.manifest.settings, self.device, reuse=self._encoder)
+            encoder = load_query_encoder(served.manifest.settings, served.manifest.model_fingerprint, served.stored_sample,
+                                         self.device, reuse=self._encoder)
             self._check_encoder(served, encoder)
             # The old version's own segments are left to the garbage collector: searches may still be reading them.
             self._served, self._encoder = served, encoder

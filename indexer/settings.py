@@ -89,7 +89,6 @@ class Embedding:
         return "|".join(parts if self.backend == "torch" else [*parts, self.backend])
 
 
-
 def check_embedding(*, pooling: str | None = None, precision: str | None = None, max_length: int | None = None,
                     batch_size: int | None = None, device_type: str | None = None, backend: str | None = None) -> None:
     """Raise ModelError unless what is given is a pooling, precision, max length, batch size, device and backend an

@@ -20,6 +20,16 @@ def flatten(token_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return flat, np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths
 
 
+def padded(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input ids and attention mask ([texts, width], int64) of texts held as one flat id array (``flatten``), padded
+    with ``pad_id`` to ``width``: one numpy gather."""
+    columns = np.arange(width)
+    attention_mask = (columns < lengths[:, None]).astype(np.int64)
+    if not len(flat):
+        return np.full(attention_mask.shape, pad_id, dtype=np.int64), attention_mask
+    return np.where(attention_mask, flat[np.minimum(starts[:, None] + columns, len(flat) - 1)], pad_id), attention_mask
+
+
 def length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int | None, batch_tokens: int | BatchBudget,
                    *, uniform: bool = False) -> Iterator[np.ndarray]:
     """Slices of ``order`` (indices sorted by length, longest first) of at most ``batch_size`` texts (None: no cap)

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ModelError
 from ..models import cache_folder, canonical_model_name, embeds_as
 from ..settings import Embedding, IndexSettings, check_embedding
-from .batching import BatchBudget, flatten, length_batches
+from .batching import BatchBudget, flatten, length_batches, padded
 from .tokenizer import TextTokenizer
 
 ONNX_FILE = "model.onnx"
@@ -176,12 +176,7 @@ class OnnxEncoder:
         out = np.empty((len(lengths), self.dimension), dtype=np.float32)
         order = np.argsort(-lengths, kind="stable")
         for batch in length_batches(order, lengths, None, self.budget):
-            width = int(lengths[batch].max()) if len(batch) else 0
-            ids = np.full((len(batch), max(width, 1)), self._pad_id, dtype=np.int64)
-            mask = np.zeros(ids.shape, dtype=np.int64)
-            for row, text in enumerate(batch):
-                ids[row, : lengths[text]] = flat[starts[text] : starts[text] + lengths[text]]
-                mask[row, : lengths[text]] = 1
+            ids, mask = padded(flat, starts[batch], lengths[batch], max(int(lengths[batch].max()), 1), self._pad_id)
             hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
             out[batch] = _unit(_pool(hidden, mask, self.pooling))
         return out

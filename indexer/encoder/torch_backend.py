@@ -27,7 +27,7 @@ from .. import interrupts
 from ..errors import ModelError
 from ..models import ModelFacts, canonical_model_name, embeds_as, file_stamp, remember_facts
 from ..settings import DEFAULT_MODEL, Embedding, IndexSettings, check_embedding
-from .batching import QUERY_TEXTS, BatchBudget, flatten, length_batches
+from .batching import QUERY_TEXTS, BatchBudget, flatten, length_batches, padded
 from .cpu_kernels import (
     HiddenStates,
     PackedLinear,
@@ -410,9 +410,7 @@ class Encoder:
         # and keeps them (~2 MB per width for MiniLM); masked pads change no vector.
         longest = int(lengths.max())
         width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(self._positions, longest))
-        columns = np.arange(width)
-        attention_mask = (columns < lengths[:, None]).astype(np.int64)
-        input_ids = np.where(attention_mask, flat[np.minimum(starts[:, None] + columns, len(flat) - 1)], self._pad_id)
+        input_ids, attention_mask = padded(flat, starts, lengths, width, self._pad_id)
         if self.device.type == "cuda":  # from page-locked memory, so the copy runs behind the host's next batch
             return (torch.from_numpy(input_ids).pin_memory().to(self.device, non_blocking=True),
                     torch.from_numpy(attention_mask).pin_memory().to(self.device, non_blocking=True))
