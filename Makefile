@@ -39,7 +39,7 @@ lint: install-dev
 WORKERS := -n auto --maxprocesses 4 --dist loadfile
 
 # The whole suite; it prints its wall time and the 15 slowest tests. CLI calls run in-process where the process
-# is not what is tested (tests/helpers.py run_cli). 5 min 30 s on a 2-core machine, no test process over 2 GB.
+# is not what is tested (tests/helpers.py run_cli). 5 min 30 s to 6 min 50 s on a 2-core machine, no test process over 2.3 GB.
 test: lint
 	$(BIN)/python -m pytest -q $(WORKERS) --durations=15
 
