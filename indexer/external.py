@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import collector
 from .errors import ModelError
-from .models import ModelFacts, canonical_model_name, embeds_as, remembered_facts
+from .models import ModelFacts, canonical_model_name, embeds_as, read_memo, remembered_facts, write_memo
 from .settings import EXTERNAL_POOLING, Embedding, IndexSettings, check_embedding, resolved_max_length
 
 if TYPE_CHECKING:
@@ -54,34 +55,71 @@ def load_encoder(settings: IndexSettings, device: str | None = None, reuse: Enco
         return encoder.load(settings, device, tokenizer=tokenizer)
 
 
-# An ONNX export answers an index's questions only if it embeds stored documents as the index holds them: every
-# cosine at least this, on up to AGREEMENT_TEXTS of them (MiniLM's export: 0.9999999, max abs difference 2e-7).
+# A stand-in for the model (an ONNX export, a saved trace) answers an index's questions only if it embeds stored
+# documents as the index holds them: every cosine at least this, on up to AGREEMENT_TEXTS of them (MiniLM's export:
+# 0.9999999, max abs difference 2e-7). A verdict is remembered (AGREEMENTS_FILE) by the embedding and the stand-in's
+# file, so later processes that open an index of that embedding do not embed the sample again.
 AGREEMENT_COSINE = 0.99999
 AGREEMENT_TEXTS = 16
+AGREEMENTS_FILE = "agreements.json"
 
 
 def load_query_encoder(settings: IndexSettings, fingerprint: str, sample: Callable[[int], tuple[list[str], np.ndarray] | None],
                        device: str | None = None, reuse: Encoder | ExternalEncoder | None = None):
-    """The encoder a search embeds questions with: ONNX Runtime, without torch, where it is installed, an export of
-    the index's model (``fingerprint``) exists and it agrees with ``sample(n)`` (up to n stored texts and their
-    vectors; None where no segment keeps whole vectors); else as ``load_encoder``."""
-    if ((reuse is None or not reuse.embeds_as(settings)) and device in (None, "cpu") and settings.precision == "fp32"
-            and not is_external(settings.model)):
-        from .encoder import onnx_backend
+    """The encoder a search embeds questions with: ``reuse`` if it embeds as ``settings`` say; else, on the CPU in
+    fp32, a stand-in that needs neither transformers nor (the ONNX export) torch, if it agrees with ``sample(n)`` (up to
+    n stored texts and their vectors; None where no segment keeps whole vectors); else as ``load_encoder``.
 
-        if onnx_backend.available() and onnx_backend.export_path(fingerprint).is_file():
+    Stand-ins, first that agrees: an ONNX export of the index's model (``fingerprint``) where ONNX Runtime is
+    installed; the TorchScript trace of the forward a load of the model saved on this machine.
+    """
+    if reuse is not None and reuse.embeds_as(settings):
+        return reuse
+    if device in (None, "cpu") and settings.precision == "fp32" and not is_external(settings.model):
+        for stand_in in (_onnx_export, _saved_trace):
             try:
                 with collector.paused():
-                    encoder = onnx_backend.OnnxEncoder(settings.model, fingerprint, pooling=settings.pooling,
-                                                       max_length=settings.max_length)
-                found = sample(AGREEMENT_TEXTS)
-                if (found is not None and len(found[0]) and encoder.max_length == settings.max_length
-                        and encoder.dimension == found[1].shape[1]
-                        and float((encoder.encode_texts(found[0]) * found[1]).sum(axis=1).min()) >= AGREEMENT_COSINE):
-                    return encoder
-            except Exception:  # an export is a cache: one that cannot load or run leaves the question to the model itself
+                    made = stand_in(settings, fingerprint)
+                if made is not None and _agrees(made[0], made[1], settings, fingerprint, sample):
+                    return made[0]
+            except Exception:  # a stand-in is a cache: one that cannot load or run leaves the question to the model itself
                 pass
     return load_encoder(settings, device, reuse)
+
+
+def _onnx_export(settings: IndexSettings, fingerprint: str):
+    """The ONNX export of the index's model and its file, where ONNX Runtime is installed and the export exists."""
+    from .encoder import onnx_backend
+
+    path = onnx_backend.export_path(fingerprint)
+    if not onnx_backend.available() or not path.is_file():
+        return None
+    return onnx_backend.OnnxEncoder(settings.model, fingerprint, pooling=settings.pooling, max_length=settings.max_length,
+                                    path=path), path
+
+
+def _saved_trace(settings: IndexSettings, fingerprint: str):
+    """The torch backend on the trace a load of the model saved (imports torch, not transformers), and its file."""
+    from .encoder import traced_backend
+
+    return traced_backend.from_saved(settings, fingerprint)
+
+
+def _agrees(encoder, path, settings: IndexSettings, fingerprint: str, sample) -> bool:
+    """Whether ``encoder`` (a stand-in loaded from the file ``path``) embeds stored texts as the index holds them."""
+    if encoder.max_length != settings.max_length:
+        return False
+    stat = Path(path).stat()
+    key = json.dumps([fingerprint, settings.pooling, settings.max_length, type(encoder).__name__, str(path),
+                      stat.st_size, stat.st_mtime_ns, stat.st_ino])
+    if read_memo(AGREEMENTS_FILE).get(key) is True:
+        return True
+    found = sample(AGREEMENT_TEXTS)
+    agrees = bool(found is not None and len(found[0]) and encoder.dimension == found[1].shape[1]
+                  and float((encoder.encode_texts(found[0]) * found[1]).sum(axis=1).min()) >= AGREEMENT_COSINE)
+    if agrees:
+        write_memo(AGREEMENTS_FILE, key, True)
+    return agrees
 
 
 def encoder_for_write(settings: IndexSettings, *, device: str | None = None, reuse: Encoder | ExternalEncoder | None = None):

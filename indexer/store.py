@@ -22,12 +22,14 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sqlite_utils
 
 from .errors import ArgumentError, IndexCorruptError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 TABLE = "documents"
 KEYWORDS = "documents_fts"
@@ -51,7 +53,7 @@ INSERT_BYTES = 64 * 2**20
 class DocumentStore:
     """Documents by FAISS key, in one SQLite file."""
 
-    def __init__(self, db: sqlite_utils.Database):
+    def __init__(self, db: sqlite_utils.Database | Reader):
         self.db = db
         self._lock = threading.Lock()
 
@@ -81,7 +83,7 @@ class DocumentStore:
         if not path.is_file():
             raise IndexCorruptError(f"{path}: document store is missing")
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False)
-        return cls(sqlite_utils.Database(conn))
+        return cls(Reader(conn))
 
     def add(self, keys: Sequence[int], documents: Sequence[Any]) -> None:
         """Insert documents (objects with ``id``, ``text``, ``metadata``, ``fields``, ``origin``); ``keys[i]`` is the FAISS id of ``documents[i]``."""
@@ -112,9 +114,12 @@ class DocumentStore:
     @functools.cached_property
     def _columns(self) -> str:
         # Stores written before fields/origin existed are read with their defaults.
-        present = set(self.db[TABLE].columns_dict)
+        present = self._present_columns()
         defaults = {"fields": "'{}'", "origin": "'source'"}
         return ", ".join(c if c in present else f"{defaults[c]} AS {c}" for c in COLUMNS)
+
+    def _present_columns(self) -> set[str]:
+        return {row[1] for row in self.db.execute(f"PRAGMA table_info({TABLE})")}
 
     def keys_for_ids(self, ids: Sequence[str]) -> dict[str, int]:
         """``{id: key}`` for the given document ids that are present."""
@@ -132,7 +137,7 @@ class DocumentStore:
 
     @functools.cached_property
     def _origin(self) -> str:
-        return "origin" if "origin" in self.db[TABLE].columns_dict else "'source'"
+        return "origin" if "origin" in self._present_columns() else "'source'"
 
     def raw_rows_for_ids(self, ids: Sequence[str]) -> dict[str, list[tuple]]:
         """``{id: [(key, text, metadata JSON, fields JSON, origin), ...]}`` for the ids present, as stored."""
@@ -301,6 +306,17 @@ class DocumentStore:
             self.db.conn.close()
 
 
+class Reader:
+    """What reading needs of ``sqlite_utils.Database``: a connection and ``execute``. A search process then never
+    imports sqlite_utils, which imports pandas where it is installed (0.3 s of a one-question process)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, parameters)
+
+
 def decode_varints(blobs: Sequence[bytes]) -> np.ndarray:
     """One SQLite varint (big-endian, 7 bits a byte, high bit set on all but the last) per blob, as int64."""
     if not blobs:
@@ -339,6 +355,8 @@ def _insert_values(keys: np.ndarray, columns: list[list[bytes]], lengths: np.nda
 
 def _open_writable(path: str | Path) -> sqlite_utils.Database:
     # A URI connection, so that immutable stores of other versions can be ATTACHed read-only.
+    import sqlite_utils
+
     conn = sqlite3.connect(Path(path).resolve().as_uri(), uri=True, check_same_thread=False)
     db = sqlite_utils.Database(conn)
     db.enable_wal()

@@ -7,14 +7,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from ..models import file_stamp, read_memo, resolve_model_path, write_memo
+from ..models import cache_folder, file_stamp, read_memo, resolve_model_path, write_memo
 from ..settings import IndexSettings
 from .device import choose_device
 
@@ -49,15 +51,62 @@ class HiddenStates(torch.nn.Module):
 
 # TorchScript keeps every graph it traces, frozen weights included, for the life of the process: tracing at each
 # load grew a process by a copy of the model per load (a tiny test model: 11 MB a load). So a trace is made once
-# per model files (``machine_key``) and form, and every encoder of those files in the process shares it.
-_TRACES: dict[str, torch.jit.ScriptModule] = {}
+# per model files (``machine_key``) and form, and every encoder of those files in the process shares it. It is
+# also saved (TRACES_FOLDER), so later processes load it (MiniLM: 0.06 s) instead of tracing it (about a second),
+# and a search process runs it without transformers (``traced_backend``).
+_TRACES: dict[str, torch.jit.ScriptModule | None] = {}
+# Traces loaded from their files and not (yet) checked against the model here: what a search's stand-in runs.
+_LOADED: dict[str, torch.jit.ScriptModule] = {}
+TRACES_FOLDER = "traces"
 
 
-def shared_trace(key: str, trace):
-    """The trace made for ``key`` in this process, made now by ``trace()`` if there is none."""
+def trace_path(key: str) -> Path:
+    """Where the trace made for ``key`` (a ``machine_key``, ``|`` and the form) is saved."""
+    return cache_folder() / TRACES_FOLDER / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+
+def shared_trace(key: str, trace, sound) -> torch.jit.ScriptModule | None:
+    """The trace for ``key`` if it is ``sound`` (checked against the eager model): made in this process, else as an
+    earlier one saved it, else made now by ``trace()`` and saved; None where the one made now is not sound."""
     if key not in _TRACES:
-        _TRACES[key] = trace()
+        saved = saved_trace(key)
+        if saved is not None and sound(saved):
+            _TRACES[key] = saved
+        else:
+            made = trace()
+            _TRACES[key] = _save(key, made) if sound(made) else None
     return _TRACES[key]
+
+
+def saved_trace(key: str) -> torch.jit.ScriptModule | None:
+    """The trace for ``key`` this process made or checked, else as an earlier one saved it (unchecked: a cache file
+    can be damaged, so whoever runs it checks its vectors first); None if there is none that loads."""
+    if key in _TRACES:
+        return _TRACES[key]
+    if key not in _LOADED:
+        path = trace_path(key)
+        if not path.is_file():
+            return None
+        try:
+            _LOADED[key] = torch.jit.load(str(path), map_location="cpu")
+        except Exception:  # damaged (the key holds torch's version): made and saved again by the next load of the model
+            path.unlink(missing_ok=True)
+            return None
+    return _LOADED[key]
+
+
+def _save(key: str, trace: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Save ``trace`` for ``key`` whole or not at all (a file that cannot be written is skipped)."""
+    with contextlib.suppress(OSError, RuntimeError):
+        path = trace_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            torch.jit.save(trace, str(partial))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return trace
 
 
 def frozen_trace(model: torch.nn.Module, *example: torch.Tensor, mask_form: str | None = None):

@@ -42,6 +42,7 @@ from .cpu_kernels import (
     shared_trace,
     thread_count,
     timed,
+    trace_path,
 )
 from .cuda_graphs import CudaGraphs
 from .device import HALF_DTYPES, choose_device
@@ -350,10 +351,13 @@ class Encoder:
             expected = self._vectors(self._eager_forward(*check), check[1])
             if chosen in (None, "eager"):
                 timings["eager"] = seconds(self._eager_forward) if chosen is None else 0.0
-            if chosen in (None, "traced"):
+            # Traced while choosing, and whatever was chosen where no trace is saved yet: a search process runs the
+            # saved trace without transformers (``traced_backend``).
+            trace_key = f"{key}|{self._mask_form}"
+            if chosen in (None, "traced") or not trace_path(trace_key).is_file():
                 try:
-                    traced = shared_trace(f"{key}|{self._mask_form}", lambda: frozen_trace(self.model, *example, mask_form=self._mask_form))
-                    if matches(traced):
+                    traced = shared_trace(trace_key, lambda: frozen_trace(self.model, *example, mask_form=self._mask_form), matches)
+                    if traced is not None and chosen in (None, "traced"):
                         timings["traced"] = seconds(traced) if chosen is None else 0.0
                 except Exception:  # any model the tracer cannot handle runs another way
                     pass
@@ -380,12 +384,11 @@ class Encoder:
         """The model traced without attention mask, if it matches eager's within 1e-5 (else eager's)."""
         example, check = torch.tensor(self.tokenize(["two words"] * 2)), torch.tensor(self.tokenize(["a check text of one length"] * 3))
         try:
-            traced = shared_trace(f"{key}|unmasked", lambda: frozen_trace(self.model, example))
-            if (traced(check) - self._eager_unmasked(check)).abs().max().item() <= 1e-5:
-                return traced
+            traced = shared_trace(f"{key}|unmasked", lambda: frozen_trace(self.model, example),
+                                  lambda trace: (trace(check) - self._eager_unmasked(check)).abs().max().item() <= 1e-5)
         except Exception:  # a model the tracer cannot handle runs eager
-            pass
-        return self._eager_unmasked
+            traced = None
+        return traced if traced is not None else self._eager_unmasked
 
     def _threads(self, texts: int):
         """On CPU, a query (at most ``QUERY_TEXTS`` texts) runs on ``query_threads``; the count is restored after it."""
