@@ -91,6 +91,12 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
 
 
+def cpu_flags() -> str:
+    """The CPU's vector-instruction flags (AVX, AVX-512, AMX): which kernels torch, ONNX Runtime and FAISS can run."""
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx"))))
+
+
 def save(name: str, data: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -27,15 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import HERE, debian_corpus, debian_documents, machine, save, tiny_model, write_jsonl
+from common import HERE, cpu_flags, debian_corpus, debian_documents, machine, save, tiny_model, write_jsonl
 
 ROOT = HERE.parent
 BEFORE = "c0603d623175e0f9b9bd564044237cc7cd244f9c"  # main before the pipelined ingest (issue 14)
-
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx"))))
 
 
 def build(code: Path, source: Path, index: Path, *options: str) -> tuple[float, dict]:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from common import (
     DEBIAN,
+    cpu_flags,
     debian_corpus,
     debian_documents,
     debian_queries,
@@ -225,7 +226,7 @@ def main() -> None:
     from indexer.encoder import Encoder
     from indexer.settings import IndexSettings
 
-    flags = sorted({f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags") for f in line.split() if f.startswith("avx")})
+    flags = cpu_flags()
     queries = [r["text"][:80] for r in debian_corpus(args.queries, DEBIAN)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,7 +250,7 @@ def main() -> None:
     small, large = min(args.sizes), max(args.sizes)
     writes = ["cli_upsert_s", "cli_metadata_upsert_s", "cli_delete_s", "cli_unchanged_rebuild_s", "library_upsert_s", "library_delete_s", "http_upsert_s", "http_delete_s",
               "cli_upsert_wchar_mb", "cli_delete_wchar_mb"]
-    print(f"\n{machine()}; CPU flags: {' '.join(flags) or 'none'}")
+    print(f"\n{machine()}; CPU flags: {flags or 'none'}")
     columns = ["documents", "index_type", "build_s", "index_mb", *writes, "search_dense_p50_ms_segmented", "search_dense_p50_ms_compacted",
                "search_hybrid_p50_ms_segmented", "search_hybrid_p50_ms_compacted"]
     for row in rows:
