@@ -71,7 +71,8 @@ def load_query_encoder(settings: IndexSettings, fingerprint: str, sample: Callab
     n stored texts and their vectors; None where no segment keeps whole vectors); else as ``load_encoder``.
 
     Stand-ins, first that agrees: an ONNX export of the index's model (``fingerprint``) where ONNX Runtime is
-    installed; the TorchScript trace of the forward a load of the model saved on this machine.
+    installed; the TorchScript trace of the forward a load of the model saved on this machine. An ONNX-built index
+    where ONNX Runtime is not installed: the model on torch, if it agrees (else the ONNX backend's error).
     """
     if reuse is not None and reuse.embeds_as(settings):
         return reuse
@@ -84,7 +85,18 @@ def load_query_encoder(settings: IndexSettings, fingerprint: str, sample: Callab
                     return made[0]
             except Exception:  # a stand-in is a cache: one that cannot load or run leaves the question to the model itself
                 pass
+        if settings.backend == "onnx" and not _onnx_runtime():
+            # An ONNX-built fp32 index where ONNX Runtime is not installed: the model on torch, if it agrees.
+            model = load_encoder(replace(settings, backend="torch"), device)
+            if _agrees(model, None, settings, fingerprint, sample):
+                return model
     return load_encoder(settings, device, reuse)
+
+
+def _onnx_runtime() -> bool:
+    from .encoder import onnx_backend
+
+    return onnx_backend.available()
 
 
 def _onnx_export(settings: IndexSettings, fingerprint: str):
@@ -92,7 +104,7 @@ def _onnx_export(settings: IndexSettings, fingerprint: str):
     from .encoder import onnx_backend
 
     path = onnx_backend.export_path(fingerprint)
-    if not onnx_backend.available() or not path.is_file():
+    if not _onnx_runtime() or not path.is_file():
         return None
     return onnx_backend.OnnxEncoder(settings.model, fingerprint, pooling=settings.pooling, max_length=settings.max_length,
                                     path=path), path
@@ -105,19 +117,22 @@ def _saved_trace(settings: IndexSettings, fingerprint: str):
     return traced_backend.from_saved(settings, fingerprint)
 
 
-def _agrees(encoder, path, settings: IndexSettings, fingerprint: str, sample) -> bool:
-    """Whether ``encoder`` (a stand-in loaded from the file ``path``) embeds stored texts as the index holds them."""
+def _agrees(encoder, path: Path | None, settings: IndexSettings, fingerprint: str, sample) -> bool:
+    """Whether ``encoder`` (a stand-in loaded from the file ``path``, remembered by it; None: the model, never
+    remembered) embeds stored texts as the index holds them."""
     if encoder.max_length != settings.max_length:
         return False
-    stat = Path(path).stat()
-    key = json.dumps([fingerprint, settings.pooling, settings.max_length, type(encoder).__name__, str(path),
-                      stat.st_size, stat.st_mtime_ns, stat.st_ino])
-    if read_memo(AGREEMENTS_FILE).get(key) is True:
-        return True
+    key = None
+    if path is not None:
+        stat = Path(path).stat()
+        key = json.dumps([fingerprint, settings.pooling, settings.max_length, type(encoder).__name__, str(path),
+                          stat.st_size, stat.st_mtime_ns, stat.st_ino])
+        if read_memo(AGREEMENTS_FILE).get(key) is True:
+            return True
     found = sample(AGREEMENT_TEXTS)
     agrees = bool(found is not None and len(found[0]) and encoder.dimension == found[1].shape[1]
                   and float((encoder.encode_texts(found[0]) * found[1]).sum(axis=1).min()) >= AGREEMENT_COSINE)
-    if agrees:
+    if agrees and key is not None:
         write_memo(AGREEMENTS_FILE, key, True)
     return agrees
 

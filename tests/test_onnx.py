@@ -147,3 +147,42 @@ def test_every_backend_is_an_encoder_backend_made_by_its_name(tiny_model, cache)
     external = ExternalEncoder(lambda texts: [[1.0, 0.0]] * len(texts), lambda text: [0.0, 1.0], name="two")
     assert isinstance(deferred, EncoderBackend) and isinstance(external, EncoderBackend)
     assert deferred.embedding == made["torch"].embedding
+
+
+def test_each_backend_answers_the_others_fp32_index_and_writes_keep_the_index_backend(tmp_path, tiny_model, cache, monkeypatch):
+    """As docs/operations.md says: questions of an fp32 index go to whichever backend agrees with its vectors; a write
+    embeds with the backend the index records, and a build with the other re-encodes everything."""
+    from helpers import one_line_error, records, run_cli, write_jsonl
+
+    from indexer.encoder import cpu_kernels
+
+    source = write_jsonl(tmp_path / "source.jsonl", records(40))
+    run_cli("build", source, "--index", tmp_path / "onnx", "--model", tiny_model, "--backend", "onnx")
+    with Index(tmp_path / "onnx") as index:
+        assert type(index.encoder).__name__ == "OnnxEncoder"
+        expected = [(h.id, round(h.score, 4)) for h in index.search("document number seven", k=5)]
+
+    # Where ONNX Runtime is missing, the model on torch answers (it agrees), and a write is refused, data untouched.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` meets where it is not installed
+    with Index(tmp_path / "onnx") as index:  # the trace the export's load of the model saved
+        assert type(index.encoder).__name__ == "TracedEncoder"
+        assert [(h.id, round(h.score, 4)) for h in index.search("document number seven", k=5)] == expected
+    for trace in (cache / "indexer" / cpu_kernels.TRACES_FOLDER).iterdir():
+        trace.unlink()
+    monkeypatch.setattr(cpu_kernels, "_TRACES", {})
+    monkeypatch.setattr(cpu_kernels, "_LOADED", {})
+    with Index(tmp_path / "onnx") as index:
+        assert type(index.encoder).__name__ == "Encoder" and index.encoder.backend == "torch"
+        assert [(h.id, round(h.score, 4)) for h in index.search("document number seven", k=5)] == expected
+    before = sorted(p.name for p in (tmp_path / "onnx").rglob("*"))
+    one_line_error(run_cli("upsert", tmp_path / "onnx", write_jsonl(tmp_path / "new.jsonl", records(41)[40:]), check=False),
+                   4, "the onnx backend needs onnxruntime")
+    assert sorted(p.name for p in (tmp_path / "onnx").rglob("*")) == before
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+
+    # A build with the other backend is a change of embedding: every document encoded again, the new backend recorded.
+    report = json.loads(run_cli("build", source, "--index", tmp_path / "onnx", "--model", tiny_model, "--json").stdout)
+    assert report["encoded"] == 40 and report["reused"] == 0
+    with Index(tmp_path / "onnx") as index:
+        assert index.settings.backend == "torch"
+        assert [(h.id, round(h.score, 4)) for h in index.search("document number seven", k=5)] == expected

@@ -75,6 +75,8 @@ def shared_trace(key: str, trace, sound) -> torch.jit.ScriptModule | None:
         else:
             made = trace()
             _TRACES[key] = _save(key, made) if sound(made) else None
+    elif _TRACES[key] is not None and not trace_path(key).is_file():  # the cache folder was emptied, or is another now
+        _save(key, _TRACES[key])
     return _TRACES[key]
 
 

@@ -33,7 +33,7 @@ MASK_FORMS = ("row", None)
 def from_saved(settings: IndexSettings, fingerprint: str) -> tuple[TracedEncoder, Path] | None:
     """The encoder of ``settings`` (torch, fp32, CPU) from the trace saved for the model's files as they are now, with
     the query threads remembered for this machine, and the trace's file; None where there is none (then load the model)."""
-    if settings.backend != "torch" or settings.precision != "fp32":
+    if settings.precision != "fp32":  # either backend: the caller checks the trace agrees with the index's vectors
         return None
     text = TextTokenizer(settings.model, settings.max_length, files_only=True)
     key = machine_key(text.path, text.stamp)
