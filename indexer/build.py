@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import collector, layout
+from . import collector, layout, vectors
 from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, SourceError
@@ -33,7 +33,7 @@ from .ingest import CachedEncoder, ReadAhead, ingest
 from .segments import segment_structure
 from .settings import IndexSettings
 from .sources import DocumentSource
-from .vectors import VectorIndex, choose_structure, parse_memory
+from .vectors import choose_structure, parse_memory
 from .write import BuildReport, Diff, Transaction, since, transaction
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         settings.source = None if isinstance(source, DocumentSource) else str(Path(source).resolve())
         # A bad index type or memory budget fails now, not after the whole corpus is encoded.
         memory = parse_memory(settings.memory)
-        VectorIndex.create(encoder.dimension, choose_structure(settings.index_type, 1, encoder.dimension, memory))
+        vectors.create(encoder.dimension, choose_structure(settings.index_type, 1, encoder.dimension, memory))
         carry = current is not None and _carries_over(txn, encoder, settings)
         if not carry:
             txn.reset()

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import layout
+from . import vectors as structures
 from .errors import IndexCorruptError
 from .store import DocumentStore
 from .vectors import ONDISK_SUFFIX, VectorIndex, VectorSpool, build_from_spool, choose_structure
@@ -59,7 +60,7 @@ class SegmentWriter:
         """Build the FAISS ``structure`` from the spooled vectors (or take ``built``), write, checksum and publish the segment."""
         self.spool.close()
         if not self.count:  # a merge whose documents were all deleted
-            built, structure = (VectorIndex.create(self.dimension), {}), "Flat"
+            built, structure = (structures.create(self.dimension), {}), "Flat"
         vectors, tuning = built or build_from_spool(self.spool, structure)
         self.spool.remove()
         vectors.save(self.folder / layout.VECTORS)
@@ -129,7 +130,7 @@ class Segment:
             if len(keys) != meta.count or len(lengths) != meta.count:
                 store.close()
                 raise IndexCorruptError(f"{folder}: {len(keys)} keys and {len(lengths)} lengths for {meta.count} documents")
-        loaded = VectorIndex.load(folder / layout.VECTORS, meta.search_params) if vectors else None
+        loaded = structures.load(folder / layout.VECTORS, meta.vector_index, meta.search_params) if vectors else None
         return cls(meta, folder, store, loaded, np.asarray(keys), np.asarray(lengths))
 
     @property

@@ -11,7 +11,7 @@ from helpers import DATASET, run_cli, write_jsonl
 
 from indexer import Index, IndexSettings, build_index
 from indexer.ray_engine import RayOptions, pool_size
-from indexer.vectors import VectorIndex, build_from_shards, sample_from_shards
+from indexer.vectors import FaissIndex, build_from_shards, sample_from_shards
 
 ray = pytest.importorskip("ray")
 
@@ -175,10 +175,10 @@ def test_merged_ivf_shards_search_like_one_piece(tmp_path, on_disk):
     merged, _ = build_from_shards(shards, dimension, count, "IVF64,Flat", ondisk)
     merged.save(tmp_path / "merged.faiss")
     if on_disk:
-        merged = VectorIndex.load(tmp_path / "merged.faiss")
+        merged = FaissIndex.load(tmp_path / "merged.faiss")
         assert isinstance(faiss.downcast_InvertedLists(merged.inner.invlists), faiss.OnDiskInvertedLists)
 
-    whole = VectorIndex.create(dimension, "IVF64,Flat")
+    whole = FaissIndex.create(dimension, "IVF64,Flat")
     whole.train(sample_from_shards(shards, count, 100_000))
     whole.add(vectors, keys)
 

@@ -1,11 +1,11 @@
-"""The FAISS side of an index: inner-product search over unit vectors.
+"""FAISS behind ``FaissIndex``: inner-product search over unit vectors, any FAISS factory structure.
 
-Vectors are L2-normalised before they get here, so inner product is cosine
-similarity. Each vector carries the integer key of its SQLite row: IVF
-structures store ids themselves; the others sit behind an ``IndexIDMap2``
-(which must not wrap IVF: its removal assumes the inner ids shift down). The structure is a FAISS factory
-string: ``Flat`` (exact, the default), ``HNSW32``, ``IVF<n>,Flat``,
-``IVF<n>,SQ8``, ``IVF<n>,PQ<m>``, or any other string the user gives.
+Each vector carries the integer key of its SQLite row: IVF structures store
+ids themselves; the others sit behind an ``IndexIDMap2`` (which must not wrap
+IVF: its removal assumes the inner ids shift down). A structure is a FAISS
+factory string: ``Flat`` (exact, the default), ``HNSW32``, ``IVF<n>,Flat``,
+``IVF<n>,SQ8``, ``IVF<n>,PQ<m>``, or any other string the user gives;
+``choose_structure`` turns the CLI's kinds (flat, hnsw, ivf, ivfpq, auto) into one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import math
 import os
-import re
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,28 +23,15 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from .errors import ArgumentError, IndexCorruptError
+from ..errors import ArgumentError, IndexCorruptError
+from .tuning import TUNING_QUERIES, TUNING_RECALL, exact_neighbours, midpoint_queries, recall_at_k
 
-# Tuning aims above the target so that queries unlike the tuning sample still reach it.
-TUNING_RECALL = 0.97
-TUNING_QUERIES = 256
 TRAINING_SAMPLE = 100_000
 EXACT_UP_TO = 100_000
 HNSW_UP_TO = 2_000_000
 HNSW_LINKS = 32
 FEW_QUERIES = 8
 ONDISK_SUFFIX = ".ivfdata"
-
-
-def parse_memory(text: str | None) -> int | None:
-    """Bytes in ``"512MB"``, ``"4G"``, ``"1.5GiB"``; None stays None."""
-    if text is None:
-        return None
-    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
-    if not match:
-        raise ArgumentError(f"memory budget {text!r} is not a size like 512MB or 4GB")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
-    return int(float(match.group(1)) * scale)
 
 
 def ivf_lists(count: int) -> int:
@@ -92,21 +78,21 @@ def choose_structure(index_type: str, count: int, dimension: int, memory: int | 
 
 def ivf_bytes(structure: str, count: int, dimension: int) -> int | None:
     """Memory the inverted lists of an IVF ``structure`` take for ``count`` vectors (codes and ids); None if not IVF."""
-    inner = VectorIndex.create(dimension, structure).inner
+    inner = FaissIndex.create(dimension, structure).inner
     if not isinstance(inner, faiss.IndexIVF):
         return None
     return count * (inner.code_size + 8)
 
 
-class VectorIndex:
-    """A FAISS inner-product index whose ids are document store keys."""
+class FaissIndex:
+    """A FAISS inner-product index whose ids are document store keys (a ``FaissIndex``)."""
 
     def __init__(self, index: faiss.Index, search_params: dict[str, int] | None = None):
         self.index = index
         self.search_params = dict(search_params or {})
 
     @classmethod
-    def create(cls, dimension: int, structure: str = "Flat") -> VectorIndex:
+    def create(cls, dimension: int, structure: str = "Flat") -> FaissIndex:
         """An empty inner-product index of the given FAISS factory ``structure``."""
         try:
             inner = faiss.index_factory(dimension, structure, faiss.METRIC_INNER_PRODUCT)
@@ -117,7 +103,7 @@ class VectorIndex:
         return cls(faiss.IndexIDMap2(inner))
 
     @classmethod
-    def load(cls, path: str | Path, search_params: dict[str, int] | None = None, mmap: bool = False) -> VectorIndex:
+    def load(cls, path: str | Path, search_params: dict[str, int] | None = None, mmap: bool = False) -> FaissIndex:
         """Read a saved index; ``mmap`` maps it instead of reading it (for counts)."""
         path = Path(path)
         if not path.is_file():
@@ -145,6 +131,12 @@ class VectorIndex:
 
     def __len__(self) -> int:
         return self.index.ntotal
+
+    def training_sample(self) -> int:
+        """Vectors to sample before filling: enough to train an untrained structure and to tune an approximate one; none for exact search."""
+        if not self.index.is_trained:
+            return max(TRAINING_SAMPLE, TUNING_QUERIES * 2)
+        return TUNING_QUERIES * 2 if isinstance(self.inner, (faiss.IndexHNSW, faiss.IndexIVF)) else 0
 
     def train(self, sample: np.ndarray) -> None:
         if not self.index.is_trained:
@@ -293,105 +285,6 @@ def stdout_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-def midpoint_queries(sample: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
-    """Unit vectors near the middle of random pairs of sample vectors, plus noise.
-
-    Real questions sit between documents rather than on them; the noise keeps
-    the tuning from favouring points that are already in the index.
-    """
-    rng = np.random.default_rng(seed)
-    a = sample[rng.integers(0, len(sample), count)]
-    b = sample[rng.integers(0, len(sample), count)]
-    noise = rng.normal(size=a.shape) / np.sqrt(a.shape[1])
-    queries = (a + b + noise).astype(np.float32)
-    queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    return queries
-
-
-def exact_neighbours(queries: np.ndarray, chunks: Iterator[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
-    """Keys of the exact top-``k`` inner products, streaming over (vectors, keys) chunks."""
-    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_keys = np.full((len(queries), k), -1, dtype=np.int64)
-    for vectors, keys in chunks:
-        scores = queries @ vectors.T
-        merged_scores = np.hstack([best_scores, scores])
-        merged_keys = np.hstack([best_keys, np.broadcast_to(keys, scores.shape)])
-        top = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
-        best_scores = np.take_along_axis(merged_scores, top, axis=1)
-        best_keys = np.take_along_axis(merged_keys, top, axis=1)
-    return best_keys
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Share of the true top-k keys that ``found`` holds, averaged over queries."""
-    hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth))
-    return hits / max(int((truth >= 0).sum()), 1)
-
-
-class VectorSpool:
-    """Vectors and keys appended to two flat files while a build streams, read back in chunks.
-
-    Lets a build choose, train and fill its FAISS structure after it has seen
-    every document, holding only one chunk of vectors in memory at a time.
-    """
-
-    def __init__(self, folder: Path, dimension: int):
-        self.dimension = dimension
-        self.vectors_path = folder / "spool.f32"
-        self.keys_path = folder / "spool.i64"
-        # Held open for the whole build (closed by close()): a context manager cannot span the calls to append().
-        self._vectors = open(self.vectors_path, "wb")  # noqa: SIM115
-        self._keys = open(self.keys_path, "wb")  # noqa: SIM115
-        self.count = 0
-
-    def append(self, vectors: np.ndarray, keys: np.ndarray) -> None:
-        self._vectors.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-        self._keys.write(np.asarray(keys, dtype=np.int64).tobytes())
-        self.count += len(keys)
-
-    def close(self) -> None:
-        self._vectors.close()
-        self._keys.close()
-
-    def chunks(self, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        with open(self.vectors_path, "rb") as vf, open(self.keys_path, "rb") as kf:
-            while True:
-                keys = np.frombuffer(kf.read(size * 8), dtype=np.int64)
-                if not len(keys):
-                    return
-                vectors = np.frombuffer(vf.read(len(keys) * self.dimension * 4), dtype=np.float32)
-                yield vectors.reshape(len(keys), self.dimension), keys
-
-    def sample(self, size: int, seed: int = 0) -> np.ndarray:
-        """Up to ``size`` random vectors."""
-        rows = np.sort(np.random.default_rng(seed).choice(self.count, min(size, self.count), replace=False))
-        data = np.memmap(self.vectors_path, dtype=np.float32, mode="r", shape=(self.count, self.dimension))
-        return np.array(data[rows])
-
-    def remove(self) -> None:
-        self.close()
-        self.vectors_path.unlink(missing_ok=True)
-        self.keys_path.unlink(missing_ok=True)
-
-
-def sample_size(vectors: VectorIndex) -> int:
-    """Vectors to sample before filling: enough to train an untrained structure and to tune an approximate one; none for exact search."""
-    if not vectors.index.is_trained:
-        return max(TRAINING_SAMPLE, TUNING_QUERIES * 2)
-    return TUNING_QUERIES * 2 if isinstance(vectors.inner, (faiss.IndexHNSW, faiss.IndexIVF)) else 0
-
-
-def build_from_spool(spool: VectorSpool, structure: str) -> tuple[VectorIndex, dict[str, float]]:
-    """Create, train, fill and tune a structure from every spooled vector."""
-    vectors = VectorIndex.create(spool.dimension, structure)
-    sample = spool.sample(sample_size(vectors))
-    vectors.train(sample)
-    for chunk, keys in spool.chunks():
-        vectors.add(chunk, keys)
-    tuning = vectors.tune(sample, spool.chunks)
-    return vectors, tuning
-
-
 def sample_from_shards(shards, count: int, size: int, seed: int = 0) -> np.ndarray:
     """Up to ``size`` random vectors out of ``count`` spread over ``shards`` (callables yielding (vectors, keys))."""
     rng = np.random.default_rng(seed)
@@ -405,17 +298,17 @@ def sample_from_shards(shards, count: int, size: int, seed: int = 0) -> np.ndarr
 
 
 def build_from_shards(shards, dimension: int, count: int, structure: str, ondisk: Path | None = None,
-                      threads: int = 2) -> tuple[VectorIndex, dict[str, float]]:
+                      threads: int = 2) -> tuple[FaissIndex, dict[str, float]]:
     """Create, train, fill and tune a structure from vector shards (callables yielding (vectors, keys)).
 
     Flat and graph structures take the shards one after another. IVF
     structures are trained once on a sample; each shard fills its own copy of
     the trained index (``threads`` at a time) and the copies are merged: in
     memory, or with ``ondisk`` (a file path) into inverted lists kept in that
-    file, which ``VectorIndex.load`` opens from the same folder.
+    file, which ``FaissIndex.load`` opens from the same folder.
     """
-    vectors = VectorIndex.create(dimension, structure)
-    size = sample_size(vectors)  # exact search needs none: no pass over the shards for it
+    vectors = FaissIndex.create(dimension, structure)
+    size = vectors.training_sample()  # exact search needs none: no pass over the shards for it
     sample = sample_from_shards(shards, count, size) if size else np.empty((0, dimension), dtype=np.float32)
     vectors.train(sample)
 
@@ -431,7 +324,7 @@ def build_from_shards(shards, dimension: int, count: int, structure: str, ondisk
     trained = faiss.clone_index(vectors.index)  # empty: the merged index grows while later shards fill copies
 
     def fill(shard) -> faiss.Index:
-        part = VectorIndex(faiss.clone_index(trained))
+        part = FaissIndex(faiss.clone_index(trained))
         for chunk, keys in shard():
             part.add(chunk, keys)
         return part.index

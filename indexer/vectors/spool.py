@@ -1,0 +1,54 @@
+"""Vectors spooled to disk while a build streams, so the structure is chosen, trained and filled after the last one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+class VectorSpool:
+    """Vectors and keys appended to two flat files while a build streams, read back in chunks.
+
+    Lets a build choose, train and fill its FAISS structure after it has seen
+    every document, holding only one chunk of vectors in memory at a time.
+    """
+
+    def __init__(self, folder: Path, dimension: int):
+        self.dimension = dimension
+        self.vectors_path = folder / "spool.f32"
+        self.keys_path = folder / "spool.i64"
+        # Held open for the whole build (closed by close()): a context manager cannot span the calls to append().
+        self._vectors = open(self.vectors_path, "wb")  # noqa: SIM115
+        self._keys = open(self.keys_path, "wb")  # noqa: SIM115
+        self.count = 0
+
+    def append(self, vectors: np.ndarray, keys: np.ndarray) -> None:
+        self._vectors.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+        self._keys.write(np.asarray(keys, dtype=np.int64).tobytes())
+        self.count += len(keys)
+
+    def close(self) -> None:
+        self._vectors.close()
+        self._keys.close()
+
+    def chunks(self, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with open(self.vectors_path, "rb") as vf, open(self.keys_path, "rb") as kf:
+            while True:
+                keys = np.frombuffer(kf.read(size * 8), dtype=np.int64)
+                if not len(keys):
+                    return
+                vectors = np.frombuffer(vf.read(len(keys) * self.dimension * 4), dtype=np.float32)
+                yield vectors.reshape(len(keys), self.dimension), keys
+
+    def sample(self, size: int, seed: int = 0) -> np.ndarray:
+        """Up to ``size`` random vectors."""
+        rows = np.sort(np.random.default_rng(seed).choice(self.count, min(size, self.count), replace=False))
+        data = np.memmap(self.vectors_path, dtype=np.float32, mode="r", shape=(self.count, self.dimension))
+        return np.array(data[rows])
+
+    def remove(self) -> None:
+        self.close()
+        self.vectors_path.unlink(missing_ok=True)
+        self.keys_path.unlink(missing_ok=True)
