@@ -3,8 +3,9 @@
 Same model (all-MiniLM-L6-v2), same texts (the first N Debian package
 descriptions), one process, methods interleaved round by round; best round
 reported. Also: how far the vectors are from the references, and what the
-reduced precisions cost in cosine to fp32 and in nDCG@10 on Debian queries
-whose answer is among the N documents.
+reduced precisions and the ONNX Runtime backend (fp32 and int8, where
+onnxruntime is installed) cost in cosine to fp32 and in nDCG@10 on Debian
+queries whose answer is among the N documents.
 
     python benchmarks/encode.py [--documents 1000] [--rounds 2]
 """
@@ -12,6 +13,7 @@ whose answer is among the N documents.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -21,8 +23,8 @@ import numpy as np
 import torch
 from common import debian_corpus, debian_queries, machine, ndcg_at_10, save
 
-from indexer.encoder import Encoder, resolve_model_path
-from indexer.settings import DEFAULT_MODEL
+from indexer.encoder import Encoder, load, resolve_model_path
+from indexer.settings import DEFAULT_MODEL, IndexSettings
 
 
 def naive_loop(tokenizer, model, texts: list[str]) -> np.ndarray:
@@ -56,12 +58,15 @@ def main() -> None:
     naive_tokenizer, naive_model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     reference = SentenceTransformer(path, device="cpu")
     reduced = {p: Encoder(precision=p) for p in ("bf16", "int8")}
+    from indexer.encoder import onnx_backend
+
+    if onnx_backend.available():  # the export is made once per model (needs torch and onnx)
+        reduced.update({f"onnx {p}": load(IndexSettings(backend="onnx", precision=p)) for p in ("fp32", "int8")})
     methods = {
         "naive loop (notebooks)": lambda: naive_loop(naive_tokenizer, naive_model, texts),
         "sentence-transformers encode": lambda: reference.encode(texts, batch_size=64, normalize_embeddings=True),
         "indexer fp32 (default)": lambda: ours.encode_texts(texts),
-        "indexer bf16": lambda: reduced["bf16"].encode_texts(texts),
-        "indexer int8": lambda: reduced["int8"].encode_texts(texts),
+        **{f"indexer {name}": functools.partial(encoder.encode_texts, texts) for name, encoder in reduced.items()},
     }
     best: dict[str, float] = {}
     vectors: dict[str, np.ndarray] = {}
@@ -76,7 +81,7 @@ def main() -> None:
     pairs = debian_queries({r["_id"] for r in corpus}, args.queries)
     ids = [r["_id"] for r in corpus]
 
-    def quality(encoder: Encoder, doc_vectors: np.ndarray) -> float:
+    def quality(encoder, doc_vectors: np.ndarray) -> float:
         query_vectors = encoder.encode_texts([q for q, _ in pairs])
         top = np.argsort(-(query_vectors @ doc_vectors.T), axis=1)[:, :10]
         return ndcg_at_10([[ids[i] for i in row] for row in top], [d for _, d in pairs])
@@ -89,6 +94,7 @@ def main() -> None:
         "fp32 vs naive loop": best["naive loop (notebooks)"] / fp32_seconds,
         "fp32 vs sentence-transformers": best["sentence-transformers encode"] / fp32_seconds,
         "bf16 vs sentence-transformers": best["sentence-transformers encode"] / best["indexer bf16"],
+        **{f"{name} vs torch fp32": fp32_seconds / best[f"indexer {name}"] for name in reduced if name.startswith("onnx")},
     }
     differences = {
         "fp32 vs naive loop, texts under 256 tokens (max abs)": float(np.abs(fp32[short] - vectors["naive loop (notebooks)"][short]).max()),
