@@ -53,7 +53,7 @@ def fresh_processes(indexes: dict[str, tuple[Path, Path]], runs: int) -> dict[st
             measured = timed_process([sys.executable, "-m", "indexer", "query", str(index), QUESTION, "-k", "10"], cache)
             if run:  # run 0 is the warm-up
                 found[backend].append(measured)
-    return {backend: {"wall_s_median": round(statistics.median(s for s, _ in rows), 3),
+    return {backend: {"wall_s": [round(s, 2) for s, _ in rows], "wall_s_median": round(statistics.median(s for s, _ in rows), 3),
                       "wall_s_min": round(min(s for s, _ in rows), 3), "wall_s_max": round(max(s for s, _ in rows), 3),
                       "peak_mb_median": round(statistics.median(m for _, m in rows))}
             for backend, rows in found.items()}

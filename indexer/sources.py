@@ -56,7 +56,7 @@ import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,14 +446,7 @@ def _deep_line(text: str) -> int:
 def read_records(path: Path, kind: str | None = None) -> Iterator[tuple[str, Any]]:
     """Raw records of a source with their location ("file:line"), any format."""
     kind = kind or ("folder" if path.is_dir() else source_format(path))
-    readers = {
-        "folder": lambda folder: _text_folder_records(folder, []),
-        "jsonl": _jsonl_records,
-        "csv": _csv_records,
-        "tsv": _tsv_records,
-        "json": _json_records,
-    }
-    return readers[kind](path)
+    return READERS[kind](path)
 
 
 def source_format(path: Path) -> str:
@@ -462,12 +455,11 @@ def source_format(path: Path) -> str:
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
     suffix = suffixes[-1] if suffixes else ""
-    formats = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".json": "json"}
-    if suffix not in formats:
+    if suffix not in FORMAT_SUFFIXES:
         raise SourceError(
             f"{path}: unknown source format {suffix or '(no suffix)'!r}; use .jsonl, .csv, .tsv, .json or a folder of text files"
         )
-    return formats[suffix]
+    return FORMAT_SUFFIXES[suffix]
 
 
 def open_text(path: Path) -> io.TextIOBase:
@@ -656,3 +648,15 @@ def _others(other: Counter) -> str:
 
 def _counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+# Input formats: a format's name -> its reader (a path -> ("file:line", raw record) pairs), and the file suffixes
+# (``.gz`` looked through) that name a format. A new format is a reader above and a line in each.
+READERS: dict[str, Callable[[Path], Iterator[tuple[str, Any]]]] = {
+    "folder": lambda folder: _text_folder_records(folder, []),
+    "jsonl": _jsonl_records,
+    "csv": _csv_records,
+    "tsv": _tsv_records,
+    "json": _json_records,
+}
+FORMAT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".json": "json"}

@@ -7,7 +7,8 @@
 - ``torch_backend``: ``Encoder``, the model through transformers and torch;
 - ``cpu_kernels``: the forward and threads a CPU runs fastest, chosen once and remembered;
 - ``cuda_graphs``: queries on CUDA replayed from captured graphs;
-- ``onnx_backend``: ``OnnxEncoder``, an export of the model run by ONNX Runtime (no torch at run time).
+- ``onnx_backend``: ``OnnxEncoder``, an export of the model run by ONNX Runtime (no torch at run time);
+- ``traced_backend``: ``TracedEncoder``, the torch backend for searches: the forward's saved trace, no transformers.
 
 Every backend is an ``EncoderBackend``; ``load`` makes the one settings name (``BACKEND_LOADERS``).
 A new backend is a module here and one entry there (and its name in ``settings.BACKENDS``).
