@@ -186,3 +186,18 @@ def test_each_backend_answers_the_others_fp32_index_and_writes_keep_the_index_ba
     with Index(tmp_path / "onnx") as index:
         assert index.settings.backend == "torch"
         assert [(h.id, round(h.score, 4)) for h in index.search("document number seven", k=5)] == expected
+
+
+def test_int8_on_onnx_keeps_the_sample_quality_of_fp32(tmp_path, sample_index, cache):
+    """The int8 choice's quality floor, with the real model: the sample's 35 judged questions, dense."""
+    from helpers import run_cli
+
+    from indexer.evaluate import evaluate_index, read_judgements
+
+    run_cli("build", DATASET / "corpus.jsonl", "--index", tmp_path / "int8", "--backend", "onnx", "--precision", "int8")
+    judgements = read_judgements(DATASET / "queries.jsonl")
+    with Index(tmp_path / "int8") as quantised, Index(sample_index) as exact:
+        assert type(quantised.encoder).__name__ == "OnnxEncoder" and quantised.encoder.precision == "int8"
+        int8, _ = evaluate_index(quantised, judgements, mode="dense")
+        fp32, _ = evaluate_index(exact, judgements, mode="dense")
+    assert int8["recall@10"] == 1.0 and int8["ndcg@10"] >= fp32["ndcg@10"] - 0.02
