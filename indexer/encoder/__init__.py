@@ -7,6 +7,7 @@
 - ``torch_backend``: ``Encoder``, the model through transformers and torch;
 - ``cpu_kernels``: the forward and threads a CPU runs fastest, chosen once and remembered;
 - ``cuda_graphs``: queries on CUDA replayed from captured graphs;
+- ``base``: ``TokenEncoder``, what the ONNX and traced encoders share (tokenizer, identity);
 - ``onnx_backend``: ``OnnxEncoder``, an export of the model run by ONNX Runtime (no torch at run time);
 - ``traced_backend``: ``TracedEncoder``, the torch backend for searches: the forward's saved trace, no transformers.
 

@@ -12,14 +12,14 @@ torch backend (masked mean over the last hidden state, or ``[CLS]``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelError
-from ..models import cache_folder, canonical_model_name, embeds_as
-from ..settings import Embedding, IndexSettings, check_embedding
+from ..models import cache_folder, canonical_model_name
+from ..settings import IndexSettings, check_embedding
+from .base import TokenEncoder
 from .batching import BatchBudget, flatten, length_batches, padded
 from .tokenizer import TextTokenizer
 
@@ -125,7 +125,7 @@ def _quantised(fp32: Path) -> Path:
     return path
 
 
-class OnnxEncoder:
+class OnnxEncoder(TokenEncoder):
     """An encoder (see ``indexer.encoder``) that runs an ``export`` of the model with ONNX Runtime, fp32, on the CPU."""
 
     backend = "onnx"
@@ -152,23 +152,6 @@ class OnnxEncoder:
         self.dimension = int(self.session.get_outputs()[0].shape[-1])
         self._pad_id = self.text.tokenizer.pad_token_id or 0
         self.budget = BatchBudget(BATCH_TOKENS, limit=BATCH_TOKENS)
-
-    @property
-    def embedding(self) -> Embedding:
-        return Embedding(self.fingerprint, self.pooling, self.max_length, self.precision, self.backend)
-
-    def embeds_as(self, settings: IndexSettings) -> bool:
-        return embeds_as(self, settings)
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.text.tokenize(texts)
-
-    def encode_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """Unit vectors of ``texts``, in their order."""
-        return self.embed_tokens(self.tokenize(list(texts)))
-
-    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
-        return self.encode_texts(queries)
 
     def embed_tokens(self, token_ids: list[list[int]], progress: bool = False) -> np.ndarray:
         """Unit vectors of texts given as token ids, in batches of one padded width each."""

@@ -108,6 +108,8 @@ class Encoder:
                                   limit=batch_tokens or (cpu_limit if cpu else GPU_BATCH_TOKENS_MAX))
         if tokenizer is not None and tokenizer.settings != (self.model_name, max_length):
             raise ModelError(f"the tokenizer given was loaded for {tokenizer.settings}, not {(self.model_name, max_length)}")
+        # Through transformers, not tokenizers alone: the fingerprint hashes transformers' view of the tokenizer, which
+        # every index records. Searches load it through tokenizers (onnx_backend, traced_backend).
         self.text = tokenizer or TextTokenizer(model, max_length)
         self.tokenizer, self.max_length = self.text.tokenizer, self.text.max_length
         path = self._path = self.text.path

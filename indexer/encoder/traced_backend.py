@@ -10,14 +10,14 @@ writes load the model itself, whose fingerprint they check.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..models import canonical_model_name, embeds_as
-from ..settings import Embedding, IndexSettings
+from ..models import canonical_model_name
+from ..settings import IndexSettings
+from .base import TokenEncoder
 from .batching import QUERY_TEXTS, BatchBudget, flatten, length_batches, padded
 from .cpu_kernels import known_choice, machine_key, saved_trace, thread_count, trace_path
 from .pooling import POOLERS
@@ -48,7 +48,7 @@ def from_saved(settings: IndexSettings, fingerprint: str) -> tuple[TracedEncoder
     return None
 
 
-class TracedEncoder:
+class TracedEncoder(TokenEncoder):
     """An encoder (see ``indexer.encoder``) that embeds with a saved TorchScript trace of the model's forward, fp32, on the CPU.
 
     ``fingerprint``: the index's, which this encoder does not compute (it has
@@ -69,23 +69,6 @@ class TracedEncoder:
         self.budget = BatchBudget(BATCH_TOKENS, limit=BATCH_TOKENS)
         with torch.inference_mode():
             self.dimension = int(trace(torch.tensor([[self._pad_id]]), torch.ones(1, 1, dtype=torch.long)).shape[-1])
-
-    @property
-    def embedding(self) -> Embedding:
-        return Embedding(self.fingerprint, self.pooling, self.max_length, self.precision, self.backend)
-
-    def embeds_as(self, settings: IndexSettings) -> bool:
-        return embeds_as(self, settings)
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.text.tokenize(texts)
-
-    def encode_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """Unit vectors of ``texts``, in their order."""
-        return self.embed_tokens(self.tokenize(list(texts)))
-
-    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
-        return self.encode_texts(queries)
 
     def embed_tokens(self, token_ids: list[list[int]], progress: bool = False) -> np.ndarray:
         """Unit vectors of texts given as token ids, in batches of one padded width each."""
