@@ -13,7 +13,18 @@ One run, side by side, each build a fresh ``indexer build`` process:
 3. Stage by stage, from this checkout's ``--json`` report: seconds each stage
    was busy (read, tokenize, encode, write overlap; seal follows them).
 
+4. A free encoder (the ceiling of everything around the model): an
+   ``ExternalEncoder`` that returns the real model's vectors of the first
+   --free-base Debian descriptions (computed once with all-MiniLM-L6-v2 and
+   kept in results/), plus small noise (0.01 per component, renormalised) for
+   the copies; documents are those descriptions, then again with " (copy N)"
+   (all texts distinct). Builds of --free sizes (flat at 200,000, auto at
+   1,000,000 by default) in fresh processes: docs/s, each stage's busy
+   seconds, peak RSS, bytes on disk per part (segments, embedding cache), and
+   recall@10 of the structure against exact search on 200 noisy document vectors.
+
     python benchmarks/ingest.py [--documents 100000] [--real-documents 5000] [--rounds 2] [--before REV]
+                                [--free 200000:flat,1000000:auto] [--free-base 20000] [--only-free]
 """
 
 from __future__ import annotations
@@ -25,12 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
-from common import HERE, cpu_flags, debian_corpus, debian_documents, machine, save, tiny_model, write_jsonl
+import numpy as np
+from common import HERE, RESULTS, cpu_flags, debian_corpus, debian_documents, machine, save, tiny_model, write_jsonl
 
 ROOT = HERE.parent
-BEFORE = "c0603d623175e0f9b9bd564044237cc7cd244f9c"  # main before the pipelined ingest (issue 14)
+BEFORE = "ddd6b45698aabbdec213d627f6537d334091828e"  # the code issue 29 measures the tiny-model build against
 
 
 def build(code: Path, source: Path, index: Path, *options: str) -> tuple[float, dict]:
@@ -54,13 +67,119 @@ def hand_rolled(source: Path, folder: Path) -> float:
     return time.perf_counter() - started
 
 
+COPY = " (copy "
+
+
+def free_texts(base: list[str], count: int) -> list[str]:
+    """``count`` distinct texts: ``base``, then again with a copy number."""
+    return [base[i % len(base)] + (f"{COPY}{i // len(base)})" if i >= len(base) else "") for i in range(count)]
+
+
+def real_vectors(base: int) -> Path:
+    """The real model's vectors of the first ``base`` Debian descriptions, computed once (a few minutes) and kept."""
+    path = RESULTS / f"debian-minilm-{base}.npy"
+    if not path.exists():
+        from indexer.encoder import Encoder
+
+        print(f"embedding the first {base} Debian descriptions with the real model (once)...", flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        np.save(path, Encoder().encode_texts([r["text"] for r in debian_corpus(base)]))
+    return path
+
+
+def free_build(source: Path, index: Path, index_type: str, base: int) -> None:
+    """In a fresh process: build ``source`` with the free encoder; print the report and the recall of the structure."""
+    from indexer import Index, IndexSettings, build_index
+    from indexer.external import ExternalEncoder
+
+    vectors = np.load(real_vectors(base))
+    row_of = {text: i for i, text in enumerate(r["text"] for r in debian_corpus(base))}
+    noise = np.random.default_rng(0)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        rows = np.fromiter((row_of.get(t, -1) for t in texts), dtype=np.int64, count=len(texts))
+        copies = rows < 0
+        if copies.any():  # a copy is its original's row; any other text (a question) some row
+            rows[copies] = [row_of.get(t.rpartition(COPY)[0], zlib.crc32(t.encode()) % len(vectors))
+                            for t in np.asarray(texts, dtype=object)[copies]]
+        out = vectors[rows]
+        out[copies] += noise.standard_normal((int(copies.sum()), out.shape[1]), dtype=np.float32) * 0.01
+        return out
+
+    encoder = ExternalEncoder(embed, lambda text: embed([text])[0], name="free", config={"base": base})
+    report = build_index(source, index, IndexSettings(index_type=index_type), encoder=encoder).to_dict()
+    with Index(index, encoder=encoder) as opened:
+        (segment,) = opened._served.segments
+        stored = segment.vectors
+        keys = stored.keys()
+        picked = np.random.default_rng(1).choice(len(keys), 200, replace=False)
+        queries = stored.reconstruct(keys[picked]) + noise.standard_normal((200, stored.dimension), dtype=np.float32) * 0.05
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        exact = np.full((200, 10), -np.inf, dtype=np.float32), np.full((200, 10), -1, dtype=np.int64)
+        for first in range(0, len(keys), 65536):
+            chunk = keys[first : first + 65536]
+            scores = np.hstack([exact[0], queries @ stored.reconstruct(chunk).T])
+            found = np.hstack([exact[1], np.broadcast_to(chunk, (200, len(chunk)))])
+            top = np.argpartition(-scores, 9, axis=1)[:, :10]
+            exact = np.take_along_axis(scores, top, axis=1), np.take_along_axis(found, top, axis=1)
+        _, approximate = stored.search(queries, 10)
+        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate.tolist(), exact[1].tolist())])
+        report.update(structure=segment.meta.vector_index, search_params=segment.meta.search_params,
+                      tuned_recall=segment.meta.tuned_recall, recall_at_10=round(float(recall), 4))
+    print(json.dumps(report))
+
+
+def free_builds(sizes: list[tuple[int, str]], base: int, tmp: Path) -> list[dict]:
+    """Each size built by ``free_build`` in a fresh process: wall, peak RSS and disk besides its report."""
+    texts = free_texts([r["text"] for r in debian_corpus(base)], max(n for n, _ in sizes))
+    real_vectors(base)
+    rows = []
+    for count, index_type in sizes:
+        source = write_jsonl(tmp / f"free-{count}.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts[:count])])
+        index = tmp / f"free-{count}-{index_type}"
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import ingest; from pathlib import Path; "
+                f"ingest.free_build(Path({str(source)!r}), Path({str(index)!r}), {index_type!r}, {base})")
+        out, err = tmp / "free.out", tmp / "free.err"
+        started = time.perf_counter()
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=stderr,
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"free build of {count} failed:\n{err.read_text()}")
+        report = json.loads(out.read_text().strip().splitlines()[-1])
+        disk = {part: sum(f.stat().st_size for f in (index / part).rglob("*") if f.is_file())
+                for part in ("segments",)}
+        disk["cache"] = sum(f.stat().st_size for f in index.glob("cache.db*"))
+        disk["all"] = sum(f.stat().st_size for f in index.rglob("*") if f.is_file())
+        rows.append({"documents": count, "index_type": index_type, "wall_s": round(wall, 1),
+                     "docs_per_s": round(count / report["seconds"]), "reported_s": report["seconds"],
+                     "stages": report["stages"], "peak_rss_mb": round(usage.ru_maxrss / 1024),
+                     "disk_mb": {k: round(v / 2**20) for k, v in disk.items()},
+                     **{k: report[k] for k in ("structure", "search_params", "tuned_recall", "recall_at_10")}})
+        print(json.dumps(rows[-1]), flush=True)
+        source.unlink()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--real-documents", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", default=BEFORE, help="git revision to compare with")
+    parser.add_argument("--free", default="200000:flat,1000000:auto", help="sizes and index types of the free-encoder builds")
+    parser.add_argument("--free-base", type=int, default=20000, help="Debian descriptions the free encoder has real vectors of")
+    parser.add_argument("--only-free", action="store_true", help="only the free-encoder builds")
     args = parser.parse_args()
+    print(f"{machine()}; CPU flags: {cpu_flags() or 'none listed'}", flush=True)
+    sizes = [(int(n), kind) for n, kind in (part.split(":") for part in args.free.split(",") if part)]
+    if args.only_free:
+        with tempfile.TemporaryDirectory() as tmp:
+            save("ingest-free", {"cpu_flags": cpu_flags(), "free_base": args.free_base,
+                                 "free": free_builds(sizes, args.free_base, Path(tmp))})
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -83,10 +202,10 @@ def main() -> None:
                 (tmp / "hand").mkdir()
                 hand = min(hand_rolled(peers_source, tmp / "hand") for _ in range(args.rounds))
                 ours = min(build(ROOT, real, tmp / f"real-{i}")[0] for i in range(args.rounds))
+            free = free_builds(sizes, args.free_base, tmp) if sizes else []
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
 
-    print(f"{machine()}; CPU flags: {cpu_flags() or 'none listed'}")
     print(f"tiny model, {args.documents} documents, best of {args.rounds} fresh processes (wall s, docs/s):")
     for name, (wall, report) in best.items():
         print(f"  {name:<7} {wall:7.1f} s  {args.documents / wall:8.0f} docs/s  (reported {report['seconds']} s)")
@@ -102,7 +221,7 @@ def main() -> None:
         "cpu_flags": cpu_flags(), "documents": args.documents, "before": args.before,
         "tiny_before_s": best["before"][0], "tiny_now_s": best["now"][0], "tiny_ratio": ratio,
         "stages_now": best["now"][1].get("stages"), "real_documents": args.real_documents,
-        "real_indexer_s": ours, "real_hand_rolled_s": hand, "real_ratio": ours / hand,
+        "real_indexer_s": ours, "real_hand_rolled_s": hand, "real_ratio": ours / hand, "free_base": args.free_base, "free": free,
     })
 
 
