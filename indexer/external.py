@@ -100,11 +100,11 @@ def _onnx_runtime() -> bool:
 
 
 def _onnx_export(settings: IndexSettings, fingerprint: str):
-    """The ONNX export of the index's model and its file, where ONNX Runtime is installed and the export exists."""
+    """The ONNX export of the index's model (or the file its folder ships) and its path, where ONNX Runtime is installed."""
     from .encoder import onnx_backend
 
-    path = onnx_backend.export_path(fingerprint)
-    if not _onnx_runtime() or not path.is_file():
+    path = onnx_backend.query_path(settings.model, fingerprint) if _onnx_runtime() else None
+    if path is None:
         return None
     return onnx_backend.OnnxEncoder(settings.model, fingerprint, pooling=settings.pooling, max_length=settings.max_length,
                                     path=path), path

@@ -201,3 +201,42 @@ def test_int8_on_onnx_keeps_the_sample_quality_of_fp32(tmp_path, sample_index, c
         int8, _ = evaluate_index(quantised, judgements, mode="dense")
         fp32, _ = evaluate_index(exact, judgements, mode="dense")
     assert int8["recall@10"] == 1.0 and int8["ndcg@10"] >= fp32["ndcg@10"] - 0.02
+
+
+def test_a_model_folder_that_ships_its_onnx_file_is_run_as_it_is(tmp_path, tiny_model, cache, monkeypatch):
+    """A folder with onnx/model.onnx (sentence-transformers' layout: ids, mask and token types in, token_embeddings
+    out) is built with and answers questions without an export, so without the onnx package."""
+    import torch
+    from helpers import records, run_cli, write_jsonl
+    from transformers import AutoModel
+
+    from indexer.encoder import Encoder
+
+    class SentenceTransformersLayout(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            return hidden, hidden[:, 0]
+
+    folder = shutil.copytree(tiny_model, tmp_path / "shipped")
+    (folder / "onnx").mkdir()
+    ids = torch.tensor([[101, 2023, 2003, 102], [101, 2023, 102, 0]])
+    axes = {0: "batch", 1: "width"}
+    with torch.no_grad():
+        torch.onnx.export(SentenceTransformersLayout(AutoModel.from_pretrained(folder).eval()), (ids, (ids != 0).long(), ids * 0),
+                          str(folder / "onnx" / "model.onnx"), input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["token_embeddings", "sentence_embedding"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes, "token_embeddings": axes})
+    monkeypatch.setitem(sys.modules, "onnx", None)  # an export would need it
+    source = write_jsonl(tmp_path / "source.jsonl", records(40))
+    run_cli("build", source, "--index", tmp_path / "idx", "--model", folder, "--backend", "onnx")
+    assert not (cache / "indexer" / "onnx").exists() or not any((cache / "indexer" / "onnx").rglob("model.onnx"))
+    reference = Encoder(str(folder))
+    with Index(tmp_path / "idx") as index:
+        assert type(index.encoder).__name__ == "OnnxEncoder" and index.encoder.dimension == 32
+        texts, stored = index._served.stored_sample(40)
+        assert (stored * reference.encode_texts(texts)).sum(axis=1).min() >= 0.99999
+        assert index.search(records(40)[7]["text"], k=1)[0].id == "doc7"

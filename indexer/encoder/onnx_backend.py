@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from ..models import cache_folder, canonical_model_name
+from ..models import cache_folder, canonical_model_name, resolve_model_path
 from ..settings import IndexSettings, check_embedding
 from .base import TokenEncoder
 from .batching import BatchBudget, flatten, length_batches, padded
@@ -36,6 +36,16 @@ def export_path(fingerprint: str, precision: str = "fp32") -> Path:
     return cache_folder() / "onnx" / fingerprint / (INT8_FILE if precision == "int8" else ONNX_FILE)
 
 
+# Where a model folder may ship its own fp32 export (sentence-transformers' ONNX layout first): used as it is.
+SHIPPED = ("onnx/model.onnx", "model.onnx")
+
+
+def shipped(model: str) -> Path | None:
+    """The ONNX file ``model``'s own folder ships, if it does (then nothing is exported, and ``onnx`` is not needed)."""
+    folder = Path(resolve_model_path(model))
+    return next((folder / name for name in SHIPPED if (folder / name).is_file()), None) if folder.is_dir() else None
+
+
 def available() -> bool:
     """Whether ONNX Runtime is installed (the ``onnx`` extra)."""
     import importlib.util
@@ -45,7 +55,8 @@ def available() -> bool:
 
 def export(model: str, *, precision: str = "fp32", opset: int = 17) -> Path:
     """Export ``model``'s forward (ids, mask -> last hidden state) for ONNX Runtime, once per fingerprint and
-    precision; its path. int8 quantises the fp32 export's linear weights (dynamically: activations stay fp32).
+    precision; its path. The fp32 file a model folder ships (``shipped``) is used instead. int8 quantises the fp32
+    file's linear weights (dynamically: activations stay fp32) into the cache folder.
 
     Needs torch and transformers. The export takes the same attention-mask
     form as the torch backend's traced forward, so batch and width stay free.
@@ -59,7 +70,10 @@ def export(model: str, *, precision: str = "fp32", opset: int = 17) -> Path:
     from .torch_backend import load_weights
 
     if precision == "int8":
-        return _quantised(export(model, opset=opset))
+        return _quantised(export(model, opset=opset), export_path(fingerprint(model), "int8"))
+    own = shipped(model)
+    if own is not None:
+        return own
     path = export_path(fingerprint(model))
     if path.is_file():
         return path
@@ -101,13 +115,21 @@ def from_settings(settings: IndexSettings, device: str | None = None) -> OnnxEnc
     check_embedding(pooling=settings.pooling, precision=settings.precision, max_length=settings.max_length,
                     device_type=device.split(":")[0] if device else None, backend="onnx")
     path = export(settings.model, precision=settings.precision)
-    return OnnxEncoder(settings.model, path.parent.name, pooling=settings.pooling, max_length=settings.max_length,
-                       precision=settings.precision, path=path)
+    return OnnxEncoder(settings.model, fingerprint(settings.model), pooling=settings.pooling,
+                       max_length=settings.max_length, precision=settings.precision, path=path)
 
 
-def _quantised(fp32: Path) -> Path:
-    path = fp32.with_name(INT8_FILE)
+def query_path(model: str, fingerprint: str) -> Path | None:
+    """The fp32 file a search can run for the model whose fingerprint is ``fingerprint``: its export, else the file
+    its folder ships; None where there is neither."""
+    path = export_path(fingerprint)
+    return path if path.is_file() else shipped(model)
+
+
+def _quantised(fp32: Path, path: Path) -> Path:
+    """``fp32`` with its linear weights in int8, at ``path`` (made once)."""
     if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
         import logging
 
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -149,8 +171,14 @@ class OnnxEncoder(TokenEncoder):
         if threads:
             options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.dimension = int(self.session.get_outputs()[0].shape[-1])
+        # Our exports take ids and mask and give the last hidden state; a shipped file may also want token type ids
+        # (all zero: one segment) and give its token vectors under sentence-transformers' name, beside others.
+        self._types = "token_type_ids" in {i.name for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._output = next((n for n in ("last_hidden_state", "token_embeddings") if n in outputs), outputs[0])
         self._pad_id = self.text.tokenizer.pad_token_id or 0
+        probe = np.full((1, 1), self._pad_id, dtype=np.int64)
+        self.dimension = int(self._hidden(probe, np.ones_like(probe)).shape[-1])
         self.budget = BatchBudget(BATCH_TOKENS, limit=BATCH_TOKENS)
 
     def embed_tokens(self, token_ids: list[list[int]], progress: bool = False) -> np.ndarray:
@@ -160,9 +188,13 @@ class OnnxEncoder(TokenEncoder):
         order = np.argsort(-lengths, kind="stable")
         for batch in length_batches(order, lengths, None, self.budget):
             ids, mask = padded(flat, starts[batch], lengths[batch], max(int(lengths[batch].max()), 1), self._pad_id)
-            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-            out[batch] = _unit(_pool(hidden, mask, self.pooling))
+            out[batch] = _unit(_pool(self._hidden(ids, mask), mask, self.pooling))
         return out
+
+    def _hidden(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The token vectors ([texts, width, dimension]) of a padded batch."""
+        feed = {"input_ids": ids, "attention_mask": mask, **({"token_type_ids": np.zeros_like(ids)} if self._types else {})}
+        return self.session.run([self._output], feed)[0]
 
 
 def _pool(hidden: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
