@@ -174,6 +174,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
                 sealing = time.monotonic()
                 txn.add_segment(writer.seal(structure, built[:2] if built else None))
                 stages["seal"] = since(sealing)
+                stages.update(writer.timings)
             if if_changed and carry and not writer.count and not len(removed):
                 report.published = False
             else:

@@ -37,6 +37,7 @@ class SegmentWriter:
         self.store = DocumentStore.create(self.folder / layout.DOCUMENTS)
         self.spool = VectorSpool(self.folder, dimension)
         self.count = 0
+        self.timings: dict[str, float] = {}  # seconds building and tuning the vector structure took (``seal``)
 
     def add(self, documents: Sequence[Any], vectors: np.ndarray) -> np.ndarray:
         """Store ``documents`` with their vectors under the next keys; returns the keys."""
@@ -62,6 +63,7 @@ class SegmentWriter:
         if not self.count:  # a merge whose documents were all deleted
             built, structure = (structures.create(self.dimension), {}), "Flat"
         vectors, tuning = built or build_from_spool(self.spool, structure)
+        self.timings = {name: round(tuning[f"{name}_seconds"], 3) for name in ("structure", "tune") if f"{name}_seconds" in tuning}
         self.spool.remove()
         vectors.save(self.folder / layout.VECTORS)
         self.store.index_keywords()

@@ -35,7 +35,8 @@ def workdir(tmp_path_factory):
         "stages": report["stages"],
         "warnings": [],
     }
-    assert set(report["stages"]) == {"read", "tokenize", "encode", "write", "seal"}
+    assert set(report["stages"]) == {"read", "tokenize", "encode", "write", "seal", "structure", "tune"}
+    assert report["stages"]["structure"] + report["stages"]["tune"] <= report["stages"]["seal"]
     assert layout.read_pointer(cwd / "indexes" / "products") == "v000001"
     return cwd
 
