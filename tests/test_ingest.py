@@ -47,7 +47,7 @@ def test_pipelined_build_equals_a_sequential_reference_bitwise(tmp_path, tiny_mo
     path = tmp_path / "idx"
     # One text per forward pass, so the reference's batches are the build's batches and vectors can match bit for bit.
     report = build_index(write_jsonl(tmp_path / "a.jsonl", docs), path, settings=IndexSettings(model=str(tiny_model), batch_size=1))
-    assert report.encoded == len(docs) and set(report.stages) == {"read", "tokenize", "encode", "write", "seal"}
+    assert report.encoded == len(docs) and set(report.stages) == {"read", "tokenize", "encode", "write", "seal", "structure", "tune"}
     rows, vectors = stored(path)
     encoder = Encoder(str(tiny_model), batch_size=1)
     # The build's encoding threads run one torch thread each; a lone text runs on query_threads, which timing
