@@ -70,6 +70,7 @@ def shared_trace(key: str, trace, sound) -> torch.jit.ScriptModule | None:
     earlier one saved it, else made now by ``trace()`` and saved; None where the one made now is not sound."""
     if key not in _TRACES:
         saved = saved_trace(key)
+        _LOADED.pop(key, None)  # checked now: kept below if sound, else let go
         if saved is not None and sound(saved):
             _TRACES[key] = saved
         else:

@@ -61,14 +61,6 @@ def export(model: str, *, precision: str = "fp32", opset: int = 17) -> Path:
     Needs torch and transformers. The export takes the same attention-mask
     form as the torch backend's traced forward, so batch and width stay free.
     """
-    import warnings
-
-    import torch
-
-    from .cpu_kernels import HiddenStates
-    from .tokenizer import TextTokenizer
-    from .torch_backend import load_weights
-
     if precision == "int8":
         return _quantised(export(model, opset=opset), export_path(fingerprint(model), "int8"))
     own = shipped(model)
@@ -77,6 +69,13 @@ def export(model: str, *, precision: str = "fp32", opset: int = 17) -> Path:
     path = export_path(fingerprint(model))
     if path.is_file():
         return path
+    import warnings
+
+    import torch
+
+    from .cpu_kernels import HiddenStates
+    from .torch_backend import load_weights
+
     path.parent.mkdir(parents=True, exist_ok=True)
     text = TextTokenizer(model)
     weights = load_weights(text.model_name, text.path).eval()

@@ -353,10 +353,11 @@ class Encoder:
             expected = self._vectors(self._eager_forward(*check), check[1])
             if chosen in (None, "eager"):
                 timings["eager"] = seconds(self._eager_forward) if chosen is None else 0.0
-            # Traced while choosing, and whatever was chosen where no trace is saved yet: a search process runs the
-            # saved trace without transformers (``traced_backend``).
+            # Traced while choosing, and where the packed model was chosen and no trace is saved (any more): a search
+            # process runs the saved trace without transformers (``traced_backend``). A remembered eager choice is not
+            # traced again: the trace was saved when it was chosen, or the tracer could not handle the model.
             trace_key = f"{key}|{self._mask_form}"
-            if chosen in (None, "traced") or not trace_path(trace_key).is_file():
+            if chosen in (None, "traced") or (chosen == "packed" and not trace_path(trace_key).is_file()):
                 try:
                     traced = shared_trace(trace_key, lambda: frozen_trace(self.model, *example, mask_form=self._mask_form), matches)
                     if traced is not None and chosen in (None, "traced"):

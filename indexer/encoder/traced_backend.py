@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models import canonical_model_name
+from ..models import canonical_model_name, file_stamp, resolve_model_path
 from ..settings import IndexSettings
 from .base import TokenEncoder
 from .batching import QUERY_TEXTS, BatchBudget, flatten, length_batches, padded
@@ -35,15 +35,16 @@ def from_saved(settings: IndexSettings, fingerprint: str) -> tuple[TracedEncoder
     the query threads remembered for this machine, and the trace's file; None where there is none (then load the model)."""
     if settings.precision != "fp32":  # either backend: the caller checks the trace agrees with the index's vectors
         return None
-    text = TextTokenizer(settings.model, settings.max_length, files_only=True)
-    key = machine_key(text.path, text.stamp)
+    model_path = resolve_model_path(settings.model)
+    key = machine_key(model_path, file_stamp(model_path))
     choice = known_choice(key)
-    if choice is None:
+    if choice is None:  # decided before anything is loaded: then the model itself is
         return None
     for form in MASK_FORMS:
         path = trace_path(f"{key}|{form}")
         trace = saved_trace(f"{key}|{form}") if path.is_file() else None
         if trace is not None:
+            text = TextTokenizer(settings.model, settings.max_length, files_only=True)
             return TracedEncoder(settings, fingerprint, trace, text=text, query_threads=choice[1]), path
     return None
 
