@@ -148,8 +148,8 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
             diff = Diff(current, carry=carry, keep_upserts=keep_upserts)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
-            writer = txn.new_segment(encoder.dimension, encoder.embedding.key)
-            cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
+            writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache)
+            cached = CachedEncoder(encoder, cache, writer.number, txn.held_vectors(encoder.embedding.key))
             stages: dict[str, float] = {}
             if ray is None:
                 stages = ingest(ahead if ahead is not None else diff.changed(documents), cached, writer.add, progress=progress).rounded()
@@ -181,7 +181,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
                 txn.publish(settings, encoder.dimension, encoder.fingerprint, report, keep)
                 after_write(txn, report, settings, keep, encoder=encoder)
         finally:
-            cache.close()
+            txn.close_cache()
     report.warnings += cache.warnings + documents.warnings
     report.seconds = since(started)
     return report

@@ -1,10 +1,22 @@
 """The embedding cache: vectors already computed, so rebuilds encode only what changed.
 
-One SQLite file per index, ``cache.db``, table ``embeddings(key, vector, used)``.
-The key is the hex SHA-256 of (model fingerprint, pooling, max length, text), so a
-vector is reused only when the very same model would embed the very same text
-the very same way. ``used`` is the number of the newest version that holds the
-text; entries no kept version uses are pruned after each publish.
+A text's vector is named by the first 128 bits of SHA-256 of (model
+fingerprint, pooling, max length, text) (``embedding_digests``), so a vector is
+reused only when the very same model would embed the very same text the very
+same way. It is looked for in two places, never stored in both:
+
+* the segments that keep whole vectors (Flat, HNSW, IVF-Flat): each lists
+  the digests of its documents' texts in ``hashes.npy``, and the vector is
+  read back from its structure (``segments.HeldVectors``), proven by the
+  segment's checksums. A build over 1M documents adds 16 MB of digests, not a
+  second 1.5 GB copy of its vectors;
+* ``cache.db`` (this module), table ``embeddings(key, vector, used)``, for
+  what no such segment holds: the vectors of a segment whose structure keeps
+  only codes (IVF-SQ8, IVF-PQ), those a Ray build encoded, and those a
+  failed or interrupted write had encoded (put here as it ends, so the next
+  try does not encode them again). ``used`` is the number of the newest
+  segment that holds the text; entries no kept version uses are pruned
+  after each publish.
 
 The cache is disposable: nothing published depends on it. A file SQLite calls
 damaged or not a database is set aside as ``cache.db.broken`` and started
@@ -47,6 +59,7 @@ UNIT_TOLERANCE = 1e-3
 # Odd 64-bit multipliers, one per vector word, for ``row_checks`` (fixed: the checks are stored).
 _MULTIPLIERS = np.random.default_rng(20261207).integers(0, 1 << 63, size=4096, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 CHECK_BYTES = 8
+KEY_BYTES = 16  # of the SHA-256 that names a text's vector: collisions stay below 1e-20 at a billion texts
 
 
 def row_checks(keys: Sequence[str], vectors: np.ndarray) -> np.ndarray:
@@ -59,15 +72,27 @@ def row_checks(keys: Sequence[str], vectors: np.ndarray) -> np.ndarray:
     return mixed ^ heads
 
 
-def embedding_keys(prefix: str, texts: Sequence[str]) -> list[str]:
-    """Cache keys of ``texts`` under ``prefix`` (model fingerprint, pooling, max length)."""
+def embedding_digests(prefix: str, texts: Sequence[str]) -> np.ndarray:
+    """The first 128 bits of SHA-256(``prefix`` + text) of each text, as (n, 2) uint64: what names a vector in the
+    cache and in a segment's ``hashes.npy`` (``prefix``: model fingerprint, pooling, max length)."""
     head = hashlib.sha256(prefix.encode())
-    keys = []
+    out = bytearray()
     for text in texts:
         digest = head.copy()
         digest.update(text.encode())
-        keys.append(digest.hexdigest())
-    return keys
+        out += digest.digest()[:KEY_BYTES]
+    return np.frombuffer(bytes(out), dtype=">u8").reshape(len(texts), 2).astype(np.uint64)
+
+
+def digest_keys(digests: np.ndarray) -> list[str]:
+    """The cache keys (hex) of ``digests``."""
+    hexed = np.ascontiguousarray(digests, dtype=np.uint64).astype(">u8").tobytes().hex()
+    return [hexed[i : i + 2 * KEY_BYTES] for i in range(0, len(hexed), 2 * KEY_BYTES)]
+
+
+def embedding_keys(prefix: str, texts: Sequence[str]) -> list[str]:
+    """Cache keys of ``texts`` under ``prefix`` (model fingerprint, pooling, max length)."""
+    return digest_keys(embedding_digests(prefix, texts))
 
 
 def cache_holds_vectors(path: Path) -> bool:
@@ -205,6 +230,15 @@ class EmbeddingCache:
                 )
 
         self._safely(None, update)
+
+    def release(self, used: int) -> None:
+        """Drop the entries segment number ``used`` holds now: those its write found here (see ``SegmentWriter.seal``)."""
+
+        def delete() -> None:
+            with self.db.conn:
+                self.db.execute(f"DELETE FROM {TABLE} WHERE used = ?", [used])
+
+        self._safely(None, delete)
 
     def prune(self, oldest_kept: int) -> int:
         """Drop entries that no version numbered ``oldest_kept`` or later uses."""

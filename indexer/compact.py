@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import interrupts, layout
-from .cache import EmbeddingCache, embedding_keys
+from .cache import EmbeddingCache, embedding_digests
 from .errors import IndexCorruptError
 from .external import load_encoder
+from .ingest import CachedEncoder
 from .segments import Segment, segment_structure
 from .settings import IndexSettings
 from .sources import Document
@@ -114,8 +115,8 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
             raise IndexCorruptError(f"{txn.path}: {problems[0]}; nothing merged. Run 'indexer check INDEX --all'")
     own_cache = txn.cache is None  # the write's own cache when it has one, else one for the merge
     cache = txn.cache if txn.cache is not None else EmbeddingCache(txn.path / layout.CACHE, dimension)
-    writer = txn.new_segment(dimension, metas[0].embedding)
-    vectors = _Vectors(cache, metas[0].embedding + "|", int(writer.name[1:]), settings, encoder, device)
+    writer = txn.new_segment(dimension, metas[0].embedding, cache)
+    vectors = _Vectors(txn, cache, metas[0].embedding, dimension, writer.number, settings, encoder, device)
     dropped = []
     try:
         for meta in metas:
@@ -127,7 +128,8 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
                     dropped.append(keys[~live])
                     docs = [Document(r["id"], r["text"], r["metadata"], r["fields"], origin=r["origin"]) for r, ok in zip(rows, live) if ok]
                     if docs:
-                        writer.add(docs, vectors.of([d.text for d in docs], keys[live], segment))
+                        found, digests = vectors.of([d.text for d in docs], keys[live], segment)
+                        writer.add(docs, found, digests=digests)
             finally:
                 segment.close()
         structure = segment_structure(settings.index_type, writer.count, dimension, parse_memory(settings.memory), whole=whole)
@@ -141,33 +143,24 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
 
 class _Vectors:
     """The vectors of documents being merged: from their segment's structure (proven by its checksum) where it keeps
-    them whole, else from the cache (rows proven by their checks), else from the model."""
+    them whole, else where the index keeps them by text (other segments, the cache, rows proven by their checks), else
+    from the model (loaded then)."""
 
-    def __init__(self, cache: EmbeddingCache, prefix: str, segment_number: int, settings: IndexSettings,
-                 encoder: Encoder | None, device: str | None):
-        self.cache, self.prefix, self.number, self.settings = cache, prefix, segment_number, settings
-        self.encoder, self.device = encoder, device
+    def __init__(self, txn: Transaction, cache: EmbeddingCache, embedding: str, dimension: int, segment_number: int,
+                 settings: IndexSettings, encoder: Encoder | None, device: str | None):
+        self.settings, self.encoder, self.device = settings, encoder, device
+        self.cached = CachedEncoder(None, cache, segment_number, txn.held_vectors(embedding), embedding=embedding,
+                                    dimension=dimension)
 
-    def of(self, texts: list[str], keys: np.ndarray, segment: Segment) -> np.ndarray:
-        wanted = embedding_keys(self.prefix, texts)
-        found = self.cache.get(wanted)
-        hit = np.fromiter((key in found for key in wanted), dtype=bool, count=len(wanted))
+    def of(self, texts: list[str], keys: np.ndarray, segment: Segment) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of ``texts`` (documents ``keys`` of ``segment``) and their digests (see ``cache``)."""
         if segment.vectors.keeps_vectors:
-            out = segment.vectors.reconstruct(keys)
-            # The texts stay cached for later rebuilds: rows that hold are marked, missing or damaged ones written anew.
-            self.cache.mark_used([key for key in wanted if key in found], self.number)
-            missing = np.flatnonzero(~hit)
-            self.cache.put([wanted[i] for i in missing], out[missing], self.number)
-            return out
-        out = np.empty((len(texts), segment.meta.dimension), dtype=np.float32)
-        if hit.any():
-            out[hit] = np.stack([found[key] for key in wanted if key in found])
-            self.cache.mark_used([key for key in wanted if key in found], self.number)
+            return segment.vectors.reconstruct(keys), embedding_digests(self.cached.prefix, texts)
+        digests, hit, out = self.cached.lookup(texts)
         missing = np.flatnonzero(~hit)
         if len(missing):
             out[missing] = self._encoder().encode_texts([texts[i] for i in missing])
-            self.cache.put([wanted[i] for i in missing], out[missing], self.number)
-        return out
+        return out, digests
 
     def _encoder(self) -> Encoder:
         if self.encoder is None:

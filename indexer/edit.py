@@ -64,8 +64,8 @@ def upsert_documents(
         check_encoder(encoder, manifest.model_fingerprint, path)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
-            writer = txn.new_segment(encoder.dimension, encoder.embedding.key)
-            cached = CachedEncoder(encoder, cache, int(writer.name[1:]))
+            writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache)
+            cached = CachedEncoder(encoder, cache, writer.number, txn.held_vectors(encoder.embedding.key))
             diff = Diff(current, carry=True, keep_upserts=False)
             stages = ingest(diff.changed(_as_upserts(documents)), cached, writer.add, progress=progress).rounded()
             if not diff.read:
@@ -82,7 +82,7 @@ def upsert_documents(
                 txn.publish(settings, encoder.dimension, encoder.fingerprint, report, keep)
                 after_write(txn, report, settings, keep, encoder=encoder)
         finally:
-            cache.close()
+            txn.close_cache()
     report.warnings += cache.warnings + documents.warnings
     report.seconds = since(started)
     return report

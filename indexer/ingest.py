@@ -27,13 +27,14 @@ import numpy as np
 from tqdm import tqdm
 
 from . import collector, interrupts
-from .cache import EmbeddingCache, embedding_keys
+from .cache import EmbeddingCache, digest_keys, embedding_digests, embedding_keys
 from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
 
 if TYPE_CHECKING:
     from .encoder import Encoder
+    from .segments import HeldVectors
 
 CHUNK_SIZE = 4096
 PIPELINE_DEPTH = 2
@@ -41,58 +42,70 @@ PIPELINE_DEPTH = 2
 # tokenizer gets through on one core in the seconds a model takes to load, and a bound on memory.
 READ_AHEAD_CHUNKS = 4
 STAGES = ("read", "tokenize", "encode", "write")
-Sink = Callable[[list[Document], np.ndarray], object]
+# A sink takes each chunk's documents, their vectors, and keywords ``digests`` (see cache) and ``fresh`` (rows the model encoded).
+Sink = Callable[..., object]
 
 
 class CachedEncoder:
-    """An encoder in front of an index's embedding cache (or of none, for ``embed``).
+    """An encoder in front of what an index has embedded before (or of nothing, for ``embed``).
 
-    Vectors found in the cache are reused, the others encoded and cached;
-    both are marked as used by segment number ``segment`` (see ``cache``).
-    The pipeline calls ``prepare`` (look up, tokenise what is missing),
-    ``encode`` (the model) and ``remember_chunk`` (store fresh vectors) from
-    its three threads; ``encode_texts`` does all three in one go.
+    Vectors are found first in the segments that keep them (``held``, by
+    their texts' digests, see ``cache``), then in the embedding cache
+    (``cache.db``); the others are encoded. The pipeline calls ``prepare``
+    (look up, tokenise what is missing) and ``encode`` (the model) from its
+    threads. Fresh vectors are not cached here: the segment written keeps
+    them (``SegmentWriter``), or puts them in ``cache.db`` where its
+    structure does not, or the write fails.
     """
 
-    def __init__(self, encoder: Encoder, cache: EmbeddingCache | None = None, segment: int = 0):
+    def __init__(self, encoder: Encoder | None, cache: EmbeddingCache | None = None, segment: int = 0,
+                 held: HeldVectors | None = None, *, embedding: str | None = None, dimension: int | None = None):
+        # No ``encoder`` (only ``embedding`` and ``dimension``): a merge, which looks up and loads a model itself.
         self.encoder = encoder
         self.cache = cache
+        self.held = held
         self.segment = segment
-        self.prefix = encoder.embedding.key + "|" if cache is not None else ""
+        key = embedding if embedding is not None else encoder.embedding.key
+        self.prefix = key + "|" if cache is not None or held is not None else ""
+        self.dimension = dimension if dimension is not None else encoder.dimension
         self.encoded = 0
         self.reused = 0
 
-    @property
-    def dimension(self) -> int:
-        return self.encoder.dimension
-
-    def lookup(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Cache keys of ``texts``, a mask of those the cache holds, and their vectors (counted as reused)."""
-        if self.cache is None:
-            return [], np.zeros(len(texts), dtype=bool), np.empty((0, self.dimension), dtype=np.float32)
-        keys = embedding_keys(self.prefix, texts)
-        cached = self.cache.get(keys)
-        hit = np.fromiter((key in cached for key in keys), dtype=bool, count=len(keys))
-        known = [cached[key] for key in keys if key in cached]
-        self.reused += len(known)
-        if known:
-            self.cache.mark_used([key for key in keys if key in cached], self.segment)
-        return keys, hit, np.stack(known) if known else np.empty((0, self.dimension), dtype=np.float32)
+    def lookup(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The digests of ``texts`` (none without a cache), a mask of those found, and a vector per text (the found
+        rows filled; counted as reused). The one look-up every write makes (``ingest``, merges, the Ray engine)."""
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        hit = np.zeros(len(texts), dtype=bool)
+        if not self.prefix:
+            return np.empty((0, 2), dtype=np.uint64), hit, vectors
+        digests = embedding_digests(self.prefix, texts)
+        if self.held is not None and self.held.metas:
+            hit, found = self.held.find(digests)
+            vectors[hit] = found[hit]
+        rest = np.flatnonzero(~hit)
+        if self.cache is not None and len(rest):
+            keys = digest_keys(digests[rest])
+            cached = self.cache.get(keys)
+            if cached:
+                rows = [i for i, key in zip(rest, keys) if key in cached]
+                vectors[rows] = np.stack([cached[key] for key in keys if key in cached])
+                hit[rows] = True
+                self.cache.mark_used([key for key in keys if key in cached], self.segment)
+        self.reused += int(hit.sum())
+        return digests, hit, vectors
 
     def prepare(self, texts: Sequence[str], tokens: list[list[int]] | None = None) -> Chunk:
-        """A chunk of ``texts`` with its cached vectors filled in and the token ids of the texts still to encode.
+        """A chunk of ``texts`` with its known vectors filled in and the token ids of the texts still to encode.
 
         ``tokens``: the token ids of all ``texts``, if they were tokenised already (``ReadAhead``).
         """
-        keys, hit, known = self.lookup(texts)
-        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
-        vectors[hit] = known
+        digests, hit, vectors = self.lookup(texts)
         missing = np.flatnonzero(~hit)
         if tokens is None:
             tokens = self.encoder.tokenize([texts[i] for i in missing]) if len(missing) else []
         elif len(missing) < len(texts):
             tokens = [tokens[i] for i in missing]
-        return Chunk(keys, vectors, missing, tokens)
+        return Chunk(digests, vectors, missing, tokens)
 
     def encode(self, chunk: Chunk) -> np.ndarray:
         """Run the model over the chunk's missing texts; returns the chunk's vectors, all filled."""
@@ -101,29 +114,23 @@ class CachedEncoder:
         self.encoded += len(chunk.missing)
         return chunk.vectors
 
+    def remember_chunk(self, chunk: Chunk) -> None:
+        """Put the chunk's freshly encoded vectors into ``cache.db`` (a chunk a failed write never handed on)."""
+        if self.cache is not None and len(chunk.missing) and len(chunk.digests):
+            self.cache.put(digest_keys(chunk.digests[chunk.missing]), chunk.vectors[chunk.missing], self.segment)
+
     def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        """Put freshly encoded vectors of ``texts`` into the cache."""
+        """Put freshly encoded vectors of ``texts`` into ``cache.db`` (the Ray engine's, which spools no vectors)."""
         if self.cache is not None:
             self.cache.put(embedding_keys(self.prefix, texts), vectors, self.segment)
-
-    def remember_chunk(self, chunk: Chunk) -> None:
-        """Put the chunk's freshly encoded vectors into the cache."""
-        if self.cache is not None and len(chunk.missing):
-            self.cache.put([chunk.keys[i] for i in chunk.missing], chunk.vectors[chunk.missing], self.segment)
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        chunk = self.prepare(texts)
-        vectors = self.encode(chunk)
-        self.remember_chunk(chunk)
-        return vectors
 
 
 @dataclass
 class Chunk:
     """The texts of up to ``CHUNK_SIZE`` documents on their way through the pipeline."""
 
-    keys: list[str]  # cache keys, empty without a cache
-    vectors: np.ndarray  # rows of cached texts filled by ``prepare``, the rest by ``encode``
+    digests: np.ndarray  # (n, 2) uint64 names of their vectors (see cache); empty without a cache
+    vectors: np.ndarray  # rows of known texts filled by ``prepare``, the rest by ``encode``
     missing: np.ndarray  # rows the model encodes
     tokens: list[list[int]]  # their token ids
 
@@ -219,8 +226,8 @@ def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedE
     Three stages overlap, joined by queues ``PIPELINE_DEPTH`` chunks deep (so
     memory stays bounded): a reading thread parses the next chunks, looks
     them up in the cache and tokenises what is missing; this thread runs the
-    model; a writing thread hands finished chunks to ``sink`` and stores fresh
-    vectors in the cache. The tokenizer, the model and SQLite release the
+    model; a writing thread hands finished chunks to ``sink`` (the fresh
+    vectors of chunks it never got go to the cache). The tokenizer, the model and SQLite release the
     GIL, so the stages run on different cores (on CPU the model runs its
     batches side by side, one thread each, so a core taken by another stage
     holds up one batch, not all of them). The first error of any stage
@@ -260,8 +267,7 @@ def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedE
             cached.remember_chunk(chunk)  # the write ends, but what was encoded stays cached for the next try
             return
         started = time.perf_counter()
-        sink(docs, chunk.vectors)
-        cached.remember_chunk(chunk)
+        sink(docs, chunk.vectors, digests=chunk.digests, fresh=chunk.missing)
         stats.timed("write", started)
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="ingest-read")
@@ -319,7 +325,7 @@ class ArrayFile:
         self.ids: list[str] = []
         self.parts: list[np.ndarray] = []
 
-    def __call__(self, docs: list[Document], vectors: np.ndarray) -> None:
+    def __call__(self, docs: list[Document], vectors: np.ndarray, **_: object) -> None:
         self.ids.extend(d.id for d in docs)
         self.parts.append(vectors)
 

@@ -190,36 +190,37 @@ def ingest_on_ray(documents, cached, writer, settings: IndexSettings, options: R
     texts up in the embedding cache, writes the texts to encode as document
     shards and the cached vectors as vector shards; Ray's encoder actors add
     their vector shards; the segment's FAISS structure is assembled from all
-    vector shards, and the new vectors enter the cache. Returns (vectors,
+    vector shards, and the new vectors enter the cache if it keeps only codes. Returns (vectors,
     tuning, structure) for ``writer.seal``; None when there was nothing to write.
     """
     from .ingest import CHUNK_SIZE, document_chunks
     from .segments import segment_structure
     from .shards import ShardWriter, vector_shards
-    from .vectors import build_from_shards, ivf_bytes
+    from .vectors import build_from_shards, create, ivf_bytes
 
     work = Path(options.work_dir) / f"{writer.path.name}-{writer.folder.name}" if options.work_dir else writer.folder / "shards"
     shards = ShardWriter(work)
     try:
         for docs in document_chunks(documents):
-            keys = writer.add_documents(docs)
             ids, texts = [d.id for d in docs], [d.text for d in docs]
-            _, hit, known = cached.lookup(texts)
-            shards.write_vectors(keys[hit], [ids[i] for i in np.flatnonzero(hit)], known)
+            digests, hit, known = cached.lookup(texts)
+            keys = writer.add_documents(docs, digests=digests)
+            shards.write_vectors(keys[hit], [ids[i] for i in np.flatnonzero(hit)], known[hit])
             rows = np.flatnonzero(~hit)
             shards.write_documents(keys[rows], [ids[i] for i in rows], [texts[i] for i in rows], [docs[i].metadata for i in rows])
             cached.encoded += len(rows)
         if not writer.count:
             return None
-        if shards.documents_written:
-            encode_shards(shards.documents_dir, shards.vectors_dir, settings, options)
-            for shard in vector_shards(shards.vectors_dir, CHUNK_SIZE, known=False):
-                for vectors, keys in shard():
-                    rows = writer.store.fetch(keys)
-                    cached.remember([rows[int(k)]["text"] for k in keys], vectors)
         structure = segment_structure(settings.index_type, writer.count, cached.dimension, memory, whole=whole)
         # An IVF structure over the memory budget keeps its lists on disk.
         spills = memory is not None and (ivf_bytes(structure, writer.count, cached.dimension) or 0) > memory
+        if shards.documents_written:
+            encode_shards(shards.documents_dir, shards.vectors_dir, settings, options)
+            if spills or not create(cached.dimension, structure).keeps_vectors:  # else the segment keeps them (see cache)
+                for shard in vector_shards(shards.vectors_dir, CHUNK_SIZE, known=False):
+                    for vectors, keys in shard():
+                        rows = writer.store.fetch(keys)
+                        cached.remember([rows[int(k)]["text"] for k in keys], vectors)
         vectors, tuning = build_from_shards(vector_shards(shards.vectors_dir), cached.dimension, writer.count, structure,
                                             writer.ondisk_path if spills else None)
         return vectors, tuning, structure

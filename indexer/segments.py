@@ -19,6 +19,7 @@ import numpy as np
 
 from . import layout
 from . import vectors as structures
+from .cache import EmbeddingCache, digest_keys
 from .errors import IndexCorruptError
 from .store import DocumentStore
 from .vectors import ONDISK_SUFFIX, VectorIndex, VectorSpool, build_from_spool, choose_structure
@@ -29,27 +30,48 @@ SMALL_SEGMENT = 10_000
 
 
 class SegmentWriter:
-    """A new segment being written in a staging folder of the index at ``path``; keys run from ``base`` up."""
+    """A new segment being written in a staging folder of the index at ``path``; keys run from ``base`` up.
 
-    def __init__(self, path: Path, name: str, base: int, dimension: int, embedding: str):
+    With a ``cache``, the writer decides where its vectors stay findable by
+    text (see ``cache``): a structure that keeps whole vectors gets the
+    texts' digests beside it (``hashes.npy``); one that keeps only codes
+    puts its vectors in ``cache.db`` as it seals; a writer discarded unsealed
+    puts there the vectors the model encoded for it (``fresh``), so the next
+    try does not encode them again.
+    """
+
+    def __init__(self, path: Path, name: str, base: int, dimension: int, embedding: str, cache: EmbeddingCache | None = None):
         self.path, self.name, self.base, self.dimension, self.embedding = path, name, base, dimension, embedding
+        self.cache = cache
         self.folder = layout.new_staging(path)
         self.store = DocumentStore.create(self.folder / layout.DOCUMENTS)
         self.spool = VectorSpool(self.folder, dimension)
         self.count = 0
+        self._digests: list[np.ndarray | None] = []  # per add, in key order
+        self._fresh: list[np.ndarray] = []  # rows (from 0) whose vectors the model encoded
         self.timings: dict[str, float] = {}  # seconds building and tuning the vector structure took (``seal``)
 
-    def add(self, documents: Sequence[Any], vectors: np.ndarray) -> np.ndarray:
-        """Store ``documents`` with their vectors under the next keys; returns the keys."""
-        keys = self.add_documents(documents)
+    @property
+    def number(self) -> int:
+        return int(self.name[1:])
+
+    def add(self, documents: Sequence[Any], vectors: np.ndarray, *, digests: np.ndarray | None = None,
+            fresh: np.ndarray | None = None) -> np.ndarray:
+        """Store ``documents`` with their vectors under the next keys; returns the keys. ``digests``: their texts'
+        (see ``cache``); ``fresh``: the rows among them the model encoded."""
+        first = self.count
+        keys = self.add_documents(documents, digests=digests)
         self.spool.append(vectors, keys)
+        if fresh is not None and len(fresh):
+            self._fresh.append(np.asarray(fresh, dtype=np.int64) + first)
         return keys
 
-    def add_documents(self, documents: Sequence[Any]) -> np.ndarray:
+    def add_documents(self, documents: Sequence[Any], *, digests: np.ndarray | None = None) -> np.ndarray:
         """Store ``documents`` whose vectors come later (``seal(built=...)``); returns their keys."""
         keys = np.arange(self.base + self.count, self.base + self.count + len(documents), dtype=np.int64)
         self.store.add(keys, documents)
         self.count += len(documents)
+        self._digests.append(digests if digests is not None and len(digests) == len(documents) else None)
         return keys
 
     @property
@@ -64,6 +86,12 @@ class SegmentWriter:
             built, structure = (structures.create(self.dimension), {}), "Flat"
         vectors, tuning = built or build_from_spool(self.spool, structure)
         self.timings = {name: round(tuning[f"{name}_seconds"], 3) for name in ("structure", "tune") if f"{name}_seconds" in tuning}
+        digests = self._all_digests()
+        if digests is not None and vectors.keeps_vectors:
+            np.save(self.folder / layout.HASHES, digests)
+            self.cache.release(self.number)  # what this write found in cache.db, the segment now keeps
+        elif digests is not None and built is None:  # only codes kept: the whole vectors stay in the cache
+            self._cache_spooled(digests, None)
         self.spool.remove()
         vectors.save(self.folder / layout.VECTORS)
         self.store.index_keywords()
@@ -76,11 +104,105 @@ class SegmentWriter:
         layout.seal_segment(self.path, self.folder, meta)
         return meta
 
+    def _all_digests(self) -> np.ndarray | None:
+        """Every document's digest, in key order; None without a cache or where one add came without them."""
+        if self.cache is None or any(d is None for d in self._digests):
+            return None
+        return np.concatenate(self._digests) if self._digests else np.empty((0, 2), dtype=np.uint64)
+
+    def _cache_spooled(self, digests: np.ndarray, rows: np.ndarray | None) -> None:
+        """Put the spooled vectors of ``rows`` (all when None) into ``cache.db``, a chunk at a time."""
+        self.spool.close()
+        if not self.spool.count:
+            return
+        spooled = np.memmap(self.spool.vectors_path, dtype=np.float32, mode="r", shape=(self.spool.count, self.dimension))
+        rows = np.arange(self.spool.count) if rows is None else rows
+        for first in range(0, len(rows), 16384):
+            part = rows[first : first + 16384]
+            self.cache.put(digest_keys(digests[part]), np.asarray(spooled[part]), self.number)
+
     def discard(self) -> None:
+        """Remove the unsealed segment; the vectors the model encoded for it go to the cache first (best effort)."""
+        digests = self._all_digests()
+        if digests is not None and self._fresh and self.spool.vectors_path.exists():
+            with contextlib.suppress(Exception):  # a cache that cannot take them costs the next try their encoding
+                self._cache_spooled(digests, np.concatenate(self._fresh))
         with contextlib.suppress(Exception):  # already closed, or the disk is gone: the folder goes anyway
             self.store.close()
         self.spool.close()
         layout.discard(self.folder)
+
+
+class HeldVectors:
+    """The vectors the segments ``metas`` of the index at ``path`` keep whole, found by their texts' digests.
+
+    Only segments embedded as ``embedding`` that list their digests
+    (``hashes.npy``) take part. A segment's digests are sorted on its first
+    look-up; its vectors are read only when a digest is found there, after
+    its digests, keys and vectors have matched their checksums (a segment
+    that does not is passed over, with a warning: its texts are encoded again).
+    """
+
+    def __init__(self, path: Path, metas: Sequence[layout.SegmentMeta], embedding: str, warnings: list[str] | None = None):
+        self.path = path
+        self.metas = [m for m in metas if m.embedding == embedding and layout.HASHES in m.files]
+        self.warnings = warnings if warnings is not None else []
+        self._tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._vectors: dict[str, VectorIndex | None] = {}
+
+    def find(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A mask of the ``digests`` some segment holds, and a vector per digest (the found rows filled)."""
+        hit = np.zeros(len(digests), dtype=bool)
+        found = np.empty((len(digests), self.metas[0].dimension if self.metas else 0), dtype=np.float32)
+        for meta in self.metas:
+            rest = np.flatnonzero(~hit)
+            if not len(rest):
+                break
+            table = self._table(meta)
+            if table is None:
+                continue
+            held, order, first = table
+            rows = order[np.minimum(np.searchsorted(first, digests[rest, 0]), len(order) - 1)]
+            matched = (held[rows] == digests[rest]).all(axis=1)
+            if not matched.any() or (vectors := self._load(meta)) is None:
+                continue
+            keys = np.load(layout.segment_dir(self.path, meta.name) / layout.KEYS, mmap_mode="r")
+            found[rest[matched]] = vectors.reconstruct(np.asarray(keys[rows[matched]]))
+            hit[rest[matched]] = True
+        return hit, found
+
+    def _table(self, meta: layout.SegmentMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The segment's digests, their order by first word, and the first words in that order."""
+        if meta.name not in self._tables:
+            try:
+                held = np.load(layout.segment_dir(self.path, meta.name) / layout.HASHES, mmap_mode="r")
+                if held.shape != (meta.count, 2) or not meta.count:
+                    raise ValueError(f"{held.shape} digests for {meta.count} documents")
+                order = np.argsort(held[:, 0], kind="stable")
+                self._tables[meta.name] = (held, order, np.asarray(held[order, 0]))
+            except (OSError, ValueError) as exc:
+                self._pass_over(meta, f"unreadable {layout.HASHES} ({exc})")
+                self._tables[meta.name] = None
+        return self._tables[meta.name]
+
+    def _load(self, meta: layout.SegmentMeta) -> VectorIndex | None:
+        """The segment's vector structure, once its files have matched their checksums; None if they do not."""
+        if meta.name not in self._vectors:
+            folder = layout.segment_dir(self.path, meta.name)
+            problems = layout.segment_problems(folder, meta, checksums=True, names=(layout.HASHES, layout.KEYS, layout.VECTORS),
+                                               memo=True)
+            loaded = None
+            if problems:
+                self._pass_over(meta, problems[0])
+            else:
+                loaded = structures.load(folder / layout.VECTORS, meta.vector_index, meta.search_params)
+                if not loaded.keeps_vectors:
+                    loaded = None
+            self._vectors[meta.name] = loaded
+        return self._vectors[meta.name]
+
+    def _pass_over(self, meta: layout.SegmentMeta, problem: str) -> None:
+        self.warnings.append(f"{self.path}: segment {meta.name}: {problem}; its vectors are not reused")
 
 
 def segment_structure(index_type: str, count: int, dimension: int, memory: int | None, *, whole: bool) -> str:

@@ -31,7 +31,7 @@ from .cache import EmbeddingCache, cache_holds_vectors
 from .check import check_version
 from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexNotFoundError
 from .ingest import CHUNK_SIZE, document_chunks
-from .segments import Segment, SegmentWriter
+from .segments import HeldVectors, Segment, SegmentWriter
 from .settings import Embedding, IndexSettings
 from .snapshot import Snapshot
 from .sources import Document
@@ -164,11 +164,16 @@ class Transaction:
         self._allocated.append(f"s{max((int(n[1:]) for n in names), default=0) + 1:06d}")
         return self._allocated[-1]
 
-    def new_segment(self, dimension: int, embedding: str) -> SegmentWriter:
-        """A writer for a new segment whose keys follow every key in use."""
-        writer = SegmentWriter(self.path, self.allocate(), self.next_key, dimension, embedding)
+    def new_segment(self, dimension: int, embedding: str, cache: EmbeddingCache | None = None) -> SegmentWriter:
+        """A writer for a new segment whose keys follow every key in use; ``cache``: see ``SegmentWriter``."""
+        writer = SegmentWriter(self.path, self.allocate(), self.next_key, dimension, embedding, cache)
         self._writers.append(writer)
         return writer
+
+    def held_vectors(self, embedding: str) -> HeldVectors:
+        """The vectors the current version's segments keep, by text (see ``cache``), for texts this write meets again."""
+        return HeldVectors(self.path, [s.meta for s in self.current.segments] if self.current is not None else [], embedding,
+                           self.warnings)
 
     def add_segment(self, meta: layout.SegmentMeta) -> None:
         """List a sealed segment in the version being written."""
@@ -256,9 +261,16 @@ class Transaction:
             reason = "no space left on device" if disk_full(exc, self.path) else (str(exc).splitlines() or [type(exc).__name__])[0]
             report.warnings.append(f"{self.path}: published {report.version}, but tidying up after it failed ({reason}); the next write retries")
 
-    def close(self) -> None:
+    def close_cache(self) -> None:
+        """End the write's use of its cache: writers left unsealed are discarded first (their fresh vectors go to it)."""
         for writer in self._writers:
             writer.discard()  # a writer already sealed has no folder left to discard
+        if self.cache is not None:
+            self.cache.close()
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.discard()
         layout.discard(self.path / layout.STAGING)  # under the lock, whatever is there was never published
         if self.current is not None:
             self.current.close()

@@ -159,11 +159,11 @@ def test_a_failing_writer_stops_the_build(tmp_path, tiny_model, small_chunks, mo
     before = tree_digest(path)
     add, calls = SegmentWriter.add, []
 
-    def failing_add(self, documents, vectors):
+    def failing_add(self, documents, vectors, **given):
         calls.append(len(documents))
         if len(calls) == 4:
             raise OSError("simulated write failure")
-        return add(self, documents, vectors)
+        return add(self, documents, vectors, **given)
 
     monkeypatch.setattr(SegmentWriter, "add", failing_add)
     with pytest.raises(OSError, match="simulated write failure"):

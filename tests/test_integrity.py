@@ -22,7 +22,7 @@ from helpers import fill, indexer, one_line_error, records, run_cli, tree_digest
 pytest.importorskip("fastapi")
 
 from indexer import Index, build_index, check_index, compact_index, delete_documents, layout, upsert_documents  # noqa: E402
-from indexer.cache import CHECK_BYTES, cache_holds_vectors  # noqa: E402
+from indexer.cache import CHECK_BYTES, EmbeddingCache, cache_holds_vectors, embedding_keys  # noqa: E402
 from indexer.errors import ArgumentError, DiskFullError, IndexCorruptError  # noqa: E402
 from indexer.settings import IndexSettings  # noqa: E402
 from indexer.snapshot import Snapshot  # noqa: E402
@@ -106,6 +106,16 @@ def test_a_merge_that_runs_out_of_disk_after_publishing_is_a_warning(small_disk,
 # 3. Compaction takes vectors from proven segments, never from a damaged cache row.
 
 
+def cache_rows(path: Path, texts: list[str], vectors: np.ndarray) -> None:
+    """Put rows for ``texts`` into the index's cache.db, as a write whose segment keeps only codes would."""
+    snapshot = Snapshot.open(path, vectors=False)
+    snapshot.close()
+    embedding = snapshot.segments[0].meta.embedding
+    cache = EmbeddingCache(path / layout.CACHE, vectors.shape[1])
+    cache.put(embedding_keys(embedding + "|", texts), vectors, 1)
+    cache.close()
+
+
 def damage_cache(path: Path) -> int:
     """Negate the first two components of every cached vector, leaving each row's check as it was."""
     with sqlite3.connect(path / layout.CACHE) as db:
@@ -120,6 +130,10 @@ def damage_cache(path: Path) -> int:
 def test_compaction_never_launders_a_damaged_cache(segmented):
     ids = [f"doc{i}" for i in range(50)]
     before = stored_vectors(segmented, ids)
+    assert not cache_holds_vectors(segmented / layout.CACHE)  # flat segments keep their vectors: the cache holds none
+    with Index(segmented) as index:
+        texts = [index.get_documents([i])[0]["text"] for i in ids]
+    cache_rows(segmented, texts, before)
     assert damage_cache(segmented) == 50
     report = compact_index(segmented)
     assert report.merged == 3 and check_index(segmented)["problems"] == []
@@ -127,13 +141,17 @@ def test_compaction_never_launders_a_damaged_cache(segmented):
 
 
 def test_a_damaged_cache_row_is_encoded_again_with_a_warning(segmented, tmp_path):
-    before = stored_vectors(segmented, ["doc7"])
+    text = "a text no segment holds"
+    reference = build_index(write_jsonl(tmp_path / "one.jsonl", [{"id": "x", "text": text}]), tmp_path / "reference",
+                            IndexSettings(model=layout.read_manifest(manifest_file(segmented).parent).settings.model))
+    assert reference.encoded == 1
+    expected = stored_vectors(tmp_path / "reference", ["x"])
+    cache_rows(segmented, [text], expected)
     damage_cache(segmented)
-    twin = write_jsonl(tmp_path / "twin.jsonl", [{"id": "twin", "text": "doc number 7 about topic 0"}])
-    report = upsert_documents(segmented, twin)
+    report = upsert_documents(segmented, write_jsonl(tmp_path / "twin.jsonl", [{"id": "twin", "text": text}]))
     assert (report.encoded, report.reused) == (1, 0)
     assert any("1 cached vectors failed their check" in w for w in report.warnings), report.warnings
-    assert np.allclose(stored_vectors(segmented, ["twin"]), before, atol=1e-6)
+    assert np.allclose(stored_vectors(segmented, ["twin"]), expected, atol=1e-6)
 
 
 # 4. Everything a reader trusts carries a checksum: the manifest, the pointer, the deletion set.
