@@ -16,15 +16,19 @@ One run, side by side, each build a fresh ``indexer build`` process:
 4. A free encoder (the ceiling of everything around the model): an
    ``ExternalEncoder`` that returns the real model's vectors of the first
    --free-base Debian descriptions (computed once with all-MiniLM-L6-v2 and
-   kept in results/), plus small noise (0.01 per component, renormalised) for
-   the copies; documents are those descriptions, then again with " (copy N)"
+   kept in results/), plus small noise (0.01 per component, from a table of
+   8,191 rows hashed by original and copy number, renormalised) for the
+   copies; documents are those descriptions, then again with " (copy N)"
    (all texts distinct). Builds of --free sizes (flat at 200,000, auto at
-   1,000,000 by default) in fresh processes: docs/s, each stage's busy
-   seconds, peak RSS, bytes on disk per part (segments, embedding cache), and
-   recall@10 of the structure against exact search on 200 noisy document vectors.
+   1,000,000 by default, and 1,000,000 again with structureless random
+   vectors, where tuning works hardest) in fresh processes: docs/s, each
+   stage's busy seconds, the share of the build spent tuning, the build's
+   peak RSS, bytes on disk per part (segments, embedding cache), and, in
+   another process, recall@10 of the structure against exact search on 200
+   noisy document vectors.
 
     python benchmarks/ingest.py [--documents 100000] [--real-documents 5000] [--rounds 2] [--before REV]
-                                [--free 200000:flat,1000000:auto] [--free-base 20000] [--only-free]
+                                [--free 200000:flat,1000000:auto,1000000:auto:random] [--free-base 20000] [--only-free]
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +74,7 @@ def hand_rolled(source: Path, folder: Path) -> float:
 
 
 COPY = " (copy "
+NOISE_ROWS = 8191  # a prime, so the (original, copy) pairs spread over all rows; 12.5 MB
 
 
 def free_texts(base: list[str], count: int) -> list[str]:
@@ -87,28 +94,49 @@ def real_vectors(base: int) -> Path:
     return path
 
 
-def free_build(source: Path, index: Path, index_type: str, base: int) -> None:
-    """In a fresh process: build ``source`` with the free encoder; print the report and the recall of the structure."""
-    from indexer import Index, IndexSettings, build_index
+def free_encoder(base: int, vectors_kind: str):
+    """The free encoder: the real model's vectors of the first ``base`` Debian descriptions (copies: plus noise), or,
+    for ``random``, vectors without any structure (standard normal, one generator per chunk, seeded by its first text)."""
     from indexer.external import ExternalEncoder
 
     vectors = np.load(real_vectors(base))
     row_of = {text: i for i, text in enumerate(r["text"] for r in debian_corpus(base))}
-    noise = np.random.default_rng(0)
+    # Noise for copies from a table (a row per (original, copy number) pair, hashed): drawing 384 normals a
+    # document would cost the encoder more than the rest of the pipeline's Python together.
+    noise = np.random.default_rng(0).standard_normal((NOISE_ROWS, vectors.shape[1]), dtype=np.float32) * 0.01
 
     def embed(texts: list[str]) -> np.ndarray:
-        rows = np.fromiter((row_of.get(t, -1) for t in texts), dtype=np.int64, count=len(texts))
-        copies = rows < 0
-        if copies.any():  # a copy is its original's row; any other text (a question) some row
-            rows[copies] = [row_of.get(t.rpartition(COPY)[0], zlib.crc32(t.encode()) % len(vectors))
-                            for t in np.asarray(texts, dtype=object)[copies]]
+        if vectors_kind == "random":
+            out = np.random.default_rng(zlib.crc32(texts[0].encode())).standard_normal((len(texts), vectors.shape[1]), dtype=np.float32)
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+        rows = np.fromiter(map(row_of.get, texts, repeat(-1)), dtype=np.int64, count=len(texts))
+        copies = np.flatnonzero(rows < 0)
+        if len(copies):  # a copy is its original's row; any other text (a question) some row
+            parts = [texts[i].rpartition(COPY) for i in copies.tolist()]
+            rows[copies] = [row_of.get(head, zlib.crc32(tail.encode()) % len(vectors)) for head, _, tail in parts]
+            numbers = np.fromiter((int(tail[:-1]) if tail[:-1].isdigit() else 0 for _, _, tail in parts), dtype=np.int64, count=len(parts))
         out = vectors[rows]
-        out[copies] += noise.standard_normal((int(copies.sum()), out.shape[1]), dtype=np.float32) * 0.01
+        if len(copies):
+            out[copies] += noise[(rows[copies] * 7919 + numbers * 104729) % NOISE_ROWS]
         return out
 
-    encoder = ExternalEncoder(embed, lambda text: embed([text])[0], name="free", config={"base": base})
-    report = build_index(source, index, IndexSettings(index_type=index_type), encoder=encoder).to_dict()
-    with Index(index, encoder=encoder) as opened:
+    return ExternalEncoder(embed, lambda text: embed([text])[0], name="free", config={"base": base, "vectors": vectors_kind})
+
+
+def free_build(source: Path, index: Path, index_type: str, base: int, vectors_kind: str) -> None:
+    """In a fresh process: build ``source`` with the free encoder and print the report."""
+    from indexer import IndexSettings, build_index
+
+    report = build_index(source, index, IndexSettings(index_type=index_type), encoder=free_encoder(base, vectors_kind))
+    print(json.dumps(report.to_dict()))
+
+
+def free_recall(index: Path, base: int, vectors_kind: str) -> None:
+    """In another process: recall@10 of the built structure against exact search, on 200 stored vectors plus noise."""
+    from indexer import Index
+
+    noise = np.random.default_rng(0)
+    with Index(index, encoder=free_encoder(base, vectors_kind)) as opened:
         (segment,) = opened._served.segments
         stored = segment.vectors
         keys = stored.keys()
@@ -124,42 +152,48 @@ def free_build(source: Path, index: Path, index_type: str, base: int) -> None:
             exact = np.take_along_axis(scores, top, axis=1), np.take_along_axis(found, top, axis=1)
         _, approximate = stored.search(queries, 10)
         recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate.tolist(), exact[1].tolist())])
-        report.update(structure=segment.meta.vector_index, search_params=segment.meta.search_params,
-                      tuned_recall=segment.meta.tuned_recall, recall_at_10=round(float(recall), 4))
-    print(json.dumps(report))
+        print(json.dumps({"structure": segment.meta.vector_index, "search_params": segment.meta.search_params,
+                          "tuned_recall": segment.meta.tuned_recall, "recall_at_10": round(float(recall), 4)}))
 
 
-def free_builds(sizes: list[tuple[int, str]], base: int, tmp: Path) -> list[dict]:
-    """Each size built by ``free_build`` in a fresh process: wall, peak RSS and disk besides its report."""
-    texts = free_texts([r["text"] for r in debian_corpus(base)], max(n for n, _ in sizes))
+def in_process(call: str, tmp: Path) -> tuple[dict, float, int]:
+    """``ingest.<call>`` in a fresh Python: its last line of output as JSON, wall seconds and peak RSS in bytes."""
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import ingest; from pathlib import Path; ingest.{call}"
+    out, err = tmp / "free.out", tmp / "free.err"
+    started = time.perf_counter()
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=stderr, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{call} failed:\n{err.read_text()}")
+    return json.loads(out.read_text().strip().splitlines()[-1]), wall, usage.ru_maxrss * 1024
+
+
+def free_builds(sizes: list[tuple[int, str, str]], base: int, tmp: Path) -> list[dict]:
+    """Each size built by ``free_build`` in a fresh process (wall, peak RSS, disk besides its report), then its
+    recall measured by ``free_recall`` in another."""
+    texts = free_texts([r["text"] for r in debian_corpus(base)], max(n for n, _, _ in sizes))
     real_vectors(base)
     rows = []
-    for count, index_type in sizes:
+    for count, index_type, vectors_kind in sizes:
         source = write_jsonl(tmp / f"free-{count}.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts[:count])])
-        index = tmp / f"free-{count}-{index_type}"
-        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import ingest; from pathlib import Path; "
-                f"ingest.free_build(Path({str(source)!r}), Path({str(index)!r}), {index_type!r}, {base})")
-        out, err = tmp / "free.out", tmp / "free.err"
-        started = time.perf_counter()
-        with open(out, "w") as stdout, open(err, "w") as stderr:
-            process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=stderr,
-                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"free build of {count} failed:\n{err.read_text()}")
-        report = json.loads(out.read_text().strip().splitlines()[-1])
+        index = tmp / f"free-{count}-{index_type}-{vectors_kind}"
+        report, wall, peak = in_process(f"free_build(Path({str(source)!r}), Path({str(index)!r}), {index_type!r}, {base}, "
+                                        f"{vectors_kind!r})", tmp)
         disk = {part: sum(f.stat().st_size for f in (index / part).rglob("*") if f.is_file())
                 for part in ("segments",)}
         disk["cache"] = sum(f.stat().st_size for f in index.glob("cache.db*"))
         disk["all"] = sum(f.stat().st_size for f in index.rglob("*") if f.is_file())
-        rows.append({"documents": count, "index_type": index_type, "wall_s": round(wall, 1),
+        recall, _, _ = in_process(f"free_recall(Path({str(index)!r}), {base}, {vectors_kind!r})", tmp)
+        stages = report["stages"]
+        rows.append({"documents": count, "index_type": index_type, "vectors": vectors_kind, "wall_s": round(wall, 1),
                      "docs_per_s": round(count / report["seconds"]), "reported_s": report["seconds"],
-                     "stages": report["stages"], "peak_rss_mb": round(usage.ru_maxrss / 1024),
-                     "disk_mb": {k: round(v / 2**20) for k, v in disk.items()},
-                     **{k: report[k] for k in ("structure", "search_params", "tuned_recall", "recall_at_10")}})
+                     "stages": stages, "tune_share": round(stages.get("tune", 0.0) / report["seconds"], 3),
+                     "peak_rss_mb": round(peak / 2**20), "disk_mb": {k: round(v / 2**20) for k, v in disk.items()}, **recall})
         print(json.dumps(rows[-1]), flush=True)
         source.unlink()
+        shutil.rmtree(index)
     return rows
 
 
@@ -169,12 +203,13 @@ def main() -> None:
     parser.add_argument("--real-documents", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", default=BEFORE, help="git revision to compare with")
-    parser.add_argument("--free", default="200000:flat,1000000:auto", help="sizes and index types of the free-encoder builds")
+    parser.add_argument("--free", default="200000:flat,1000000:auto,1000000:auto:random",
+                        help="size:index type[:random] of each free-encoder build (random: vectors without structure)")
     parser.add_argument("--free-base", type=int, default=20000, help="Debian descriptions the free encoder has real vectors of")
     parser.add_argument("--only-free", action="store_true", help="only the free-encoder builds")
     args = parser.parse_args()
     print(f"{machine()}; CPU flags: {cpu_flags() or 'none listed'}", flush=True)
-    sizes = [(int(n), kind) for n, kind in (part.split(":") for part in args.free.split(",") if part)]
+    sizes = [(int(n), kind, (rest or ["debian"])[0]) for n, kind, *rest in (part.split(":") for part in args.free.split(",") if part)]
     if args.only_free:
         with tempfile.TemporaryDirectory() as tmp:
             save("ingest-free", {"cpu_flags": cpu_flags(), "free_base": args.free_base,

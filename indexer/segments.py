@@ -94,13 +94,15 @@ class SegmentWriter:
             self._cache_spooled(digests, None)
         self.spool.remove()
         vectors.save(self.folder / layout.VECTORS)
-        self.store.index_keywords()
+        search_params = vectors.search_params
+        del vectors, built  # the structure (1.5 GB at 1M) is on disk: not held while SQLite sorts and merges
+        self.store.finish()
         keys, lengths = self.store.token_lengths()
         self.store.close()
         np.save(self.folder / layout.KEYS, keys)
         np.save(self.folder / layout.LENGTHS, lengths.astype(np.int32))
         meta = layout.SegmentMeta(self.name, self.base, self.count, self.dimension, self.embedding, structure,
-                                  vectors.search_params, tuning.get("tuned_recall"))
+                                  search_params, tuning.get("tuned_recall"))
         layout.seal_segment(self.path, self.folder, meta)
         return meta
 

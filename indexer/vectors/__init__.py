@@ -100,6 +100,7 @@ def build_from_spool(spool: VectorSpool, structure: str) -> tuple[VectorIndex, d
     vectors = create(spool.dimension, structure)
     sample = spool.sample(vectors.training_sample())
     vectors.train(sample)
+    sample = sample[: TUNING_QUERIES * 2].copy()  # all tuning needs of it; the rest (100 MB for IVF) goes now
     for chunk, keys in spool.chunks():
         vectors.add(chunk, keys)
     filled = time.perf_counter()

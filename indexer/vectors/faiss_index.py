@@ -38,6 +38,7 @@ HNSW_UP_TO = 250_000
 WHOLE_VECTORS_UP_TO = 2_000_000  # past this, ``auto`` keeps 8-bit codes (IVF-SQ8), not whole vectors
 HNSW_LINKS = 32
 FEW_QUERIES = 8
+IVF_PROBED_SHARE = 4  # tuning tries nprobe up to nlist / this
 ONDISK_SUFFIX = ".ivfdata"
 
 
@@ -259,7 +260,9 @@ class FaissIndex:
         if isinstance(inner, faiss.IndexHNSW):
             name, values = "efSearch", [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
         elif isinstance(inner, faiss.IndexIVF):
-            name, values = "nprobe", sorted({min(2**i, inner.nlist) for i in range(0, 20)})
+            # At most a quarter of the lists: past that the structure costs what exact search does (vectors without
+            # cluster structure), and the tuning as much as the build (see benchmarks/ingest.py's random vectors).
+            name, values = "nprobe", sorted({min(2**i, max(inner.nlist // IVF_PROBED_SHARE, 1)) for i in range(0, 20)})
         else:
             return {}
         queries = midpoint_queries(sample, TUNING_QUERIES)

@@ -33,7 +33,7 @@ class VectorSpool:
         self._vectors.close()
         self._keys.close()
 
-    def chunks(self, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def chunks(self, size: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with open(self.vectors_path, "rb") as vf, open(self.keys_path, "rb") as kf:
             while True:
                 keys = np.frombuffer(kf.read(size * 8), dtype=np.int64)
@@ -43,10 +43,16 @@ class VectorSpool:
                 yield vectors.reshape(len(keys), self.dimension), keys
 
     def sample(self, size: int, seed: int = 0) -> np.ndarray:
-        """Up to ``size`` random vectors."""
+        """Up to ``size`` random vectors, read row by row (a memory map of the spool would count it all in the
+        process's memory while mapped)."""
         rows = np.sort(np.random.default_rng(seed).choice(self.count, min(size, self.count), replace=False))
-        data = np.memmap(self.vectors_path, dtype=np.float32, mode="r", shape=(self.count, self.dimension))
-        return np.array(data[rows])
+        width = self.dimension * 4
+        out = np.empty((len(rows), self.dimension), dtype=np.float32)
+        with open(self.vectors_path, "rb") as f:
+            for i, row in enumerate(rows.tolist()):
+                f.seek(row * width)
+                out[i] = np.frombuffer(f.read(width), dtype=np.float32)
+        return out
 
     def remove(self) -> None:
         self.close()

@@ -28,15 +28,29 @@ def midpoint_queries(sample: np.ndarray, count: int, seed: int = 0) -> np.ndarra
 
 def exact_neighbours(queries: np.ndarray, chunks: Iterator[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
     """Keys of the exact top-``k`` inner products, streaming over (vectors, keys) chunks."""
-    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_keys = np.full((len(queries), k), -1, dtype=np.int64)
+    count = len(queries)
+    best_scores = np.full((count, k), -np.inf, dtype=np.float32)
+    best_keys = np.full((count, k), -1, dtype=np.int64)
     for vectors, keys in chunks:
         scores = queries @ vectors.T
-        merged_scores = np.hstack([best_scores, scores])
-        merged_keys = np.hstack([best_keys, np.broadcast_to(keys, scores.shape)])
-        top = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
-        best_scores = np.take_along_axis(merged_scores, top, axis=1)
-        best_keys = np.take_along_axis(merged_keys, top, axis=1)
+        floor = best_scores.min(axis=1)
+        if np.isinf(floor).any():  # the first chunks: a partition of every score
+            merged_scores = np.hstack([best_scores, scores])
+            merged_keys = np.hstack([best_keys, np.broadcast_to(keys, scores.shape)])
+            top = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
+            best_scores = np.take_along_axis(merged_scores, top, axis=1)
+            best_keys = np.take_along_axis(merged_keys, top, axis=1)
+            continue
+        # Then only the few scores above each query's k-th best so far, merged with its k best by one sort.
+        rows, columns = np.nonzero(scores > floor[:, None])
+        if not len(rows):
+            continue
+        owners = np.concatenate([np.repeat(np.arange(count), k), rows])
+        merged_scores = np.concatenate([best_scores.ravel(), scores[rows, columns]])
+        merged_keys = np.concatenate([best_keys.ravel(), np.asarray(keys)[columns]])
+        order = np.lexsort((-merged_scores, owners))
+        take = order[(np.searchsorted(owners[order], np.arange(count))[:, None] + np.arange(k)).ravel()]
+        best_scores, best_keys = merged_scores[take].reshape(count, k), merged_keys[take].reshape(count, k)
     return best_keys
 
 
