@@ -148,7 +148,7 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
             diff = Diff(current, carry=carry, keep_upserts=keep_upserts)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
-            writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache)
+            writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache, settings if ray is None else None)
             cached = CachedEncoder(encoder, cache, writer.number, txn.held_vectors(encoder.embedding.key))
             stages: dict[str, float] = {}
             if ray is None:

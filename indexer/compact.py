@@ -115,7 +115,7 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
             raise IndexCorruptError(f"{txn.path}: {problems[0]}; nothing merged. Run 'indexer check INDEX --all'")
     own_cache = txn.cache is None  # the write's own cache when it has one, else one for the merge
     cache = txn.cache if txn.cache is not None else EmbeddingCache(txn.path / layout.CACHE, dimension)
-    writer = txn.new_segment(dimension, metas[0].embedding, cache)
+    writer = txn.new_segment(dimension, metas[0].embedding, cache, settings)
     vectors = _Vectors(txn, cache, metas[0].embedding, dimension, writer.number, settings, encoder, device)
     dropped = []
     try:

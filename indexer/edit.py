@@ -64,7 +64,7 @@ def upsert_documents(
         check_encoder(encoder, manifest.model_fingerprint, path)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
-            writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache)
+            writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache, settings)
             cached = CachedEncoder(encoder, cache, writer.number, txn.held_vectors(encoder.embedding.key))
             diff = Diff(current, carry=True, keep_upserts=False)
             stages = ingest(diff.changed(_as_upserts(documents)), cached, writer.add, progress=progress).rounded()

@@ -10,7 +10,7 @@ documents it deletes, is the manifest's business (``snapshot``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from . import vectors as structures
 from .cache import EmbeddingCache, digest_keys
 from .errors import IndexCorruptError
 from .store import DocumentStore
-from .vectors import ONDISK_SUFFIX, VectorIndex, VectorSpool, build_from_spool, choose_structure
+from .vectors import ONDISK_SUFFIX, StreamedBuild, VectorIndex, VectorSpool, build_from_spool, choose_structure
 
 # A segment made by a small write or a merge of small segments is exact (Flat) below this many documents,
 # whatever the index type: searching it costs less than a graph would, and it needs no tuning.
@@ -40,12 +40,15 @@ class SegmentWriter:
     try does not encode them again.
     """
 
-    def __init__(self, path: Path, name: str, base: int, dimension: int, embedding: str, cache: EmbeddingCache | None = None):
+    def __init__(self, path: Path, name: str, base: int, dimension: int, embedding: str, cache: EmbeddingCache | None = None,
+                 plan: Callable[[int], str | None] | None = None):
         self.path, self.name, self.base, self.dimension, self.embedding = path, name, base, dimension, embedding
         self.cache = cache
         self.folder = layout.new_staging(path)
         self.store = DocumentStore.create(self.folder / layout.DOCUMENTS)
         self.spool = VectorSpool(self.folder, dimension)
+        # With a ``plan`` (see vectors.streamed_structure), the structure is built while vectors arrive.
+        self.streamed = StreamedBuild(self.spool, plan, structures.create) if plan is not None else None
         self.count = 0
         self._digests: list[np.ndarray | None] = []  # per add, in key order
         self._fresh: list[np.ndarray] = []  # rows (from 0) whose vectors the model encoded
@@ -62,6 +65,8 @@ class SegmentWriter:
         first = self.count
         keys = self.add_documents(documents, digests=digests)
         self.spool.append(vectors, keys)
+        if self.streamed is not None:
+            self.streamed.wrote(self.spool.count)
         if fresh is not None and len(fresh):
             self._fresh.append(np.asarray(fresh, dtype=np.int64) + first)
         return keys
@@ -84,7 +89,12 @@ class SegmentWriter:
         self.spool.close()
         if not self.count:  # a merge whose documents were all deleted
             built, structure = (structures.create(self.dimension), {}), "Flat"
-        vectors, tuning = built or build_from_spool(self.spool, structure)
+        streamed, self.streamed = self.streamed, None
+        if streamed is not None and built is not None:
+            streamed.abandon()
+        vectors, tuning = built or build_from_spool(self.spool, structure, streamed)
+        if streamed is not None and vectors is streamed.vectors:
+            structure, streamed.vectors = streamed.structure, None  # its kind, with the lists fixed while it streamed
         self.timings = {name: round(tuning[f"{name}_seconds"], 3) for name in ("structure", "tune") if f"{name}_seconds" in tuning}
         digests = self._all_digests()
         if digests is not None and vectors.keeps_vectors:
@@ -125,6 +135,8 @@ class SegmentWriter:
 
     def discard(self) -> None:
         """Remove the unsealed segment; the vectors the model encoded for it go to the cache first (best effort)."""
+        if self.streamed is not None:
+            self.streamed.abandon()
         digests = self._all_digests()
         if digests is not None and self._fresh and self.spool.vectors_path.exists():
             with contextlib.suppress(Exception):  # a cache that cannot take them costs the next try their encoding

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import queue
 import re
 import sqlite3
 import threading
@@ -50,6 +51,7 @@ KEYWORD_TOKENIZER = "porter unicode61"
 # Bytes of strings one insert statement carries at most (one document over it goes alone): far below
 # SQLite's limit of 1e9 bytes a value, far above what makes a statement's overhead count.
 INSERT_BYTES = 64 * 2**20
+FEEDER_DEPTH = 4  # chunks of rows waiting for the keyword index (see KeywordFeeder)
 
 
 class DocumentStore:
@@ -58,6 +60,7 @@ class DocumentStore:
     def __init__(self, db: sqlite_utils.Database | Reader):
         self.db = db
         self._lock = threading.Lock()
+        self._keywords: KeywordFeeder | None = None  # a new store's (``create``)
 
     @classmethod
     def create(cls, path: str | Path) -> DocumentStore:
@@ -72,11 +75,16 @@ class DocumentStore:
         db.execute(f"CREATE VIRTUAL TABLE {KEYWORDS} USING fts5(text, content='{TABLE}', content_rowid='key', tokenize='{KEYWORD_TOKENIZER}')")
         # Fewer merges while chunks stream in; ``finish`` merges everything once.
         db.execute(f"INSERT INTO {KEYWORDS}({KEYWORDS}, rank) VALUES('automerge', 16)")
-        return cls(db)
+        store = cls(db)
+        store._keywords = KeywordFeeder(path)
+        return store
 
     def finish(self) -> None:
-        """Make a new store ready to publish, once every row is in: the unique index on ids (sources refuse a
-        repeated id as they read), and the keyword index merged into one b-tree (what searches read fastest)."""
+        """Make a new store ready to publish, once every row is in: the keyword index complete and merged into one
+        b-tree (what searches read fastest), and the unique index on ids (sources refuse a repeated id as they read)."""
+        if self._keywords is not None:
+            self._keywords.close()
+            self._keywords = None
         with self._lock, self.db.conn:
             self.db.execute(f"CREATE UNIQUE INDEX idx_{TABLE}_id ON {TABLE} (id)")
             self.db.execute(f"INSERT INTO {KEYWORDS}({KEYWORDS}) VALUES('optimize')")
@@ -108,7 +116,11 @@ class DocumentStore:
         with self._lock, self.db.conn:
             for first, last in zip(bounds, bounds[1:]):
                 self.db.execute(_INSERT, _insert_values(keys[first:last], [c[first:last] for c in encoded], lengths[:, first:last]))
-            self.db.execute(_INDEX_KEYWORDS, [json.dumps(keys.tolist())])
+        if self._keywords is not None:
+            self._keywords.index(keys)
+        else:
+            with self._lock, self.db.conn:
+                self.db.execute(_INDEX_KEYWORDS, [json.dumps(keys.tolist())])
 
     def fetch(self, keys: Iterable[int]) -> dict[int, dict[str, Any]]:
         """Rows for ``keys`` as ``{key: {"id", "text", "metadata", "fields", "origin"}}``, in one query."""
@@ -306,11 +318,65 @@ class DocumentStore:
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close."""
+        if self._keywords is not None:  # a store given up before it was finished
+            self._keywords.close(abandon=True)
+            self._keywords = None
         with self._lock:
             # Read-only (immutable) connections have no WAL to checkpoint; a damaged file closes all the same.
             with contextlib.suppress(sqlite3.DatabaseError):
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.conn.close()
+
+
+class KeywordFeeder:
+    """Feeds a new store's FTS5 keyword index in a thread of its own, on a connection of its own, a chunk of
+    committed rows at a time (``index``), so that the write stage's thread goes on with the next chunk meanwhile.
+
+    The two connections take SQLite's write lock in turn (WAL, a busy timeout);
+    neither holds the GIL while SQLite works, so on a write of 1M documents
+    the keyword index costs the write stage almost nothing of its 15 s. At
+    most ``FEEDER_DEPTH`` chunks wait. The first error is raised by the next
+    ``index`` or by ``close``.
+    """
+
+    def __init__(self, path: str | Path):
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, timeout=600, isolation_level=None)
+        self._conn.execute("PRAGMA synchronous=OFF")
+        self._queue: queue.Queue[str | None] = queue.Queue(FEEDER_DEPTH)
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, name="ingest-keywords", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (keys := self._queue.get()) is not None:
+            if self._error is not None or self._abandoned:
+                continue
+            try:
+                with self._conn:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.execute(_INDEX_KEYWORDS, [keys])
+            except BaseException as exc:  # raised in the write stage's thread
+                self._error = exc
+
+    def index(self, keys: np.ndarray) -> None:
+        """Index the keyword text of these committed rows (soon, in the thread)."""
+        self._raise()
+        self._queue.put(json.dumps(np.asarray(keys).tolist()))
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self, *, abandon: bool = False) -> None:
+        """Wait for the chunks queued (none if ``abandon``), end the thread and its connection; raise its error."""
+        self._abandoned = abandon
+        self._queue.put(None)
+        self._thread.join()
+        self._conn.close()
+        if not abandon:
+            self._raise()
 
 
 class Reader:
@@ -368,7 +434,8 @@ def _open_writable(path: str | Path) -> sqlite_utils.Database:
     # A URI connection, so that immutable stores of other versions can be ATTACHed read-only.
     import sqlite_utils
 
-    conn = sqlite3.connect(Path(path).resolve().as_uri(), uri=True, check_same_thread=False)
+    # Waits for the keyword feeder's connection (KeywordFeeder), which holds the write lock for a chunk at a time.
+    conn = sqlite3.connect(Path(path).resolve().as_uri(), uri=True, check_same_thread=False, timeout=600)
     db = sqlite_utils.Database(conn)
     db.enable_wal()
     # Only new segments are written, under staging/, and sealing fsyncs every file before publishing one:

@@ -13,6 +13,7 @@ bookkeeping) are warnings on the report, never errors.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from .segments import HeldVectors, Segment, SegmentWriter
 from .settings import Embedding, IndexSettings
 from .snapshot import Snapshot
 from .sources import Document
-from .vectors import TUNING_RECALL
+from .vectors import TUNING_RECALL, parse_memory, streamed_structure
 
 # Tuned recall this far under its target is worth a warning.
 LOW_RECALL_MARGIN = 0.05
@@ -167,9 +168,15 @@ class Transaction:
         self._allocated.append(f"s{max((int(n[1:]) for n in names), default=0) + 1:06d}")
         return self._allocated[-1]
 
-    def new_segment(self, dimension: int, embedding: str, cache: EmbeddingCache | None = None) -> SegmentWriter:
-        """A writer for a new segment whose keys follow every key in use; ``cache``: see ``SegmentWriter``."""
-        writer = SegmentWriter(self.path, self.allocate(), self.next_key, dimension, embedding, cache)
+    def new_segment(self, dimension: int, embedding: str, cache: EmbeddingCache | None = None,
+                    settings: IndexSettings | None = None) -> SegmentWriter:
+        """A writer for a new segment whose keys follow every key in use; ``cache``: see ``SegmentWriter``. With
+        ``settings``, its structure is built while it is written where the index type allows (``streamed_structure``)."""
+        plan = None
+        if settings is not None:
+            index_type, memory = settings.index_type, parse_memory(settings.memory)
+            plan = functools.partial(streamed_structure, index_type, dimension=dimension, memory=memory)
+        writer = SegmentWriter(self.path, self.allocate(), self.next_key, dimension, embedding, cache, plan)
         self._writers.append(writer)
         return writer
 

@@ -10,6 +10,7 @@ library. A new ANN library is one module here and one line in ``LIBRARIES``.
 
 - ``faiss_index``: ``FaissIndex``, the structure chooser and the sharded (Ray) build;
 - ``spool``: vectors spooled to disk while a build streams;
+- ``streamed``: the structure built in a thread while they stream;
 - ``tuning``: recall against exact search, for tuning search knobs.
 """
 
@@ -24,8 +25,17 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import ArgumentError
-from .faiss_index import ONDISK_SUFFIX, FaissIndex, build_from_shards, choose_structure, ivf_bytes, sample_from_shards
+from .faiss_index import (
+    ONDISK_SUFFIX,
+    FaissIndex,
+    build_from_shards,
+    choose_structure,
+    ivf_bytes,
+    sample_from_shards,
+    streamed_structure,
+)
 from .spool import VectorSpool
+from .streamed import StreamedBuild
 from .tuning import TUNING_QUERIES, TUNING_RECALL, exact_neighbours, midpoint_queries, recall_at_k
 
 
@@ -40,6 +50,9 @@ class VectorIndex(Protocol):
     def dimension(self) -> int: ...
 
     def __len__(self) -> int: ...
+
+    @property
+    def is_trained(self) -> bool: ...  # ready to add to (untrained: an IVF before its lists are trained)
 
     def training_sample(self) -> int: ...  # vectors to sample before filling (to train and tune); 0: none
 
@@ -93,18 +106,20 @@ def load(path: str | Path, structure: str = "Flat", search_params: dict[str, int
     return kind.load(path, search_params, mmap)
 
 
-def build_from_spool(spool: VectorSpool, structure: str) -> tuple[VectorIndex, dict[str, float]]:
-    """Create, train, fill and tune a structure from every spooled vector; the tuning's result, with the seconds
-    building the structure took (``structure_seconds``) and tuning it (``tune_seconds``)."""
+def build_from_spool(spool: VectorSpool, structure: str, streamed: StreamedBuild | None = None) -> tuple[VectorIndex, dict[str, float]]:
+    """Create, train, fill and tune a structure from every spooled vector (or take the one ``streamed`` built, if it
+    is of the kind ``structure`` asks for); the tuning's result, with the seconds building the structure took
+    after the stream (``structure_seconds``) and tuning it (``tune_seconds``)."""
     started = time.perf_counter()
-    vectors = create(spool.dimension, structure)
-    sample = spool.sample(vectors.training_sample())
-    vectors.train(sample)
-    sample = sample[: TUNING_QUERIES * 2].copy()  # all tuning needs of it; the rest (100 MB for IVF) goes now
-    for chunk, keys in spool.chunks():
-        vectors.add(chunk, keys)
+    vectors = streamed.finish(structure) if streamed is not None else None
+    if vectors is None:
+        vectors = create(spool.dimension, structure)
+        vectors.train(spool.sample(vectors.training_sample()))
+        for chunk, keys in spool.chunks():
+            vectors.add(chunk, keys)
     filled = time.perf_counter()
-    tuning = vectors.tune(sample, spool.chunks)
+    # All tuning needs of a sample: midpoints of random pairs (a training sample is 100 MB at 1M IVF lists).
+    tuning = vectors.tune(spool.sample(TUNING_QUERIES * 2, seed=1), spool.chunks)
     return vectors, {**tuning, "structure_seconds": filled - started, "tune_seconds": time.perf_counter() - filled}
 
 
@@ -120,5 +135,6 @@ def parse_memory(text: str | None) -> int | None:
 
 
 __all__ = ["LIBRARIES", "ONDISK_SUFFIX", "TUNING_QUERIES", "TUNING_RECALL", "FaissIndex", "VectorIndex", "VectorSpool",
-           "build_from_shards", "build_from_spool", "choose_structure", "create", "exact_neighbours", "ivf_bytes",
-           "library", "load", "midpoint_queries", "parse_memory", "recall_at_k", "sample_from_shards"]
+           "StreamedBuild", "build_from_shards", "build_from_spool", "choose_structure", "create", "exact_neighbours",
+           "ivf_bytes", "library", "load", "midpoint_queries", "parse_memory", "recall_at_k", "sample_from_shards",
+           "streamed_structure"]

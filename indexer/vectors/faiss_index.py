@@ -35,6 +35,7 @@ EXACT_UP_TO = 100_000
 # Past this, ``auto`` builds IVF, not HNSW: on 2 cores an HNSW32 graph over 1M vectors takes 84 s to build,
 # 1,024 IVF lists 8.5 s, with recall@10 0.998 at nprobe 8 (measured on the free-encoder vectors of benchmarks/ingest.py).
 HNSW_UP_TO = 250_000
+STREAM_AFTER = 10_000  # segments.SMALL_SEGMENT: a smaller partial segment is Flat whatever the type
 WHOLE_VECTORS_UP_TO = 2_000_000  # past this, ``auto`` keeps 8-bit codes (IVF-SQ8), not whole vectors
 HNSW_LINKS = 32
 FEW_QUERIES = 8
@@ -86,6 +87,19 @@ def choose_structure(index_type: str, count: int, dimension: int, memory: int | 
         return f"IVF{ivf_lists(count)},SQ8"
     per_vector = max(budget // max(count, 1) - 16, 1)
     return f"IVF{ivf_lists(count)},PQ{pq_subquantizers(dimension, per_vector)}"
+
+
+def streamed_structure(index_type: str, count: int, dimension: int, memory: int | None = None) -> str | None:
+    """The structure a write can start building while it streams, once ``count`` vectors make the choice certain:
+    HNSW (asked for) past a small segment's size; for ``auto``, IVF over whole vectors past HNSW's range while they
+    fit (1,024 lists: the final count is not known yet; ``streamed.same_kind`` accepts it for any IVF-Flat choice).
+    None: not yet, or not a structure that gains from it (Flat fills in a memory copy; IVF codes need the whole sample)."""
+    kind = index_type.lower()
+    if kind == "hnsw" and count >= STREAM_AFTER:
+        return f"HNSW{HNSW_LINKS}"
+    if kind == "auto" and count > HNSW_UP_TO and (memory is None or count * (dimension * 4 + 8) <= memory):
+        return f"IVF{ivf_lists(4 * HNSW_UP_TO, per_root=1)},Flat"
+    return None
 
 
 def ivf_bytes(structure: str, count: int, dimension: int) -> int | None:
@@ -143,6 +157,10 @@ class FaissIndex:
 
     def __len__(self) -> int:
         return self.index.ntotal
+
+    @property
+    def is_trained(self) -> bool:
+        return self.index.is_trained
 
     def training_sample(self) -> int:
         """Vectors to sample before filling: enough to train an untrained structure and to tune an approximate one; none for exact search."""

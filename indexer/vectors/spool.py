@@ -25,27 +25,36 @@ class VectorSpool:
         self.count = 0
 
     def append(self, vectors: np.ndarray, keys: np.ndarray) -> None:
+        """Append, flushed: a streamed build (``streamed``) reads what is written as it grows."""
         self._vectors.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
         self._keys.write(np.asarray(keys, dtype=np.int64).tobytes())
+        self._vectors.flush()
+        self._keys.flush()
         self.count += len(keys)
 
     def close(self) -> None:
         self._vectors.close()
         self._keys.close()
 
-    def chunks(self, size: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def chunks(self, size: int = 16384, *, start: int = 0, stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(vectors, keys) of rows ``start`` to ``stop`` (default: all), ``size`` rows at a time."""
         with open(self.vectors_path, "rb") as vf, open(self.keys_path, "rb") as kf:
-            while True:
-                keys = np.frombuffer(kf.read(size * 8), dtype=np.int64)
+            vf.seek(start * self.dimension * 4)
+            kf.seek(start * 8)
+            left = (self.count if stop is None else stop) - start
+            while left > 0:
+                keys = np.frombuffer(kf.read(min(size, left) * 8), dtype=np.int64)
+                left -= len(keys)
                 if not len(keys):
                     return
                 vectors = np.frombuffer(vf.read(len(keys) * self.dimension * 4), dtype=np.float32)
                 yield vectors.reshape(len(keys), self.dimension), keys
 
-    def sample(self, size: int, seed: int = 0) -> np.ndarray:
-        """Up to ``size`` random vectors, read row by row (a memory map of the spool would count it all in the
-        process's memory while mapped)."""
-        rows = np.sort(np.random.default_rng(seed).choice(self.count, min(size, self.count), replace=False))
+    def sample(self, size: int, seed: int = 0, *, upto: int | None = None) -> np.ndarray:
+        """Up to ``size`` random vectors (of the first ``upto``), read row by row (a memory map of the spool would count
+        it all in the process's memory while mapped)."""
+        count = self.count if upto is None else upto
+        rows = np.sort(np.random.default_rng(seed).choice(count, min(size, count), replace=False))
         width = self.dimension * 4
         out = np.empty((len(rows), self.dimension), dtype=np.float32)
         with open(self.vectors_path, "rb") as f:
