@@ -23,6 +23,7 @@ from .cache import EmbeddingCache, digest_keys
 from .errors import IndexCorruptError
 from .store import DocumentStore
 from .vectors import ONDISK_SUFFIX, StreamedBuild, VectorIndex, VectorSpool, build_from_spool, choose_structure
+from .vectors.faiss_index import map_large_blocks
 
 # A segment made by a small write or a merge of small segments is exact (Flat) below this many documents,
 # whatever the index type: searching it costs less than a graph would, and it needs no tuning.
@@ -44,6 +45,7 @@ class SegmentWriter:
                  plan: Callable[[int], str | None] | None = None):
         self.path, self.name, self.base, self.dimension, self.embedding = path, name, base, dimension, embedding
         self.cache = cache
+        map_large_blocks()  # the structure's buffers freed as they grow (see there)
         self.folder = layout.new_staging(path)
         self.store = DocumentStore.create(self.folder / layout.DOCUMENTS)
         self.spool = VectorSpool(self.folder, dimension)

@@ -79,7 +79,7 @@ def test_manifest_records_how_the_index_was_built(sample_index):
     assert (info["segments"], info["deleted"], info["segment_sizes"]) == (["s000001"], 0, {"s000001": 99})
     segment = layout.read_segment_meta(layout.segment_dir(sample_index, "s000001"))
     assert (segment.count, segment.dimension, segment.vector_index) == (99, 384, "Flat")
-    assert set(segment.files) == {layout.DOCUMENTS, layout.VECTORS, layout.KEYS, layout.LENGTHS}
+    assert set(segment.files) == {layout.DOCUMENTS, layout.VECTORS, layout.KEYS, layout.LENGTHS, layout.HASHES}
 
 
 def test_mismatched_model_is_refused(sample_index, tiny_model):

@@ -128,6 +128,7 @@ class NumpyExact:
 
     def __init__(self, dimension: int, vectors: np.ndarray | None = None, keys: np.ndarray | None = None):
         self.search_params: dict[str, int] = {}
+        self.is_trained = True
         self._vectors = np.empty((0, dimension), np.float32) if vectors is None else vectors
         self._keys = np.empty(0, np.int64) if keys is None else keys
 

@@ -41,6 +41,8 @@ HNSW_LINKS = 32
 FEW_QUERIES = 8
 IVF_PROBED_SHARE = 4  # tuning tries nprobe up to nlist / this
 ONDISK_SUFFIX = ".ivfdata"
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MAPPED = False
 
 
 def ivf_lists(count: int, per_root: int = 4) -> int:
@@ -89,14 +91,31 @@ def choose_structure(index_type: str, count: int, dimension: int, memory: int | 
     return f"IVF{ivf_lists(count)},PQ{pq_subquantizers(dimension, per_vector)}"
 
 
+def map_large_blocks() -> None:
+    """Have glibc's malloc map every block from 128 KiB up (and unmap it when freed), for the rest of the process.
+
+    FAISS grows a structure's buffers (IVF lists, Flat codes) by doubling. With
+    glibc's own threshold, which rises to the largest block freed so far,
+    the outgrown buffers stay in the heap: a 1M-vector IVF build peaked at
+    2.6 GB for 1.5 GB of vectors, 1.9 GB with this (benchmarks/ingest.py), at
+    no cost in time measured. Elsewhere than glibc, nothing is done.
+    """
+    global _MAPPED
+    if _MAPPED or not sys.platform.startswith("linux"):
+        return
+    _MAPPED = True
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def streamed_structure(index_type: str, count: int, dimension: int, memory: int | None = None) -> str | None:
     """The structure a write can start building while it streams, once ``count`` vectors make the choice certain:
-    HNSW (asked for) past a small segment's size; for ``auto``, IVF over whole vectors past HNSW's range while they
+    Flat or HNSW (asked for) past a small segment's size; for ``auto``, IVF over whole vectors past HNSW's range while they
     fit (1,024 lists: the final count is not known yet; ``streamed.same_kind`` accepts it for any IVF-Flat choice).
-    None: not yet, or not a structure that gains from it (Flat fills in a memory copy; IVF codes need the whole sample)."""
+    None: not yet, or not a structure that can (IVF codes need a sample of every vector, IVF lists the final count)."""
     kind = index_type.lower()
-    if kind == "hnsw" and count >= STREAM_AFTER:
-        return f"HNSW{HNSW_LINKS}"
+    if kind in ("flat", "hnsw") and count >= STREAM_AFTER:
+        return choose_structure(kind, count, dimension, memory)
     if kind == "auto" and count > HNSW_UP_TO and (memory is None or count * (dimension * 4 + 8) <= memory):
         return f"IVF{ivf_lists(4 * HNSW_UP_TO, per_root=1)},Flat"
     return None
