@@ -162,7 +162,8 @@ def in_process(call: str, tmp: Path) -> tuple[dict, float, int]:
     out, err = tmp / "free.out", tmp / "free.err"
     started = time.perf_counter()
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=stderr, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=stderr,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})  # this checkout's code
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status):
