@@ -23,7 +23,7 @@ from .errors import (
     ModelError,
     SourceError,
 )
-from .settings import DEFAULT_MODEL, IndexSettings
+from .settings import DEFAULT_MODEL, IndexSettings, WriteOptions
 
 if TYPE_CHECKING:
     from .archive import ImportReport, export_index, import_index
@@ -89,6 +89,7 @@ __all__ = [
     "ModelError",
     "RayOptions",
     "SourceError",
+    "WriteOptions",
     "build_index",
     "check_index",
     "compact_index",

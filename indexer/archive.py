@@ -36,6 +36,7 @@ from typing import IO, Any
 from . import layout
 from .check import check_version
 from .errors import ArgumentError, DiskFullError, IndexCorruptError, IndexNotFoundError
+from .settings import WriteOptions
 from .write import BuildReport, disk_full, existing_index, transaction
 
 SNAPSHOT = "snapshot.json"
@@ -184,8 +185,8 @@ def _add(tar: tarfile.TarFile, member: Member) -> None:
         raise IndexCorruptError(f"{member.name} does not match its checksum")
 
 
-def import_index(archive: str | Path, index: str | Path, *, as_version: bool = False, wait: float = 0.0,
-                 keep: int = 3) -> ImportReport:
+def import_index(archive: str | Path, index: str | Path, *, as_version: bool = False,
+                 options: WriteOptions | None = None) -> ImportReport:
     """Publish the version held in ``archive`` (from ``export_index``) as a new index at ``index``.
 
     With ``as_version``, ``index`` may exist already: the snapshot becomes its
@@ -194,6 +195,7 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
     archive's checksums, and everything is written to disk (fsynced), before
     anything is published.
     """
+    options = options or WriteOptions()
     archive = Path(archive)
     if not archive.is_file():
         raise ArgumentError(f"{archive}: no such file")
@@ -204,7 +206,7 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
         # Only what an index writes (what a killed first write leaves) may be there: never the user's own files.
         raise ArgumentError(f"{path}: a folder that is neither empty nor an index; import into a new or empty folder")
     path.mkdir(parents=True, exist_ok=True)
-    with transaction(path, "import", wait) as txn:
+    with transaction(path, "import", options.wait) as txn:
         existing = layout.holds_index(path)
         if existing and not as_version:
             raise ArgumentError(f"{path}: an index is there already; pass --as-version to publish the snapshot as its new version")
@@ -258,7 +260,7 @@ def import_index(archive: str | Path, index: str | Path, *, as_version: bool = F
             layout.fsync_dir(path / layout.VERSIONS)
             layout.point_to(path, source_version)
             report.version = source_version
-        txn.tidy(keep, report)
+        txn.tidy(options.keep, report)
     return ImportReport(str(path), report.version, source_version, manifest.count, manifest.segments, report.warnings)
 
 

@@ -29,9 +29,9 @@ from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import ArgumentError, SourceError
 from .external import encoder_for_write, is_external, load_encoder, load_tokenizer
-from .ingest import CachedEncoder, ReadAhead, ingest
+from .ingest import CachedEncoder, LocalEngine, ReadAhead
 from .segments import segment_structure
-from .settings import IndexSettings
+from .settings import IndexSettings, WriteOptions
 from .sources import DocumentSource
 from .vectors import choose_structure, parse_memory
 from .write import BuildReport, Diff, Transaction, since, transaction
@@ -47,11 +47,8 @@ def build_index(
     index: str | Path,
     settings: IndexSettings | None = None,
     *,
-    device: str | None = None,
-    keep: int = 3,
-    wait: float = 0.0,
+    options: WriteOptions | None = None,
     if_changed: bool = False,
-    progress: bool = False,
     ray: RayOptions | None = None,
     encoder: Encoder | ExternalEncoder | None = None,
     only_if_new: bool = False,
@@ -60,8 +57,9 @@ def build_index(
 
     The new version holds exactly the documents of ``source`` (documents added
     by upsert are not kept; ``rebuild_index`` keeps them). Texts the index has
-    embedded before with the same model settings are reused from its cache.
-    With ``if_changed``, nothing is published when the documents equal the
+    embedded before with the same model settings are reused. ``options``:
+    device, versions kept, lock wait, progress bar (``WriteOptions``). With
+    ``if_changed``, nothing is published when the documents equal the
     current version's. With ``ray``, the texts to encode go through a pool of
     encoder replicas on a Ray cluster (see ``ray_engine``). ``source`` may be
     a ``DocumentSource`` (records in memory; no source is recorded for
@@ -74,19 +72,16 @@ def build_index(
     settings = replace(settings or IndexSettings())
     if encoder is not None and is_external(encoder.model_name):
         settings.model = encoder.model_name
-    return _build(layout.index_path(index), source, settings, device=device, keep=keep, wait=wait, if_changed=if_changed,
-                  progress=progress, action="build", encoder=encoder, ray=ray, only_if_new=only_if_new)
+    return _build(layout.index_path(index), source, settings, options or WriteOptions(), action="build",
+                  if_changed=if_changed, encoder=encoder, ray=ray, only_if_new=only_if_new)
 
 
 def rebuild_index(
     index: str | Path,
     source: str | Path | None = None,
     *,
-    device: str | None = None,
-    keep: int = 3,
-    wait: float = 0.0,
+    options: WriteOptions | None = None,
     if_changed: bool = False,
-    progress: bool = False,
     encoder: Encoder | None = None,
     ray: RayOptions | None = None,
     prune_upserts: bool = False,
@@ -94,7 +89,7 @@ def rebuild_index(
     """Re-read the index's source (or ``source``) with its recorded settings and publish the result.
 
     Only new or changed documents are written (and their texts encoded only if
-    the cache lacks them; on Ray with ``ray``). Documents that left the source
+    the index has not embedded them before; on Ray with ``ray``). Documents that left the source
     are deleted; documents written by upsert are kept (and win over a source
     record with the same id) unless ``prune_upserts``.
     """
@@ -104,16 +99,17 @@ def rebuild_index(
     source = source or settings.source
     if not source:
         raise ArgumentError(f"{path}: no source recorded; pass one")
-    return _build(path, source, settings, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=progress,
-                  action="rebuild", encoder=encoder, ray=ray, prune_upserts=prune_upserts)
+    return _build(path, source, settings, options or WriteOptions(), action="rebuild", if_changed=if_changed,
+                  encoder=encoder, ray=ray, prune_upserts=prune_upserts)
 
 
-def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, if_changed, progress, action,
+def _build(path: Path, source, settings: IndexSettings, options: WriteOptions, *, action: str, if_changed: bool,
            encoder=None, ray=None, prune_upserts=False, only_if_new=False) -> BuildReport:
+    device = options.device
     started = time.monotonic()
     documents = source if isinstance(source, DocumentSource) else DocumentSource(
         source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
-    with transaction(path, action, wait) as txn, contextlib.ExitStack() as stack:
+    with transaction(path, action, options.wait) as txn, contextlib.ExitStack() as stack:
         stack.enter_context(collector.frozen())  # see collector: the model's load and the write skip what they start with
         # A rebuild carries upserted documents over, so it must read them, unless told to drop them.
         current = txn.open_current(repairable=action == "build" or prune_upserts,
@@ -150,15 +146,10 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache, settings if ray is None else None)
             cached = CachedEncoder(encoder, cache, writer.number, txn.held_vectors(encoder.embedding.key))
-            stages: dict[str, float] = {}
-            if ray is None:
-                stages = ingest(ahead if ahead is not None else diff.changed(documents), cached, writer.add, progress=progress).rounded()
-                built = None
-            else:
-                from .ray_engine import ingest_on_ray
-
-                # Whether the new segment will be the whole index is known only after the diff; guess from before it.
-                built = ingest_on_ray(diff.changed(documents), cached, writer, settings, ray, memory, whole=txn.replaces_all)
+            engine = LocalEngine(progress=options.progress) if ray is None else _ray_engine(settings, ray, memory)
+            # Whether the new segment will be the whole index is known only after the diff; guessed from before it.
+            stages, built = engine.fill(ahead if ahead is not None else diff.changed(documents), cached, writer,
+                                        whole=txn.replaces_all)
             if not diff.read:
                 raise SourceError(f"{documents.path}: no documents")
             settings.id_field, settings.text_fields = documents.id_field, documents.text_fields
@@ -178,13 +169,19 @@ def _build(path: Path, source, settings: IndexSettings, *, device, keep, wait, i
             if if_changed and carry and not writer.count and not len(removed):
                 report.published = False
             else:
-                txn.publish(settings, encoder.dimension, encoder.fingerprint, report, keep)
-                after_write(txn, report, settings, keep, encoder=encoder)
+                txn.publish(settings, encoder.dimension, encoder.fingerprint, report, options.keep)
+                after_write(txn, report, settings, options.keep, encoder=encoder)
         finally:
             txn.close_cache()
     report.warnings += cache.warnings + documents.warnings
     report.seconds = since(started)
     return report
+
+
+def _ray_engine(settings: IndexSettings, ray: RayOptions, memory: int | None):
+    from .ray_engine import RayEngine  # imports Ray's client only when asked for
+
+    return RayEngine(settings, ray, memory)
 
 
 def _carries_over(txn: Transaction, encoder: Encoder, settings: IndexSettings) -> bool:

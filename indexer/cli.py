@@ -44,6 +44,7 @@ from .settings import (
     POOLINGS,
     PRECISIONS,
     IndexSettings,
+    WriteOptions,
 )
 
 # At exit the interpreter's last collections walk every object left (~0.7 s after loading a model); the process is
@@ -245,6 +246,11 @@ def _settings(
     )
 
 
+def _write_options(device: str | None = None, keep: int = WriteOptions.keep, wait: float = WriteOptions.wait) -> WriteOptions:
+    """The common write options as given, with a progress bar where stderr is a terminal."""
+    return WriteOptions(device=device, keep=keep, wait=wait, progress=sys.stderr.isatty())
+
+
 def _ray_options(engine: Any, address: str | None, replicas: int | None, gpus: float, work_dir: str | None):
     ray_only = {"--ray-address": address, "--replicas": replicas, "--gpus-per-replica": gpus, "--ray-work-dir": work_dir}
     given = [name for name, value in ray_only.items() if value]
@@ -309,8 +315,8 @@ def build(
     ] = "flat",
     memory: Annotated[str | None, typer.Option(help="Memory budget for --index-type auto, e.g. 2GB.")] = None,
     device: DeviceOption = None,
-    keep: KeepOption = 3,
-    wait: WaitOption = 0,
+    keep: KeepOption = WriteOptions.keep,
+    wait: WaitOption = WriteOptions.wait,
     if_changed: IfChangedOption = False,
     engine: EngineOption = "local",
     ray_address: RayAddressOption = None,
@@ -330,9 +336,7 @@ def build(
         max_document_bytes=max_document_bytes,
     )
     ray = _ray_options(engine, ray_address, replicas, gpus_per_replica, ray_work_dir)
-    report = build_index(
-        source, index, settings, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty(), ray=ray
-    )
+    report = build_index(source, index, settings, options=_write_options(device, keep, wait), if_changed=if_changed, ray=ray)
     _print_report("built", report, as_json)
 
 
@@ -342,8 +346,8 @@ def rebuild(
     index: IndexArgument,
     source: Annotated[Path | None, typer.Option(help="Read this source instead of the one the index was built from.")] = None,
     device: DeviceOption = None,
-    keep: KeepOption = 3,
-    wait: WaitOption = 0,
+    keep: KeepOption = WriteOptions.keep,
+    wait: WaitOption = WriteOptions.wait,
     if_changed: IfChangedOption = False,
     prune_upserts: Annotated[
         bool, typer.Option("--prune-upserts", help="Drop the documents written by upsert; keep only the source's.")
@@ -359,10 +363,8 @@ def rebuild(
     from .build import rebuild_index
 
     ray = _ray_options(engine, ray_address, replicas, gpus_per_replica, ray_work_dir)
-    report = rebuild_index(
-        index, source, device=device, keep=keep, wait=wait, if_changed=if_changed, progress=sys.stderr.isatty(), ray=ray,
-        prune_upserts=prune_upserts,
-    )
+    report = rebuild_index(index, source, options=_write_options(device, keep, wait), if_changed=if_changed, ray=ray,
+                           prune_upserts=prune_upserts)
     _print_report("rebuilt", report, as_json)
 
 
@@ -374,16 +376,14 @@ def upsert(
     id_field: IdFieldOption = None,
     text_field: TextFieldOption = None,
     device: DeviceOption = None,
-    keep: KeepOption = 3,
-    wait: WaitOption = 0,
+    keep: KeepOption = WriteOptions.keep,
+    wait: WaitOption = WriteOptions.wait,
     as_json: JsonOption = False,
 ) -> None:
     """Add or replace documents by id, publishing a new version (fields default to the index's)."""
     from .edit import upsert_documents
 
-    report = upsert_documents(
-        index, source, id_field=id_field, text_fields=text_field, device=device, keep=keep, wait=wait, progress=sys.stderr.isatty()
-    )
+    report = upsert_documents(index, source, id_field=id_field, text_fields=text_field, options=_write_options(device, keep, wait))
     _print_report("upserted into", report, as_json)
 
 
@@ -393,14 +393,14 @@ def delete(
     index: IndexArgument,
     ids: Annotated[list[str], typer.Argument(metavar="ID", help="Ids of the documents to delete.")],
     missing_ok: Annotated[bool, typer.Option("--missing-ok", help="Skip ids that are not in the index.")] = False,
-    keep: KeepOption = 3,
-    wait: WaitOption = 0,
+    keep: KeepOption = WriteOptions.keep,
+    wait: WaitOption = WriteOptions.wait,
     as_json: JsonOption = False,
 ) -> None:
     """Delete documents by id, publishing a new version."""
     from .edit import delete_documents
 
-    report = delete_documents(index, ids, missing_ok=missing_ok, keep=keep, wait=wait)
+    report = delete_documents(index, ids, missing_ok=missing_ok, options=_write_options(keep=keep, wait=wait))
     _print_report("deleted from", report, as_json)
 
 
@@ -408,14 +408,14 @@ def delete(
 @user_errors
 def compact(
     index: IndexArgument,
-    keep: KeepOption = 3,
-    wait: WaitOption = 0,
+    keep: KeepOption = WriteOptions.keep,
+    wait: WaitOption = WriteOptions.wait,
     as_json: JsonOption = False,
 ) -> None:
     """Merge an index's segments into one without its deleted documents, publishing a new version (readers are never blocked)."""
     from .compact import compact_index
 
-    report = compact_index(index, keep=keep, wait=wait)
+    report = compact_index(index, options=_write_options(keep=keep, wait=wait))
     _print_report("compacted", report, as_json)
 
 
@@ -424,13 +424,13 @@ def compact(
 def rollback(
     index: IndexArgument,
     to: Annotated[str | None, typer.Option("--to", help="Version to make current (default: the one before).")] = None,
-    wait: WaitOption = 0,
+    wait: WaitOption = WriteOptions.wait,
     as_json: JsonOption = False,
 ) -> None:
     """Make an earlier version of an index current again."""
     from .write import rollback_index
 
-    result = rollback_index(index, to, wait=wait)
+    result = rollback_index(index, to, options=_write_options(wait=wait))
     _print_outcome(result, f"{result['index']}: now serving {result['version']} (was {result['previous']})", as_json)
 
 
@@ -642,14 +642,14 @@ def import_(
     archive: Annotated[Path, typer.Argument(metavar="ARCHIVE", help="A .tar.gz written by 'indexer export'.")],
     index: Annotated[str, typer.Option("--index", help="Index folder or name to publish it as.")],
     as_version: Annotated[bool, typer.Option("--as-version", help="Publish it as the new version of an existing index.")] = False,
-    keep: KeepOption = 3,
-    wait: WaitOption = 0,
+    keep: KeepOption = WriteOptions.keep,
+    wait: WaitOption = WriteOptions.wait,
     as_json: JsonOption = False,
 ) -> None:
     """Check every checksum of an exported archive, then publish it as a new index (or, --as-version, a new version)."""
     from .archive import import_index
 
-    report = import_index(archive, index, as_version=as_version, keep=keep, wait=wait)
+    report = import_index(archive, index, as_version=as_version, options=_write_options(keep=keep, wait=wait))
     _print_outcome(report.to_dict(), f"{report.index}: imported {report.source_version} as {report.version} "
                                      f"({_counted(report.documents, 'document')})", as_json)
     for warning in report.warnings:

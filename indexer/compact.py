@@ -33,7 +33,7 @@ from .errors import IndexCorruptError
 from .external import load_encoder
 from .ingest import CachedEncoder
 from .segments import Segment, segment_structure
-from .settings import IndexSettings
+from .settings import IndexSettings, WriteOptions
 from .sources import Document
 from .vectors import parse_memory
 from .write import BuildReport, Transaction, disk_full, existing_index, since, transaction
@@ -56,15 +56,17 @@ def merge_plan(segments: list[layout.SegmentMeta], deleted: np.ndarray) -> list[
     return []
 
 
-def compact_index(index: str | Path, *, keep: int = 3, wait: float = 0.0, device: str | None = None) -> BuildReport:
+def compact_index(index: str | Path, *, options: WriteOptions | None = None) -> BuildReport:
     """Merge every segment of ``index`` into one without its deleted documents, and publish it.
 
     Readers go on reading the version they have; nothing is published when
-    the index is one segment without deletions already.
+    the index is one segment without deletions already. ``options``: versions kept, lock wait, and the device
+    for a model merges may need (``WriteOptions``).
     """
+    options = options or WriteOptions()
     started = time.monotonic()
     path = existing_index(index)
-    with transaction(path, "compact", wait) as txn:
+    with transaction(path, "compact", options.wait) as txn:
         current = txn.open_current()
         manifest = current.manifest
         report = BuildReport(str(path), manifest.version, len(current), warnings=txn.warnings, segments=len(txn.segments))
@@ -73,8 +75,8 @@ def compact_index(index: str | Path, *, keep: int = 3, wait: float = 0.0, device
         else:
             if len(txn.segments) > 1 or len(txn.deleted):  # a format-1 index converted is one segment already
                 report.merged = len(txn.segments)
-                merge(txn, [s.name for s in txn.segments], manifest.settings, device=device)
-            txn.publish(manifest.settings, manifest.dimension, manifest.model_fingerprint, report, keep)
+                merge(txn, [s.name for s in txn.segments], manifest.settings, device=options.device)
+            txn.publish(manifest.settings, manifest.dimension, manifest.model_fingerprint, report, options.keep)
     report.seconds = since(started)
     return report
 

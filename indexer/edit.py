@@ -19,8 +19,9 @@ from .cache import EmbeddingCache
 from .compact import after_write
 from .errors import DocumentNotFoundError, SourceError
 from .external import check_encoder, encoder_for_write
-from .ingest import CachedEncoder, ingest
+from .ingest import CachedEncoder, LocalEngine
 from .segments import segment_structure
+from .settings import WriteOptions
 from .sources import Document, DocumentSource
 from .vectors import parse_memory
 from .write import BuildReport, Diff, existing_index, since, transaction
@@ -35,10 +36,7 @@ def upsert_documents(
     *,
     id_field: str | None = None,
     text_fields: Sequence[str] | None = None,
-    device: str | None = None,
-    keep: int = 3,
-    wait: float = 0.0,
-    progress: bool = False,
+    options: WriteOptions | None = None,
     encoder: Encoder | None = None,
 ) -> BuildReport:
     """Add the documents of ``source`` to ``index``, replacing those whose id is already there.
@@ -48,10 +46,12 @@ def upsert_documents(
     with. Upserted documents are kept by later rebuilds. ``encoder`` is used
     instead of loading the model when it matches the index's settings.
     Nothing is published when every document is already there as given.
+    ``options``: device, versions kept, lock wait, progress bar (``WriteOptions``).
     """
+    options = options or WriteOptions()
     started = time.monotonic()
     path = existing_index(index)
-    with transaction(path, "upsert", wait) as txn, collector.frozen():  # see collector: the load and the write skip what they start with
+    with transaction(path, "upsert", options.wait) as txn, collector.frozen():  # see collector: the load and the write skip what they start with
         current = txn.open_current()
         manifest = current.manifest
         settings = manifest.settings
@@ -60,14 +60,14 @@ def upsert_documents(
         else:
             documents = DocumentSource(source, id_field or settings.id_field, text_fields or settings.text_fields,
                                        max_document_bytes=settings.max_document_bytes)
-        encoder = encoder_for_write(settings, device=device, reuse=encoder)  # the model loads only if a text must be encoded
+        encoder = encoder_for_write(settings, device=options.device, reuse=encoder)  # the model loads only if a text must be encoded
         check_encoder(encoder, manifest.model_fingerprint, path)
         cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
         try:
             writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache, settings)
             cached = CachedEncoder(encoder, cache, writer.number, txn.held_vectors(encoder.embedding.key))
             diff = Diff(current, carry=True, keep_upserts=False)
-            stages = ingest(diff.changed(_as_upserts(documents)), cached, writer.add, progress=progress).rounded()
+            stages, _ = LocalEngine(progress=options.progress).fill(diff.changed(_as_upserts(documents)), cached, writer, whole=False)
             if not diff.read:
                 raise SourceError(f"{documents.path}: no documents")
             report = BuildReport(str(path), manifest.version, len(current), cached.encoded, cached.reused, stages=stages,
@@ -79,8 +79,8 @@ def upsert_documents(
                 structure = segment_structure(settings.index_type, writer.count, encoder.dimension, parse_memory(settings.memory),
                                               whole=txn.replaces_all)
                 txn.add_segment(writer.seal(structure))
-                txn.publish(settings, encoder.dimension, encoder.fingerprint, report, keep)
-                after_write(txn, report, settings, keep, encoder=encoder)
+                txn.publish(settings, encoder.dimension, encoder.fingerprint, report, options.keep)
+                after_write(txn, report, settings, options.keep, encoder=encoder)
         finally:
             txn.close_cache()
     report.warnings += cache.warnings + documents.warnings
@@ -99,18 +99,19 @@ def delete_documents(
     ids: Sequence[str],
     *,
     missing_ok: bool = False,
-    keep: int = 3,
-    wait: float = 0.0,
+    options: WriteOptions | None = None,
 ) -> BuildReport:
     """Remove the documents with these ids from ``index``.
 
     An id that is not in the index is an error (nothing is deleted) unless
     ``missing_ok``; when nothing is left to delete, nothing is published.
+    ``options``: versions kept and lock wait (``WriteOptions``).
     """
+    options = options or WriteOptions()
     started = time.monotonic()
     path = existing_index(index)
     ids = [str(i) for i in ids]
-    with transaction(path, "delete", wait) as txn:
+    with transaction(path, "delete", options.wait) as txn:
         current = txn.open_current()
         manifest = current.manifest
         found = current.keys_for_ids(ids)
@@ -124,7 +125,7 @@ def delete_documents(
             report.published = False
         else:
             txn.delete(list(found.values()))
-            txn.publish(manifest.settings, manifest.dimension, manifest.model_fingerprint, report, keep)
-            after_write(txn, report, manifest.settings, keep)
+            txn.publish(manifest.settings, manifest.dimension, manifest.model_fingerprint, report, options.keep)
+            after_write(txn, report, manifest.settings, options.keep)
     report.seconds = since(started)
     return report

@@ -308,6 +308,18 @@ def ingest(documents: Iterable[Document] | ReadAhead, encoder: Encoder | CachedE
     return stats
 
 
+class LocalEngine:
+    """How a write fills its new segment in this process: the pipeline (``ingest``) into the segment writer, whose
+    structure is built as vectors stream or when it is sealed. ``ray_engine.RayEngine`` is the other engine."""
+
+    def __init__(self, *, progress: bool = False):
+        self.progress = progress
+
+    def fill(self, documents: Iterable[Document] | ReadAhead, cached: CachedEncoder, writer, *, whole: bool):
+        """Stage seconds, and None: the segment builds its own structure (``whole`` does not change that here)."""
+        return ingest(documents, cached, writer.add, progress=self.progress).rounded(), None
+
+
 class ArrayFile:
     """A sink that collects ids and vectors and writes them as ``.pt`` or ``.npy`` (with ``.ids.json``), atomically."""
 

@@ -182,6 +182,18 @@ def _import_ray():
     return ray
 
 
+class RayEngine:
+    """How a write fills its new segment through Ray's encoder pool (``ingest_on_ray``); the same ``fill`` as
+    ``ingest.LocalEngine``, giving the structure it assembled from the vector shards."""
+
+    def __init__(self, settings: IndexSettings, options: RayOptions, memory: int | None):
+        self.settings, self.options, self.memory = settings, options, memory
+
+    def fill(self, documents, cached, writer, *, whole: bool):
+        """No stage seconds (Ray's own dashboard has them), and (vectors, tuning, structure), or None if nothing was written."""
+        return {}, ingest_on_ray(documents, cached, writer, self.settings, self.options, self.memory, whole=whole)
+
+
 def ingest_on_ray(documents, cached, writer, settings: IndexSettings, options: RayOptions, memory: int | None, *, whole: bool):
     """The ingest pipeline with Ray's encoder pool in place of the local encoder, writing into the segment ``writer``.
 

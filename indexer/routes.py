@@ -23,6 +23,7 @@ from .edit import delete_documents, upsert_documents
 from .errors import DocumentNotFoundError, IndexerError
 from .index import Index
 from .query import MODES, Hit, parse_condition
+from .settings import WriteOptions
 from .sources import DocumentSource
 
 MAX_K = 1000
@@ -231,14 +232,14 @@ def upsert(body: UpsertRequest, served: Served) -> dict[str, Any]:
         body.documents, name="documents", id_field=settings.id_field, text_fields=settings.text_fields,
         max_document_bytes=settings.max_document_bytes,
     )
-    return upsert_documents(served.path, documents, encoder=index.encoder, wait=SMALL_WRITE_WAIT).to_dict()
+    return upsert_documents(served.path, documents, encoder=index.encoder, options=WriteOptions(wait=SMALL_WRITE_WAIT)).to_dict()
 
 
 @router.delete("/documents/{doc_id:path}", dependencies=writer)
 def delete(doc_id: str, served: Served) -> dict[str, Any]:
     """Delete one document; publishes a new version."""
     try:
-        return delete_documents(served.path, [doc_id], wait=SMALL_WRITE_WAIT).to_dict()
+        return delete_documents(served.path, [doc_id], options=WriteOptions(wait=SMALL_WRITE_WAIT)).to_dict()
     except DocumentNotFoundError:  # the library's message names the server's folder and a CLI option
         raise DocumentNotFoundError(f"no document with id {doc_id!r}") from None
 

@@ -10,6 +10,8 @@ documents it deletes, is the manifest's business (``snapshot``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,6 @@ from .cache import EmbeddingCache, digest_keys
 from .errors import IndexCorruptError
 from .store import DocumentStore
 from .vectors import ONDISK_SUFFIX, StreamedBuild, VectorIndex, VectorSpool, build_from_spool, choose_structure
-from .vectors.faiss_index import map_large_blocks
 
 # A segment made by a small write or a merge of small segments is exact (Flat) below this many documents,
 # whatever the index type: searching it costs less than a graph would, and it needs no tuning.
@@ -45,7 +46,6 @@ class SegmentWriter:
                  plan: Callable[[int], str | None] | None = None):
         self.path, self.name, self.base, self.dimension, self.embedding = path, name, base, dimension, embedding
         self.cache = cache
-        map_large_blocks()  # the structure's buffers freed as they grow (see there)
         self.folder = layout.new_staging(path)
         self.store = DocumentStore.create(self.folder / layout.DOCUMENTS)
         self.spool = VectorSpool(self.folder, dimension)
@@ -94,6 +94,7 @@ class SegmentWriter:
         streamed, self.streamed = self.streamed, None
         if streamed is not None and built is not None:
             streamed.abandon()
+        trim_heap()  # before the structure is filled: what the write's threads freed goes back to the system
         vectors, tuning = built or build_from_spool(self.spool, structure, streamed)
         if streamed is not None and vectors is streamed.vectors:
             structure, streamed.vectors = streamed.structure, None  # its kind, with the lists fixed while it streamed
@@ -219,6 +220,28 @@ class HeldVectors:
 
     def _pass_over(self, meta: layout.SegmentMeta, problem: str) -> None:
         self.warnings.append(f"{self.path}: segment {meta.name}: {problem}; its vectors are not reused")
+
+
+def trim_heap() -> None:
+    """Give back to the system the memory malloc holds free (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Each of a write's threads frees its chunks' buffers into a heap of its own,
+    which glibc keeps: 0.1-0.2 GB at the end of a 1M-document write, held
+    while the structure fills (benchmarks/ingest.py's peak RSS)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def segment_structure(index_type: str, count: int, dimension: int, memory: int | None, *, whole: bool) -> str:

@@ -63,6 +63,23 @@ EXTERNAL_POOLING = "external"
 
 
 @dataclass(frozen=True)
+class WriteOptions:
+    """What every write takes besides its input (the CLI's --device, --keep and --wait, and a progress bar).
+
+    ``device``: where the model runs if the write must load it (default: the
+    best there is); ``keep``: versions kept after publishing, older ones
+    pruned; ``wait``: seconds to wait for another writer's lock (0: fail at
+    once with ``IndexLockedError``); ``progress``: a progress bar on stderr
+    while documents are encoded.
+    """
+
+    device: str | None = None
+    keep: int = 3
+    wait: float = 0.0
+    progress: bool = False
+
+
+@dataclass(frozen=True)
 class Embedding:
     """What, besides the text, decides a vector: the model's fingerprint (weights and tokenizer), pooling, max
     length, precision and backend. Checked when made.

@@ -33,7 +33,7 @@ from .check import check_version
 from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, IndexCorruptError, IndexerError, IndexNotFoundError
 from .ingest import CHUNK_SIZE, document_chunks
 from .segments import HeldVectors, Segment, SegmentWriter
-from .settings import Embedding, IndexSettings
+from .settings import Embedding, IndexSettings, WriteOptions
 from .snapshot import Snapshot
 from .sources import Document
 from .vectors import TUNING_RECALL, parse_memory, streamed_structure
@@ -427,7 +427,7 @@ def existing_index(index: str | Path) -> Path:
     return path
 
 
-def rollback_index(index: str | Path, to: str | None = None, *, wait: float = 0.0) -> dict[str, str]:
+def rollback_index(index: str | Path, to: str | None = None, *, options: WriteOptions | None = None) -> dict[str, str]:
     """Make an earlier version current again (by default the one before the current one).
 
     When ``CURRENT`` points to a missing version, the default is the newest
@@ -435,7 +435,7 @@ def rollback_index(index: str | Path, to: str | None = None, *, wait: float = 0.
     segments are still on disk: pruning keeps every segment a kept version lists.
     """
     path = existing_index(index)
-    with layout.writer_lock(path, wait, "rollback"):
+    with layout.writer_lock(path, (options or WriteOptions()).wait, "rollback"):
         versions = layout.list_versions(path)
         pointer = layout.read_pointer(path)
         current = pointer if pointer in versions else None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import DATASET, tree_digest, write_jsonl
 
-from indexer import Index, IndexNotFoundError, IndexSettings, ModelError, SourceError, build_index, index_info, layout
+from indexer import Index, IndexNotFoundError, IndexSettings, ModelError, SourceError, WriteOptions, build_index, index_info, layout
 
 
 def test_sample_queries_find_their_product_in_top_3(sample_index, sample_queries):
@@ -123,7 +123,7 @@ def test_rebuild_publishes_a_new_version_and_keeps_the_last_ones(tmp_path):
     path = tmp_path / "idx"
     for n in range(1, 5):
         source = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "text": f"text {i}"} for i in range(n)])
-        report = build_index(source, path, keep=2)
+        report = build_index(source, path, options=WriteOptions(keep=2))
         assert report.version == f"v{n:06d}"
     assert layout.list_versions(path) == ["v000003", "v000004"]
     assert len(Index(path)) == 4

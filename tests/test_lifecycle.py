@@ -18,7 +18,7 @@ import pytest
 from helpers import DATASET, records, run_cli, write_jsonl
 
 from indexer import Index, IndexLockedError, build_index, check_index, delete_documents, index_info, layout, rebuild_index, upsert_documents
-from indexer.settings import IndexSettings
+from indexer.settings import IndexSettings, WriteOptions
 
 WORDS = (
     "amber river copper falcon granite harbor lantern meadow nickel orchard pepper quartz saddle timber velvet "
@@ -168,7 +168,7 @@ def test_a_second_writer_fails_fast_while_the_first_holds_the_lock(tmp_path):
             rebuild_index(path)
         started = time.monotonic()
         with pytest.raises(IndexLockedError):
-            rebuild_index(path, wait=0.5)
+            rebuild_index(path, options=WriteOptions(wait=0.5))
         assert time.monotonic() - started >= 0.5
     assert rebuild_index(path).version == "v000002"
 

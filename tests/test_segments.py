@@ -23,6 +23,7 @@ from helpers import DATASET, ROOT, run_cli, tree_digest, write_jsonl
 
 from indexer import Index, build_index, check_index, compact_index, delete_documents, index_info, layout, upsert_documents
 from indexer.compact import MAX_SEGMENTS
+from indexer.settings import WriteOptions
 
 FORMAT1 = ROOT / "tests" / "fixtures" / "format1"
 QUESTIONS = ["waterproof boots for hiking", "wireless headphones", "espresso coffee machine", "camping gear for cold nights", "a gift for a cook"]
@@ -122,8 +123,8 @@ def test_writes_share_segments_and_pruning_keeps_what_kept_versions_list(tmp_pat
     build_index(DATASET / "corpus.jsonl", path)
     base = index_info(path)["segments"]
     before = {p.name: p.stat().st_ino for p in (layout.segment_dir(path, base[0])).iterdir()}
-    upsert_documents(path, write_jsonl(tmp_path / "a.jsonl", [product("N1", "Kayak", "Sea kayak.", "outdoors", 500.0)]), keep=2)
-    delete_documents(path, ["P0001"], keep=2)
+    upsert_documents(path, write_jsonl(tmp_path / "a.jsonl", [product("N1", "Kayak", "Sea kayak.", "outdoors", 500.0)]), options=WriteOptions(keep=2))
+    delete_documents(path, ["P0001"], options=WriteOptions(keep=2))
     versions = layout.list_versions(path)
     assert versions == ["v000002", "v000003"]
     listed = [layout.read_manifest(layout.version_dir(path, v)).segments for v in versions]
@@ -136,7 +137,7 @@ def test_writes_share_segments_and_pruning_keeps_what_kept_versions_list(tmp_pat
     run_cli("rollback", str(path), "--to", "v000002")
     assert Index(path).get_document("P0001") is not None
     # A segment whose documents are all deleted is no longer listed.
-    delete_documents(path, ["N1"], keep=2)
+    delete_documents(path, ["N1"], options=WriteOptions(keep=2))
     assert index_info(path)["segments"] == [base[0]] and index_info(path)["count"] == 99
 
 

@@ -35,7 +35,7 @@ from ..errors import ArgumentError, IndexNotFoundError
 from ..external import ExternalEncoder, load_encoder
 from ..index import Index
 from ..query import Condition, Hit
-from ..settings import IndexSettings
+from ..settings import IndexSettings, WriteOptions
 from ..sources import DocumentSource
 
 # Settings of LangChain's Embeddings classes that decide which vectors come out (OpenAI, Hugging Face, Ollama, the fakes...).
@@ -117,9 +117,10 @@ class IndexerVectorStore(VectorStore):
         if self._searcher() is None:
             self._encoder = load_encoder(self.settings, self.device, reuse=self._encoder)
             # Another process may create the index meanwhile: then these documents go in as an upsert after all.
-            if build_index(source, self.path, self.settings, device=self.device, encoder=self._encoder, only_if_new=True).published:
+            options = WriteOptions(device=self.device)
+            if build_index(source, self.path, self.settings, options=options, encoder=self._encoder, only_if_new=True).published:
                 return [str(i) for i in ids]
-        upsert_documents(self.path, source, device=self.device, encoder=self._searcher().encoder)
+        upsert_documents(self.path, source, options=WriteOptions(device=self.device), encoder=self._searcher().encoder)
         return [str(i) for i in ids]
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:

@@ -115,8 +115,11 @@ def build_from_spool(spool: VectorSpool, structure: str, streamed: StreamedBuild
     if vectors is None:
         vectors = create(spool.dimension, structure)
         vectors.train(spool.sample(vectors.training_sample()))
-        for chunk, keys in spool.chunks():
-            vectors.add(chunk, keys)
+        if getattr(vectors, "fills_by_list", False):  # IVF over whole vectors: lists allocated once (see there)
+            vectors.fill_by_list(spool.chunks(), np.concatenate([vectors.assign(chunk) for chunk, _ in spool.chunks()]))
+        else:
+            for chunk, keys in spool.chunks():
+                vectors.add(chunk, keys)
     filled = time.perf_counter()
     # All tuning needs of a sample: midpoints of random pairs (a training sample is 100 MB at 1M IVF lists).
     tuning = vectors.tune(spool.sample(TUNING_QUERIES * 2, seed=1), spool.chunks)

@@ -4,7 +4,8 @@ The write appends each chunk's vectors to the spool (``spool``) and says so
 (``wrote``). Once ``plan(count)`` names a structure (it waits until the
 count makes the choice certain: ``faiss_index.streamed_structure``), the
 thread trains it on a random sample of the vectors spooled so far and then
-adds every spooled chunk as it arrives, on one core (the write's other
+adds every spooled chunk as it arrives (an IVF: finds each vector's list,
+and fills the lists at the end, each allocated once), on one core (the write's other
 stages hold the GIL, not the cores: FAISS runs beside them). ``finish``
 waits for the last chunks and gives the structure if it is the kind the
 write settles on at its final count, else None: the caller then builds from
@@ -17,6 +18,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 from .spool import VectorSpool
 
@@ -66,6 +69,10 @@ class StreamedBuild:
                 if not self._wait(lambda: self._available >= needed):
                     return
                 vectors.train(self.spool.sample(needed, upto=self._available))
+            # IVF over whole vectors: each chunk is assigned its lists as it arrives, and the lists are filled once
+            # at the end, each allocated at its final size (``FaissIndex.fill_by_list``).
+            by_list = getattr(vectors, "fills_by_list", False)
+            assigned: list[np.ndarray] = []
             added = 0
             while True:
                 with self._changed:
@@ -77,12 +84,17 @@ class StreamedBuild:
                 if closed:  # the stream has ended: what is left goes on every core
                     faiss.omp_set_num_threads(os.cpu_count() or 1)
                 for chunk, keys in self.spool.chunks(CHUNK_ROWS, start=added, stop=target):
-                    vectors.add(chunk, keys)
+                    if by_list:
+                        assigned.append(vectors.assign(chunk))
+                    else:
+                        vectors.add(chunk, keys)
                     if self._abandoned:
                         return
                 added = target
                 if closed:
                     break
+            if by_list:
+                vectors.fill_by_list(self.spool.chunks(CHUNK_ROWS), np.concatenate(assigned) if assigned else np.empty(0, np.int64))
             self.vectors = vectors
             self.seconds = time.perf_counter() - started
         except BaseException as exc:  # raised where the write asks for the structure
