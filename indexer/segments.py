@@ -24,11 +24,13 @@ from . import vectors as structures
 from .cache import EmbeddingCache, digest_keys
 from .errors import IndexCorruptError
 from .store import DocumentStore
-from .vectors import ONDISK_SUFFIX, StreamedBuild, VectorIndex, VectorSpool, build_from_spool, choose_structure
+from .vectors import ONDISK_SUFFIX, TUNING_RECALL, StreamedBuild, VectorIndex, VectorSpool, build_from_spool, choose_structure
 
 # A segment made by a small write or a merge of small segments is exact (Flat) below this many documents,
 # whatever the index type: searching it costs less than a graph would, and it needs no tuning.
 SMALL_SEGMENT = 10_000
+# A tuning stopped at its bound this far under its target recall is worth a warning.
+LOW_RECALL_MARGIN = 0.05
 
 
 class SegmentWriter:
@@ -43,9 +45,10 @@ class SegmentWriter:
     """
 
     def __init__(self, path: Path, name: str, base: int, dimension: int, embedding: str, cache: EmbeddingCache | None = None,
-                 plan: Callable[[int], str | None] | None = None):
+                 plan: Callable[[int], str | None] | None = None, warnings: list[str] | None = None):
         self.path, self.name, self.base, self.dimension, self.embedding = path, name, base, dimension, embedding
         self.cache = cache
+        self.warnings = warnings if warnings is not None else []  # the write's: a tuning stopped short says so here
         self.folder = layout.new_staging(path)
         self.store = DocumentStore.create(self.folder / layout.DOCUMENTS)
         self.spool = VectorSpool(self.folder, dimension)
@@ -99,6 +102,12 @@ class SegmentWriter:
         if streamed is not None and vectors is streamed.vectors:
             structure, streamed.vectors = streamed.structure, None  # its kind, with the lists fixed while it streamed
         self.timings = {name: round(tuning[f"{name}_seconds"], 3) for name in ("structure", "tune") if f"{name}_seconds" in tuning}
+        recall = tuning.get("tuned_recall")
+        if tuning.get("at_bound") and recall < TUNING_RECALL - LOW_RECALL_MARGIN:
+            knobs = ", ".join(f"{name} {value}" for name, value in vectors.search_params.items())
+            self.warnings.append(f"{self.path}: segment {self.name} ({structure}) reaches recall@10 {recall} of exact search "
+                                 f"at {knobs}, the most its tuning tries; vectors with little cluster structure search "
+                                 "better with --index-type flat")
         digests = self._all_digests()
         if digests is not None and vectors.keeps_vectors:
             np.save(self.folder / layout.HASHES, digests)
@@ -164,7 +173,7 @@ class HeldVectors:
         self.path = path
         self.metas = [m for m in metas if m.embedding == embedding and layout.HASHES in m.files]
         self.warnings = warnings if warnings is not None else []
-        self._tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None] = {}
         self._vectors: dict[str, VectorIndex | None] = {}
 
     def find(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,25 +187,25 @@ class HeldVectors:
             table = self._table(meta)
             if table is None:
                 continue
-            held, order, first = table
+            held, order, first, keys = table
             rows = order[np.minimum(np.searchsorted(first, digests[rest, 0]), len(order) - 1)]
             matched = (held[rows] == digests[rest]).all(axis=1)
             if not matched.any() or (vectors := self._load(meta)) is None:
                 continue
-            keys = np.load(layout.segment_dir(self.path, meta.name) / layout.KEYS, mmap_mode="r")
             found[rest[matched]] = vectors.reconstruct(np.asarray(keys[rows[matched]]))
             hit[rest[matched]] = True
         return hit, found
 
-    def _table(self, meta: layout.SegmentMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The segment's digests, their order by first word, and the first words in that order."""
+    def _table(self, meta: layout.SegmentMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """The segment's digests, their order by first word, the first words in that order, and its keys."""
         if meta.name not in self._tables:
+            folder = layout.segment_dir(self.path, meta.name)
             try:
-                held = np.load(layout.segment_dir(self.path, meta.name) / layout.HASHES, mmap_mode="r")
+                held = np.load(folder / layout.HASHES, mmap_mode="r")
                 if held.shape != (meta.count, 2) or not meta.count:
                     raise ValueError(f"{held.shape} digests for {meta.count} documents")
                 order = np.argsort(held[:, 0], kind="stable")
-                self._tables[meta.name] = (held, order, np.asarray(held[order, 0]))
+                self._tables[meta.name] = (held, order, np.asarray(held[order, 0]), np.load(folder / layout.KEYS, mmap_mode="r"))
             except (OSError, ValueError) as exc:
                 self._pass_over(meta, f"unreadable {layout.HASHES} ({exc})")
                 self._tables[meta.name] = None

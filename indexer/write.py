@@ -36,10 +36,8 @@ from .segments import HeldVectors, Segment, SegmentWriter
 from .settings import Embedding, IndexSettings, WriteOptions
 from .snapshot import Snapshot
 from .sources import Document
-from .vectors import TUNING_RECALL, parse_memory, streamed_structure
+from .vectors import parse_memory, streamed_structure
 
-# Tuned recall this far under its target is worth a warning.
-LOW_RECALL_MARGIN = 0.05
 # Below this much free space, a vague write error (SQLite's "disk I/O error", FAISS's "write error") means a full disk.
 FULL_BELOW = 1 << 20
 
@@ -176,7 +174,7 @@ class Transaction:
         if settings is not None:
             index_type, memory = settings.index_type, parse_memory(settings.memory)
             plan = functools.partial(streamed_structure, index_type, dimension=dimension, memory=memory)
-        writer = SegmentWriter(self.path, self.allocate(), self.next_key, dimension, embedding, cache, plan)
+        writer = SegmentWriter(self.path, self.allocate(), self.next_key, dimension, embedding, cache, plan, self.warnings)
         self._writers.append(writer)
         return writer
 
@@ -187,26 +185,16 @@ class Transaction:
 
     def add_segment(self, meta: layout.SegmentMeta) -> None:
         """List a sealed segment in the version being written."""
-        self._note_tuning(meta)
         self.segments.append(meta)
         self.next_key = max(self.next_key, meta.base + meta.count)
 
     def replace_segments(self, names: set[str], meta: layout.SegmentMeta, dropped: np.ndarray) -> None:
         """List ``meta`` in place of the segments ``names``; their deleted keys (``dropped``) leave the deletion set."""
-        self._note_tuning(meta)
         position = min(i for i, s in enumerate(self.segments) if s.name in names)
         self.segments = [s for s in self.segments if s.name not in names]
         self.segments.insert(position, meta)
         self.deleted = np.setdiff1d(self.deleted, dropped)
         self.next_key = max(self.next_key, meta.base + meta.count)
-
-    def _note_tuning(self, meta: layout.SegmentMeta) -> None:
-        """A warning where tuning stopped at its bound short of its recall (vectors without cluster structure)."""
-        if meta.tuned_recall is not None and meta.tuned_recall < TUNING_RECALL - LOW_RECALL_MARGIN:
-            knobs = ", ".join(f"{name} {value}" for name, value in meta.search_params.items())
-            self.warnings.append(f"{self.path}: segment {meta.name} ({meta.vector_index}) reaches recall@10 {meta.tuned_recall} "
-                                 f"of exact search at {knobs}, the most its tuning tries; vectors with little cluster "
-                                 "structure search better with --index-type flat")
 
     def delete(self, keys) -> None:
         self.deleted = np.union1d(self.deleted, np.asarray(keys, dtype=np.int64))

@@ -97,9 +97,14 @@ def streamed_structure(index_type: str, count: int, dimension: int, memory: int 
     kind = index_type.lower()
     if kind in ("flat", "hnsw") and count >= STREAM_AFTER:
         return choose_structure(kind, count, dimension, memory)
-    if kind == "auto" and count > HNSW_UP_TO and (memory is None or count * (dimension * 4 + 8) <= memory):
+    if kind == "auto" and count > HNSW_UP_TO and whole_vector_ivf(choose_structure(kind, count, dimension, memory)):
         return f"IVF{ivf_lists(4 * HNSW_UP_TO, per_root=1)},Flat"
     return None
+
+
+def whole_vector_ivf(structure: str) -> bool:
+    """Whether ``structure`` is IVF lists over whole vectors (``IVF<n>,Flat``), whatever the number of lists."""
+    return structure.startswith("IVF") and structure.endswith(",Flat")
 
 
 def ivf_bytes(structure: str, count: int, dimension: int) -> int | None:
@@ -334,7 +339,9 @@ class FaissIndex:
         best = max(recall for _, recall in tried)
         value, recall = next((v, r) for v, r in tried if r >= min(TUNING_RECALL, best - 0.002))
         self.search_params = {name: value}
-        return {name: value, "tuned_recall": round(recall, 4)}
+        # Every value tried and still short: the bound stopped it (structureless vectors), not a cap of quantised ones.
+        bounded = len(tried) == len(values) and best < TUNING_RECALL and value == values[-1]
+        return {name: value, "tuned_recall": round(recall, 4), "at_bound": float(bounded)}
 
     def save(self, path: str | Path) -> None:
         faiss.write_index(self.index, str(path))

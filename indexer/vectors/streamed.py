@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
 
+from .faiss_index import whole_vector_ivf
 from .spool import VectorSpool
 
 CHUNK_ROWS = 16384
@@ -33,7 +33,6 @@ class StreamedBuild:
         self.spool, self.plan, self.create = spool, plan, create
         self.structure: str | None = None
         self.vectors = None
-        self.seconds = 0.0  # spent training and filling, in the thread
         self._available = 0
         self._closed = self._abandoned = False
         self._error: BaseException | None = None
@@ -59,10 +58,11 @@ class StreamedBuild:
             import faiss
 
             faiss.omp_set_num_threads(1)  # this thread's parallel regions only (OpenMP's setting is per thread)
-            if not self._wait(lambda: self.plan(self._available) is not None) or self.plan(self._available) is None:
+            if not self._wait(lambda: self.plan(self._available) is not None):
                 return
-            started = time.perf_counter()
             self.structure = self.plan(self._available)
+            if self.structure is None:  # the stream ended first
+                return
             vectors = self.create(self.spool.dimension, self.structure)
             if not vectors.is_trained:
                 needed = vectors.training_sample()
@@ -96,7 +96,6 @@ class StreamedBuild:
             if by_list:
                 vectors.fill_by_list(self.spool.chunks(CHUNK_ROWS), np.concatenate(assigned) if assigned else np.empty(0, np.int64))
             self.vectors = vectors
-            self.seconds = time.perf_counter() - started
         except BaseException as exc:  # raised where the write asks for the structure
             self._error = exc
 
@@ -125,7 +124,5 @@ def same_kind(streamed: str | None, final: str) -> bool:
     over whole vectors both (the number of lists was fixed before the final count was known; tuning sets nprobe)."""
     if streamed is None:
         return False
-    if streamed == final:
-        return True
-    return streamed.startswith("IVF") and final.startswith("IVF") and streamed.endswith(",Flat") and final.endswith(",Flat")
+    return streamed == final or (whole_vector_ivf(streamed) and whole_vector_ivf(final))
 
