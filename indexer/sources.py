@@ -214,8 +214,10 @@ class DocumentSource:
                 parts.append(part)
         if not parts:
             raise SourceError(f"{where}: empty text in field(s) {', '.join(self.text_fields)}")
+        text = " ".join(parts)
         used = {self.id_field, *self.text_fields}
-        metadata = {k: v for k, v in record.items() if k not in used}
+        # Every text field is there: a record with no other field has no metadata (most sources, a record each).
+        metadata = {k: v for k, v in record.items() if k not in used} if len(record) > len(used) else {}
         for name, kind in (types or {}).items():
             if name in metadata:
                 value = metadata[name]
@@ -223,9 +225,9 @@ class DocumentSource:
                     metadata[name] = kind(value) if value else None
                 except ValueError:  # only if the file changed between the typing pass and this one
                     raise SourceError(f"{where}: {name!r} is {value!r}, not a number; did the file change while read?") from None
-        self._check(where, " ".join(parts), metadata)
+        self._check(where, text, metadata)
         fields = {name: record[name] for name in self.text_fields}
-        return Document(doc_id, " ".join(parts), metadata, fields)
+        return Document(doc_id, text, metadata, fields)
 
     def _stored_document(self, where: str, record: dict[str, Any]) -> Document:
         """A record in the shape GET /documents/{id} returns: ``{"id", "text", "metadata", "fields"}``.
@@ -488,15 +490,21 @@ def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    name, decode = str(path), _DECODER.decode
     with open_text(path) as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = _parse_json(line, path, number)
-            _refuse_repeats(f"{path}:{number}", record)
+            try:
+                record = decode(line)
+            except (ValueError, RecursionError):  # a blank line, or an error _parse_json words
+                if not line.strip():
+                    continue
+                record = _parse_json(line, path, number)
+            where = f"{name}:{number}"
+            if isinstance(record, _Repeated):
+                raise SourceError(f"{where}: duplicate field {record.key!r}")
             if "\\u" in line and SURROGATE_ESCAPE.search(line):
-                refuse_surrogates(f"{path}:{number}", record)
-            yield f"{path}:{number}", record
+                refuse_surrogates(where, record)
+            yield where, record
 
 
 # Read after a CSV/TSV file's last line. The csv module reads a quoted field that never closes on to the end

@@ -36,6 +36,7 @@ from .segments import HeldVectors, Segment, SegmentWriter
 from .settings import Embedding, IndexSettings, WriteOptions
 from .snapshot import Snapshot
 from .sources import Document
+from .store import fields_json
 from .vectors import parse_memory, streamed_structure
 
 # Below this much free space, a vague write error (SQLite's "disk I/O error", FAISS's "write error") means a full disk.
@@ -312,7 +313,9 @@ class Diff:
                     self._seen.append(key)
                     if origin == "upsert" and self.keep_upserts:
                         continue
-                    if self.carry and (text, metadata, fields, origin) == (doc.text, _json(doc.metadata), _json(doc.fields), doc.origin):
+                    # Rows stored before format 3 hold a one-field object where fields_json now gives the name alone.
+                    if self.carry and (text, metadata, origin) == (doc.text, _json(doc.metadata), doc.origin) and (
+                            fields == fields_json(doc.text, doc.fields) or fields == _json(doc.fields)):
                         continue
                     self._replaced.append(key)
                 yield doc

@@ -178,7 +178,7 @@ def test_a_chunk_is_stored_exactly_as_one_insert_per_row_stores_it(tmp_path, mon
     """The store's insert keeps every string byte for byte (NUL, quotes, backslashes, any script, empty), in
     one statement or split into several (a document alone, or a few)."""
     import indexer.store
-    from indexer.store import COLUMNS, DocumentStore
+    from indexer.store import COLUMNS, DocumentStore, fields_json
 
     if statement_bytes:
         monkeypatch.setattr(indexer.store, "INSERT_BYTES", statement_bytes)
@@ -195,9 +195,10 @@ def test_a_chunk_is_stored_exactly_as_one_insert_per_row_stores_it(tmp_path, mon
     with reference.db.conn:
         for key, d in zip(keys, docs):
             reference.db.execute(f"INSERT INTO documents ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)",
-                                 [key, d.id, d.text, json.dumps(d.metadata, ensure_ascii=False), json.dumps(d.fields, ensure_ascii=False), d.origin])
+                                 [key, d.id, d.text, json.dumps(d.metadata, ensure_ascii=False), fields_json(d.text, d.fields), d.origin])
     sql = "SELECT key, id, text, metadata, fields, origin, typeof(id), typeof(text), hex(text), hex(id) FROM documents ORDER BY key"
     assert store.db.execute(sql).fetchall() == reference.db.execute(sql).fetchall()
     assert [row["text"] for row in store.fetch(keys).values()] == [docs[3].text, docs[0].text, docs[1].text, docs[2].text]
+    assert [row["fields"] for row in store.fetch(keys).values()] == [docs[3].fields, docs[0].fields, docs[1].fields, docs[2].fields]
     store.close()
     reference.close()

@@ -1,4 +1,4 @@
-"""Format 2: versions listing segments and deletion sets, cross-segment search, compaction, format-1 conversion.
+"""Formats 2 and 3: versions listing segments and deletion sets, cross-segment search, compaction, format-1 conversion.
 
 Search over a segmented index must equal a fresh build of the same live
 documents: same ids, scores within 1e-5, in every mode and with filters.
@@ -257,6 +257,44 @@ def test_the_first_write_converts_a_format1_index(format1, write):
     assert check_index(format1, all_versions=True)["problems"] == []
     run_cli("rollback", str(format1), "--to", "v000003")  # the format-1 version is still there to go back to
     assert index_info(format1)["format_version"] == 1
+
+
+def stored_fields(path: Path) -> dict[str, str]:
+    """The fields column of every row of the current version's segments, as stored."""
+    import sqlite3
+
+    found = {}
+    for name in index_info(path)["segments"]:
+        with sqlite3.connect(layout.segment_dir(path, name) / "documents.db") as db:
+            found.update(db.execute("SELECT id, fields FROM documents"))
+    return found
+
+
+def test_a_text_field_that_is_the_whole_text_is_stored_once(tmp_path, tiny_model, monkeypatch):
+    from indexer import rebuild_index, store
+
+    source = write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "plain words"}, {"id": "b", "text": "  padded  "},
+                                                {"id": "c", "text": ["two", "parts"]}])
+    path = tmp_path / "idx"
+    build_index(source, path, settings=_tiny(tiny_model))
+    # Format 3: the field's name alone where its value is the text; a JSON object where it is not.
+    assert stored_fields(path) == {"a": '"text"', "b": '{"text": "  padded  "}', "c": '{"text": ["two", "parts"]}'}
+    with Index(path) as index:
+        assert [d["fields"] for d in index.get_documents(list("abc"))] == [{"text": "plain words"}, {"text": "  padded  "}, {"text": ["two", "parts"]}]
+    assert not rebuild_index(path, if_changed=True).published
+
+    # Rows as format 2 stored them (every fields value a JSON object) read the same and count as unchanged.
+    older = tmp_path / "older"
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "fields_json", lambda text, fields: json.dumps(fields, ensure_ascii=False))
+        build_index(source, older, settings=_tiny(tiny_model))
+    assert stored_fields(older)["a"] == '{"text": "plain words"}'
+    with Index(older) as index:
+        assert index.get_document("a")["fields"] == {"text": "plain words"}
+    assert not rebuild_index(older, if_changed=True).published
+    report = build_index(write_jsonl(tmp_path / "b.jsonl", [{"id": "a", "text": "plain words, changed"}]), older,
+                         settings=_tiny(tiny_model))
+    assert (report.documents, stored_fields(older)) == (1, {"a": '"text"'})
 
 
 def live_ids(path: Path) -> set[str]:
