@@ -34,7 +34,7 @@ import numpy as np
 from .errors import ArgumentError
 from .settings import FUSIONS, MODES
 from .sources import quoted, surrogate_fault
-from .store import FIELD_NAME_FORBIDDEN, FILTER_OPERATORS
+from .store import FIELD_NAME_FORBIDDEN, FILTER_OPERATORS, Filter
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -123,8 +123,9 @@ def _typed(value: str) -> Any:
     return float(value)
 
 
-def typed_conditions(conditions: Iterable[Condition], field_types: dict[str, set[str]]) -> list[Condition]:
-    """``conditions`` checked against the index's fields and typed for ``DocumentStore.filter_keys``.
+def typed_conditions(conditions: Iterable[Condition], field_types: dict[str, set[str]]) -> list[Filter]:
+    """``conditions`` checked against the index's fields and typed as ``store.Filter`` for ``DocumentStore.filter_keys``:
+    the one place filters are checked.
 
     ``field_types`` is ``DocumentStore.field_types()``; ``id`` is always a
     text field. Raises ArgumentError, naming the filter, for a field name with
@@ -147,7 +148,7 @@ def typed_conditions(conditions: Iterable[Condition], field_types: dict[str, set
     type, so a field holding numbers in some documents and text in others
     never matches across types.
     """
-    typed: list[Condition] = []
+    typed: list[Filter] = []
     for condition in conditions:
         try:
             field_, operator, value = condition
@@ -175,7 +176,7 @@ def typed_conditions(conditions: Iterable[Condition], field_types: dict[str, set
             values = [_from_python(v, field_, types, label) for v in (value if operator == "in" else [value])]
         if fault := next((f for v in values if isinstance(v, str) and (f := surrogate_fault(v))), None):
             raise ArgumentError(f"filter {label}: the value {fault}")
-        typed.append((field_, operator, values if operator == "in" else values[0]))
+        typed.append(Filter(field_, operator, tuple(values)))
     return typed
 
 

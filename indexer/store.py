@@ -24,12 +24,13 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ArgumentError, IndexCorruptError
+from .errors import IndexCorruptError
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -235,30 +236,25 @@ class DocumentStore:
                 cached = self._field_types = (state, found)
         return {name: set(kinds) for name, kinds in cached[1].items()}
 
-    def filter_keys(self, conditions: Sequence[tuple[str, str, Any]]) -> np.ndarray:
-        """Keys of the documents whose fields meet every ``(field, operator, value)``.
+    def filter_keys(self, filters: Sequence[Filter]) -> np.ndarray:
+        """Keys of the documents whose fields meet every filter (made by ``query.typed_conditions``, which checks
+        them: this only turns them into SQL).
 
-        ``field`` is ``id`` or a top-level metadata field; operators are
-        ``FILTER_OPERATORS`` (``in`` takes a list). Values are typed: a number
-        (int or float) compares only with fields holding JSON numbers, a str
-        only with text, a bool only with true/false, so nothing matches across
+        A number compares only with fields holding JSON numbers, a str only
+        with text, a bool only with true/false, so nothing matches across
         types; a document without the field meets no condition, ``!=``
         included (SQL's NULL). Integers beyond 64 bits compare as floats.
-        Field paths and values are bound parameters. ``query.typed_conditions``
-        checks fields and types against ``field_types()`` before this runs.
+        Operators come from a fixed table; field paths and values are bound parameters.
         """
         clauses: list[str] = []
         params: list[Any] = []
-        for field_, operator, value in conditions:
-            if operator not in FILTER_OPERATORS:
-                raise ArgumentError(f"unknown filter operator {operator!r}; use one of {', '.join(FILTER_OPERATORS)}")
-            if operator == "in" and (isinstance(value, (str, bytes)) or not isinstance(value, Iterable)):
-                raise ArgumentError(f"filter on {field_!r}: 'in' takes a list of values")
+        for where in filters:
+            operator = _SQL_OPERATORS[where.operator]
             by_kind: dict[str, list[Any]] = {}
-            for item in value if operator == "in" else [value]:
-                kind, bound = self._filter_value(field_, item)
+            for value in where.values:
+                kind, bound = _bindable(value)
                 by_kind.setdefault(kind, []).append(bound)
-            path = None if field_ == "id" else self._json_path(field_)
+            path = None if where.field == "id" else '$."' + where.field + '"'  # no quote in the name (the check)
             alternatives = []
             for kind, values in by_kind.items():
                 if path is None:
@@ -268,7 +264,7 @@ class DocumentStore:
                 else:
                     alternative, column = f"json_type(metadata, ?) IN ({KIND_SQL_TYPES[kind]}) AND ", "json_extract(metadata, ?)"
                     params += [path, path]
-                if operator == "in":
+                if where.operator == "in":
                     alternatives.append(f"({alternative}{column} IN (SELECT value FROM json_each(?)))")
                     params.append(self._json_list(values))
                 else:
@@ -278,34 +274,6 @@ class DocumentStore:
         sql = f"SELECT key FROM {TABLE}" + (" WHERE " + " AND ".join(clauses) if clauses else "")
         with self._lock:
             return np.fromiter((row[0] for row in self.db.execute(sql, params)), dtype=np.int64)
-
-    @staticmethod
-    def _json_path(field_: Any) -> str:
-        """The SQLite JSON path of a top-level field: ``$."name"`` (SQLite reads no escapes inside the quotes)."""
-        if not isinstance(field_, str) or not field_ or FIELD_NAME_FORBIDDEN.search(field_):
-            raise ArgumentError(f"filter field {field_!r} cannot be filtered on (empty, or holds a double quote or a control character)")
-        return '$."' + field_ + '"'
-
-    @staticmethod
-    def _filter_value(field_: str, value: Any) -> tuple[str, Any]:
-        """(kind, value to bind) of one filter value: integers beyond SQLite's 64 bits become floats."""
-        if isinstance(value, (bool, np.bool_)):
-            return "boolean", int(value)
-        if isinstance(value, (int, np.integer)):
-            value = int(value)
-            if -(2**63) <= value < 2**63:
-                return "number", value
-            try:
-                return "number", float(value)
-            except OverflowError:
-                return "number", float("inf") if value > 0 else float("-inf")
-        if isinstance(value, (float, np.floating)):
-            if value != value:
-                raise ArgumentError(f"filter on {field_!r}: NaN compares with nothing")
-            return "number", float(value)
-        if isinstance(value, str):
-            return "text", value
-        raise ArgumentError(f"filter on {field_!r}: values are numbers, text or booleans, not {type(value).__name__}")
 
     @staticmethod
     def _json_list(values: Sequence[Any]) -> str:
@@ -401,6 +369,32 @@ def decode_varints(blobs: Sequence[bytes]) -> np.ndarray:
     owner = np.repeat(np.arange(len(blobs)), np.diff(np.concatenate([starts, [len(data)]])))
     place = ends[owner] - np.arange(len(data))
     return np.bincount(owner, weights=(data & 0x7F) << (7 * place), minlength=len(blobs)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One filter condition as ``query.typed_conditions`` checked it: ``field`` is ``id`` or a top-level metadata
+    field (empty of what ``FIELD_NAME_FORBIDDEN`` matches), ``operator`` one of ``FILTER_OPERATORS``, ``values``
+    numbers, str or bools (one, or the list ``in`` takes)."""
+
+    field: str
+    operator: str
+    values: tuple[Any, ...]
+
+
+_SQL_OPERATORS = {operator: "=" if operator == "in" else operator for operator in FILTER_OPERATORS}
+
+
+def _bindable(value: Any) -> tuple[str, Any]:
+    """(kind, value to bind) of one checked filter value: booleans as 0/1, integers beyond SQLite's 64 bits as floats."""
+    if isinstance(value, bool):
+        return "boolean", int(value)
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        try:
+            return "number", float(value)
+        except OverflowError:
+            return "number", float("inf") if value > 0 else float("-inf")
+    return ("text", value) if isinstance(value, str) else ("number", value)
 
 
 def _row(row: Sequence[Any]) -> dict[str, Any]:
