@@ -24,14 +24,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import debian_corpus, machine, save
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def timed_build(source: Path, index: Path, engine: str, replicas: int | None) -> float:
+    """``indexer build`` of this checkout in a fresh process: wall seconds."""
     command = [sys.executable, "-m", "indexer", "build", str(source), "--index", str(index), "--engine", engine, "--json"]
     if replicas and engine == "ray":
         command += ["--replicas", str(replicas)]
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    return time.perf_counter() - started
+    subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - started
+    print(f"{engine}: {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def same_vectors(first: Path, second: Path) -> float:
@@ -41,11 +46,13 @@ def same_vectors(first: Path, second: Path) -> float:
     from indexer import Index
 
     def by_id(path: Path) -> dict[str, np.ndarray]:
+        found = {}
         with Index(path) as index:
-            served = index._served
-            keys = served.vectors.keys()
-            rows = served.store.fetch(keys)
-            return {rows[int(k)]["id"]: served.vectors.index.reconstruct(int(k)) for k in keys}
+            for segment in index._served.segments:
+                keys = segment.vectors.keys()
+                rows = segment.store.fetch(keys)
+                found.update({rows[int(k)]["id"]: segment.vectors.index.reconstruct(int(k)) for k in keys})
+        return found
 
     a, b = by_id(first), by_id(second)
     assert a.keys() == b.keys()

@@ -89,11 +89,6 @@ def digest_keys(digests: np.ndarray) -> list[str]:
     return [hexed[i : i + 2 * KEY_BYTES] for i in range(0, len(hexed), 2 * KEY_BYTES)]
 
 
-def embedding_keys(prefix: str, texts: Sequence[str]) -> list[str]:
-    """Cache keys of ``texts`` under ``prefix`` (model fingerprint, pooling, max length)."""
-    return digest_keys(embedding_digests(prefix, texts))
-
-
 def cache_holds_vectors(path: Path) -> bool:
     """Whether the cache file at ``path`` exists and holds at least one row (False if it cannot be read)."""
     if not path.is_file():

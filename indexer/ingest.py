@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import collector, interrupts
-from .cache import EmbeddingCache, digest_keys, embedding_digests, embedding_keys
+from .cache import EmbeddingCache, digest_keys, embedding_digests
 from .errors import DISK_FULL_ERRNOS, ArgumentError, DiskFullError, SourceError
 from .settings import IndexSettings
 from .sources import Document, DocumentSource
@@ -118,11 +118,6 @@ class CachedEncoder:
         """Put the chunk's freshly encoded vectors into ``cache.db`` (a chunk a failed write never handed on)."""
         if self.cache is not None and len(chunk.missing) and len(chunk.digests):
             self.cache.put(digest_keys(chunk.digests[chunk.missing]), chunk.vectors[chunk.missing], self.segment)
-
-    def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        """Put freshly encoded vectors of ``texts`` into ``cache.db`` (the Ray engine's, which spools no vectors)."""
-        if self.cache is not None:
-            self.cache.put(embedding_keys(self.prefix, texts), vectors, self.segment)
 
 
 @dataclass

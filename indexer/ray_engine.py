@@ -1,4 +1,4 @@
-"""Encoding on a Ray cluster: Ray Data reads document shards, a pool of encoder actors writes vector shards.
+"""Encoding on a Ray cluster: Ray Data reads document shards, a pool of encoder actors embeds them, the vectors stream back.
 
 Each actor holds one replica of our own ``Encoder`` (same tokenisation,
 length-sorted batching, pooling and normalisation as the embedded path), so
@@ -7,12 +7,14 @@ the vectors are the ones a local build makes. Needs the ``ray`` extra.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import socket
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,14 @@ import numpy as np
 from .errors import ArgumentError, IndexerError
 from .external import load_encoder
 from .settings import IndexSettings
-from .shards import vector_table
+from .shards import ShardWriter, vector_table, vectors_of
 
 # Rows handed to one actor call; the encoder sorts them by length inside.
 ROWS_PER_CALL = 2048
 # Batches an encoder actor works on at once: one tokenised while the other runs on the model.
 CALLS_IN_FLIGHT = 2
+# Spooled vectors per part of an IVF assembled on disk (parts fill copies of the trained index, then merge).
+SPILL_PART = 262_144
 # CPUs per node left to Ray Data's read and write tasks: actors reserving every CPU starve them (a deadlock on 2 CPUs).
 CPUS_FOR_IO = 1.0
 
@@ -83,7 +87,7 @@ def pool_size(nodes: list[dict[str, float]], options: RayOptions) -> PoolSize:
 
 
 class EncodeBatch:
-    """A Ray Data actor: one encoder replica turning (key, id, text) batches into (key, id, vector) tables.
+    """A Ray Data actor: one encoder replica turning (key, text) batches into (key, vector) tables.
 
     Ray Data hands it ``CALLS_IN_FLIGHT`` batches at once, on as many
     threads: a batch is tokenised while the one before it runs on the model
@@ -105,11 +109,11 @@ class EncodeBatch:
         tokens = self.encoder.tokenize(batch.column("text").to_pylist())
         with self.model:
             vectors = self.encoder.embed_tokens(tokens)
-        return vector_table(batch.column("key").to_numpy(), batch.column("id").to_pylist(), vectors)
+        return vector_table(batch.column("key").to_numpy(), vectors)
 
 
-def encode_shards(documents_dir: Path, vectors_dir: Path, settings: IndexSettings, options: RayOptions) -> None:
-    """Embed every document shard in ``documents_dir`` into vector shards in ``vectors_dir``, on Ray."""
+def encoded(documents_dir: Path, settings: IndexSettings, options: RayOptions) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(vectors, keys) of every document shard in ``documents_dir``, embedded on Ray, as the replicas finish them."""
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -123,7 +127,7 @@ def encode_shards(documents_dir: Path, vectors_dir: Path, settings: IndexSetting
         context.enable_progress_bars = False
         for name in ("ray", "ray.data"):  # Ray's notices would bury the build's one-line report
             logging.getLogger(name).setLevel(logging.ERROR)
-        documents = ray.data.read_parquet(str(documents_dir)).select_columns(["key", "id", "text"])
+        documents = ray.data.read_parquet(str(documents_dir)).select_columns(["key", "text"])
         vectors = documents.map_batches(
             EncodeBatch,
             batch_format="pyarrow",
@@ -138,7 +142,9 @@ def encode_shards(documents_dir: Path, vectors_dir: Path, settings: IndexSetting
                 "threads": size.threads_per_replica,
             },
         )
-        vectors.write_parquet(str(vectors_dir))
+        # Streamed back as each block is done, so this process fills the segment while the replicas work on.
+        for batch in vectors.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield vectors_of(batch), batch.column("key").to_numpy()
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
         if isinstance(cause, IndexerError):  # a replica's one-line error (a model or device it cannot load), as ours
@@ -184,13 +190,13 @@ def _import_ray():
 
 class RayEngine:
     """How a write fills its new segment through Ray's encoder pool (``ingest_on_ray``); the same ``fill`` as
-    ``ingest.LocalEngine``, giving the structure it assembled from the vector shards."""
+    ``ingest.LocalEngine``."""
 
     def __init__(self, settings: IndexSettings, options: RayOptions, memory: int | None):
         self.settings, self.options, self.memory = settings, options, memory
 
     def fill(self, documents, cached, writer, *, whole: bool):
-        """No stage seconds (Ray's own dashboard has them), and (vectors, tuning, structure), or None if nothing was written."""
+        """No stage seconds (Ray's own dashboard has them), and what ``ingest_on_ray`` returns."""
         return {}, ingest_on_ray(documents, cached, writer, self.settings, self.options, self.memory, whole=whole)
 
 
@@ -199,42 +205,41 @@ def ingest_on_ray(documents, cached, writer, settings: IndexSettings, options: R
 
     This process reads the documents (so errors name the file and line as
     always) and stores them in the segment as its single writer, looks their
-    texts up in the embedding cache, writes the texts to encode as document
-    shards and the cached vectors as vector shards; Ray's encoder actors add
-    their vector shards; the segment's FAISS structure is assembled from all
-    vector shards, and the new vectors enter the cache if it keeps only codes. Returns (vectors,
-    tuning, structure) for ``writer.seal``; None when there was nothing to write.
+    texts up in the embedding cache (the vectors found go straight to the
+    segment) and writes the texts to encode as document shards; Ray's encoder
+    replicas embed them and their vectors stream back into the segment, whose
+    structure is then built as a local build's is (while they stream, where
+    the structure allows). Returns None; or, for an IVF structure over the
+    memory budget, (vectors, tuning, structure) for ``writer.seal``: that one
+    is assembled with its inverted lists on disk.
     """
-    from .ingest import CHUNK_SIZE, document_chunks
+    from .ingest import document_chunks
     from .segments import segment_structure
-    from .shards import ShardWriter, vector_shards
-    from .vectors import build_from_shards, create, ivf_bytes
+    from .vectors import build_from_shards, ivf_bytes
 
     work = Path(options.work_dir) / f"{writer.path.name}-{writer.folder.name}" if options.work_dir else writer.folder / "shards"
     shards = ShardWriter(work)
     try:
         for docs in document_chunks(documents):
-            ids, texts = [d.id for d in docs], [d.text for d in docs]
+            texts = [d.text for d in docs]
             digests, hit, known = cached.lookup(texts)
             keys = writer.add_documents(docs, digests=digests)
-            shards.write_vectors(keys[hit], [ids[i] for i in np.flatnonzero(hit)], known[hit])
+            writer.add_vectors(known[hit], keys[hit])
             rows = np.flatnonzero(~hit)
-            shards.write_documents(keys[rows], [ids[i] for i in rows], [texts[i] for i in rows], [docs[i].metadata for i in rows])
+            shards.write_documents(keys[rows], [texts[i] for i in rows.tolist()])
             cached.encoded += len(rows)
+        if shards.documents_written:
+            for vectors, keys in encoded(shards.documents_dir, settings, options):
+                writer.add_vectors(vectors, keys, fresh=keys)
         if not writer.count:
             return None
         structure = segment_structure(settings.index_type, writer.count, cached.dimension, memory, whole=whole)
-        # An IVF structure over the memory budget keeps its lists on disk.
-        spills = memory is not None and (ivf_bytes(structure, writer.count, cached.dimension) or 0) > memory
-        if shards.documents_written:
-            encode_shards(shards.documents_dir, shards.vectors_dir, settings, options)
-            if spills or not create(cached.dimension, structure).keeps_vectors:  # else the segment keeps them (see cache)
-                for shard in vector_shards(shards.vectors_dir, CHUNK_SIZE, known=False):
-                    for vectors, keys in shard():
-                        rows = writer.store.fetch(keys)
-                        cached.remember([rows[int(k)]["text"] for k in keys], vectors)
-        vectors, tuning = build_from_shards(vector_shards(shards.vectors_dir), cached.dimension, writer.count, structure,
-                                            writer.ondisk_path if spills else None)
+        if memory is None or (ivf_bytes(structure, writer.count, cached.dimension) or 0) <= memory:
+            return None
+        writer.spool.close()
+        parts = [functools.partial(writer.spool.chunks, start=first, stop=min(first + SPILL_PART, writer.count))
+                 for first in range(0, writer.count, SPILL_PART)]
+        vectors, tuning = build_from_shards(parts, cached.dimension, writer.count, structure, writer.ondisk_path)
         return vectors, tuning, structure
     finally:
         shutil.rmtree(work, ignore_errors=True)

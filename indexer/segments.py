@@ -56,7 +56,7 @@ class SegmentWriter:
         self.streamed = StreamedBuild(self.spool, plan, structures.create) if plan is not None else None
         self.count = 0
         self._digests: list[np.ndarray | None] = []  # per add, in key order
-        self._fresh: list[np.ndarray] = []  # rows (from 0) whose vectors the model encoded
+        self._fresh: list[np.ndarray] = []  # keys whose vectors the model encoded
         self.timings: dict[str, float] = {}  # seconds building and tuning the vector structure took (``seal``)
 
     @property
@@ -67,17 +67,21 @@ class SegmentWriter:
             fresh: np.ndarray | None = None) -> np.ndarray:
         """Store ``documents`` with their vectors under the next keys; returns the keys. ``digests``: their texts'
         (see ``cache``); ``fresh``: the rows among them the model encoded."""
-        first = self.count
         keys = self.add_documents(documents, digests=digests)
+        self.add_vectors(vectors, keys, fresh=None if fresh is None else keys[np.asarray(fresh, dtype=np.int64)])
+        return keys
+
+    def add_vectors(self, vectors: np.ndarray, keys: np.ndarray, *, fresh: np.ndarray | None = None) -> None:
+        """The vectors of documents stored before (``add_documents``), in any order; ``fresh``: the keys among
+        them whose vectors the model encoded."""
         self.spool.append(vectors, keys)
         if self.streamed is not None:
             self.streamed.wrote(self.spool.count)
         if fresh is not None and len(fresh):
-            self._fresh.append(np.asarray(fresh, dtype=np.int64) + first)
-        return keys
+            self._fresh.append(np.asarray(fresh, dtype=np.int64))
 
     def add_documents(self, documents: Sequence[Any], *, digests: np.ndarray | None = None) -> np.ndarray:
-        """Store ``documents`` whose vectors come later (``seal(built=...)``); returns their keys."""
+        """Store ``documents`` whose vectors come later (``add_vectors``); returns their keys."""
         keys = np.arange(self.base + self.count, self.base + self.count + len(documents), dtype=np.int64)
         self.store.add(keys, documents)
         self.count += len(documents)
@@ -134,16 +138,15 @@ class SegmentWriter:
             return None
         return np.concatenate(self._digests) if self._digests else np.empty((0, 2), dtype=np.uint64)
 
-    def _cache_spooled(self, digests: np.ndarray, rows: np.ndarray | None) -> None:
-        """Put the spooled vectors of ``rows`` (all when None) into ``cache.db``, a chunk at a time."""
+    def _cache_spooled(self, digests: np.ndarray, fresh: np.ndarray | None) -> None:
+        """Put the spooled vectors of the keys ``fresh`` (all when None) into ``cache.db``, a chunk at a time."""
         self.spool.close()
-        if not self.spool.count:
-            return
-        spooled = np.memmap(self.spool.vectors_path, dtype=np.float32, mode="r", shape=(self.spool.count, self.dimension))
-        rows = np.arange(self.spool.count) if rows is None else rows
-        for first in range(0, len(rows), 16384):
-            part = rows[first : first + 16384]
-            self.cache.put(digest_keys(digests[part]), np.asarray(spooled[part]), self.number)
+        for vectors, keys in self.spool.chunks():
+            if fresh is not None:
+                wanted = np.isin(keys, fresh)
+                vectors, keys = vectors[wanted], keys[wanted]
+            if len(keys):
+                self.cache.put(digest_keys(digests[keys - self.base]), vectors, self.number)
 
     def discard(self) -> None:
         """Remove the unsealed segment; the vectors the model encoded for it go to the cache first (best effort)."""

@@ -22,7 +22,7 @@ from helpers import fill, indexer, one_line_error, records, run_cli, tree_digest
 pytest.importorskip("fastapi")
 
 from indexer import Index, build_index, check_index, compact_index, delete_documents, layout, upsert_documents  # noqa: E402
-from indexer.cache import CHECK_BYTES, EmbeddingCache, cache_holds_vectors, embedding_keys  # noqa: E402
+from indexer.cache import CHECK_BYTES, EmbeddingCache, cache_holds_vectors, digest_keys, embedding_digests  # noqa: E402
 from indexer.errors import ArgumentError, DiskFullError, IndexCorruptError  # noqa: E402
 from indexer.settings import IndexSettings  # noqa: E402
 from indexer.snapshot import Snapshot  # noqa: E402
@@ -112,7 +112,7 @@ def cache_rows(path: Path, texts: list[str], vectors: np.ndarray) -> None:
     snapshot.close()
     embedding = snapshot.segments[0].meta.embedding
     cache = EmbeddingCache(path / layout.CACHE, vectors.shape[1])
-    cache.put(embedding_keys(embedding + "|", texts), vectors, 1)
+    cache.put(digest_keys(embedding_digests(embedding + "|", texts)), vectors, 1)
     cache.close()
 
 

@@ -1,7 +1,8 @@
-"""Ray engine: a build on Ray (local mode) equals the embedded build; sharded IVF assembly equals one piece."""
+"""Ray engine: a build on Ray (local mode) equals the embedded build; IVF assembly in parts equals one piece."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import faiss
@@ -70,22 +71,18 @@ def test_ray_build_equals_the_embedded_build(tmp_path):
     run_cli("check", str(tmp_path / "on-ray"))
 
 
-def test_worker_shards_hold_plain_fixed_size_lists(tmp_path, encoder):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def test_replicas_stream_back_every_texts_vector(tmp_path, encoder):
+    from indexer.ray_engine import encoded
+    from indexer.shards import ShardWriter
 
-    from indexer.ray_engine import encode_shards
-    from indexer.shards import ShardWriter, vectors_of
-
-    texts = ["a lamp by the river", "pepper and salt", "violin lessons for beginners"]
+    texts = ["a lamp by the river", "pepper and salt", "violin lessons for beginners", "boots", "a kettle that whistles"]
     writer = ShardWriter(tmp_path / "work")
-    writer.write_documents(np.arange(3), ["x", "y", "z"], texts, [{}, {}, {}])
-    encode_shards(writer.documents_dir, writer.vectors_dir, IndexSettings(), RayOptions(replicas=1))
-    tables = [pq.read_table(path) for path in sorted(writer.vectors_dir.rglob("*.parquet"))]
-    assert tables and all(t.schema.field("vector").type == pa.list_(pa.float32(), 384) for t in tables)
-    table = pa.concat_tables(tables).sort_by("key")
-    assert table.column("id").to_pylist() == ["x", "y", "z"]
-    assert np.abs(vectors_of(table) - encoder.encode_texts(texts)).max() < 1e-5
+    writer.write_documents(np.arange(3), texts[:3])
+    writer.write_documents(np.arange(3, 5), texts[3:])
+    batches = list(encoded(writer.documents_dir, IndexSettings(), RayOptions(replicas=1)))
+    vectors, keys = np.concatenate([v for v, _ in batches]), np.concatenate([k for _, k in batches])
+    assert vectors.dtype == np.float32 and sorted(keys.tolist()) == list(range(5))
+    assert np.abs(vectors[np.argsort(keys)] - encoder.encode_texts(texts)).max() < 1e-5
 
 
 def test_a_replica_tokenises_one_batch_while_the_model_runs_another(tiny_model):
@@ -114,7 +111,7 @@ def test_a_replica_tokenises_one_batch_while_the_model_runs_another(tiny_model):
 
     replica.encoder.embed_tokens = counted
     batches = [[f"text {b}-{i} about " + "lamps and rivers " * (i % 9) for i in range(300)] for b in range(6)]
-    tables = [pa.table({"key": np.arange(300) + 300 * b, "id": [f"{b}-{i}" for i in range(300)], "text": texts})
+    tables = [pa.table({"key": np.arange(300) + 300 * b, "text": texts})
               for b, texts in enumerate(batches)]
     with ThreadPoolExecutor(CALLS_IN_FLIGHT) as pool:
         results = list(pool.map(replica, tables))
@@ -159,16 +156,11 @@ def clustered_vectors(n: int, dimension: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_merged_ivf_shards_search_like_one_piece(tmp_path, on_disk):
-    from indexer.shards import ShardWriter, vector_shards
-
     dimension, count = 32, 12_000
     vectors = clustered_vectors(count, dimension, seed=1)
     keys = np.arange(count, dtype=np.int64)
-    writer = ShardWriter(tmp_path / "shards")
-    for first in range(0, count, 2500):  # five shards of uneven size
-        rows = slice(first, first + 2500)
-        writer.write_vectors(keys[rows], [str(k) for k in keys[rows]], vectors[rows])
-    shards = vector_shards(writer.vectors_dir)
+    # five parts of uneven size
+    shards = [functools.partial(iter, [(vectors[first : first + 2500], keys[first : first + 2500])]) for first in range(0, count, 2500)]
     assert len(shards) == 5
 
     ondisk = tmp_path / "merged.ivfdata" if on_disk else None
