@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,9 +104,21 @@ def rebuild_index(
                   encoder=encoder, ray=ray, prune_upserts=prune_upserts)
 
 
+@dataclass
+class _Plan:
+    """What a build decided before it writes: the encoder, the comparison with the current version, whether that
+    version's segments carry over, and the documents to read (already being read ahead, for a new index)."""
+
+    encoder: Encoder | ExternalEncoder
+    diff: Diff
+    carry: bool
+    documents: Iterable
+    memory: int | None
+
+
 def _build(path: Path, source, settings: IndexSettings, options: WriteOptions, *, action: str, if_changed: bool,
            encoder=None, ray=None, prune_upserts=False, only_if_new=False) -> BuildReport:
-    device = options.device
+    """open -> plan -> encode (the engine fills a new segment) -> seal -> publish, under the writer lock."""
     started = time.monotonic()
     documents = source if isinstance(source, DocumentSource) else DocumentSource(
         source, settings.id_field, settings.text_fields, max_document_bytes=settings.max_document_bytes)
@@ -117,65 +130,80 @@ def _build(path: Path, source, settings: IndexSettings, options: WriteOptions, *
         if only_if_new and current is not None:
             return BuildReport(str(path), current.version, len(current), published=False, segments=len(current.segments),
                                warnings=txn.warnings)
-        keep_upserts = action == "rebuild" and not prune_upserts
-        ahead = tokenizer = None
-        if current is None and encoder is None and ray is None and not is_external(settings.model):
-            tokenizer = load_tokenizer(settings, device)
-        if tokenizer is not None:
-            # Nothing to compare with or carry over: every document is written, so reading and tokenising
-            # them starts now, beside the model's load.
-            diff = Diff(None, carry=False, keep_upserts=keep_upserts)
-            ahead = stack.enter_context(ReadAhead(diff.changed(documents), tokenizer.tokenize))
-        if current is not None and ray is None:  # the model loads once a text must be encoded (writes that change little)
-            encoder = encoder_for_write(settings, device=device, reuse=encoder)
-        else:
-            encoder = load_encoder(settings, device, reuse=encoder, tokenizer=tokenizer)
-        if ray is not None and is_external(encoder.model_name):
-            raise ArgumentError(f"{encoder.model_name} runs in this process only; build it without --engine ray")
-        settings.model, settings.max_length = encoder.model_name, encoder.max_length
+        plan = _plan(txn, stack, documents, settings, options.device, keep_upserts=action == "rebuild" and not prune_upserts,
+                     encoder=encoder, ray=ray)
         settings.source = None if isinstance(source, DocumentSource) else str(Path(source).resolve())
-        # A bad index type or memory budget fails now, not after the whole corpus is encoded.
-        memory = parse_memory(settings.memory)
-        vectors.create(encoder.dimension, choose_structure(settings.index_type, 1, encoder.dimension, memory))
-        carry = current is not None and _carries_over(txn, encoder, settings)
-        if not carry:
-            txn.reset()
-        if ahead is None:
-            diff = Diff(current, carry=carry, keep_upserts=keep_upserts)
-        cache = txn.cache = EmbeddingCache(path / layout.CACHE, encoder.dimension)
+        cache = txn.cache = EmbeddingCache(path / layout.CACHE, plan.encoder.dimension)
         try:
-            writer = txn.new_segment(encoder.dimension, encoder.embedding.key, cache, settings if ray is None else None)
-            cached = CachedEncoder(encoder, cache, writer.number, txn.held_vectors(encoder.embedding.key))
-            engine = LocalEngine(progress=options.progress) if ray is None else _ray_engine(settings, ray, memory)
+            writer = txn.new_segment(plan.encoder.dimension, plan.encoder.embedding.key, cache, settings)
+            cached = CachedEncoder(plan.encoder, cache, writer.number, txn.held_vectors(plan.encoder.embedding.key))
+            engine = LocalEngine(progress=options.progress) if ray is None else _ray_engine(settings, ray, plan.memory)
             # Whether the new segment will be the whole index is known only after the diff; guessed from before it.
-            stages, built = engine.fill(ahead if ahead is not None else diff.changed(documents), cached, writer,
-                                        whole=txn.replaces_all)
-            if not diff.read:
+            stages, built = engine.fill(plan.documents, cached, writer, whole=txn.replaces_all)
+            if not plan.diff.read:
                 raise SourceError(f"{documents.path}: no documents")
             settings.id_field, settings.text_fields = documents.id_field, documents.text_fields
-            removed = diff.removed()
+            removed = plan.diff.removed()
             report = BuildReport(str(path), current.version if current else "", txn.count, cached.encoded, cached.reused,
-                                 deleted=len(removed), kept_upserts=diff.kept, stages=stages, warnings=txn.warnings,
+                                 deleted=len(removed), kept_upserts=plan.diff.kept, stages=stages, warnings=txn.warnings,
                                  segments=len(current.segments) if current else 0)  # the new version's, once one is published
-            if carry:
-                txn.delete(np.concatenate([removed, diff.replaced()]))
-            if writer.count:  # segments whose documents all changed or left are no longer listed: the new one may be all there is
-                structure = built[2] if built else segment_structure(settings.index_type, writer.count, encoder.dimension, memory,
-                                                                     whole=txn.replaces_all)
-                sealing = time.monotonic()
-                txn.add_segment(writer.seal(structure, built[:2] if built else None))
-                stages["seal"] = since(sealing)
-                stages.update(writer.timings)
-            if if_changed and carry and not writer.count and not len(removed):
+            if plan.carry:
+                txn.delete(np.concatenate([removed, plan.diff.replaced()]))
+            _seal(txn, writer, built, settings, plan, stages)
+            if if_changed and plan.carry and not writer.count and not len(removed):
                 report.published = False
             else:
-                txn.publish(settings, encoder.dimension, encoder.fingerprint, report, options.keep)
-                after_write(txn, report, settings, options.keep, encoder=encoder)
+                txn.publish(settings, plan.encoder.dimension, plan.encoder.fingerprint, report, options.keep)
+                after_write(txn, report, settings, options.keep, encoder=plan.encoder)
         finally:
             txn.close_cache()
     report.warnings += cache.warnings + documents.warnings
     report.seconds = since(started)
     return report
+
+
+def _plan(txn: Transaction, stack: contextlib.ExitStack, documents: DocumentSource, settings: IndexSettings, device: str | None,
+          *, keep_upserts: bool, encoder, ray) -> _Plan:
+    """Load the encoder (or not yet, for a write to an index that may change little), check the settings before any
+    document is encoded, and decide what carries over from the current version."""
+    current = txn.current
+    ahead = tokenizer = None
+    if current is None and encoder is None and ray is None and not is_external(settings.model):
+        tokenizer = load_tokenizer(settings, device)
+    if tokenizer is not None:
+        # Nothing to compare with or carry over: every document is written, so reading and tokenising
+        # them starts now, beside the model's load.
+        diff = Diff(None, carry=False, keep_upserts=keep_upserts)
+        ahead = stack.enter_context(ReadAhead(diff.changed(documents), tokenizer.tokenize))
+    if current is not None and ray is None:  # the model loads once a text must be encoded (writes that change little)
+        encoder = encoder_for_write(settings, device=device, reuse=encoder)
+    else:
+        encoder = load_encoder(settings, device, reuse=encoder, tokenizer=tokenizer)
+    if ray is not None and is_external(encoder.model_name):
+        raise ArgumentError(f"{encoder.model_name} runs in this process only; build it without --engine ray")
+    settings.model, settings.max_length = encoder.model_name, encoder.max_length
+    # A bad index type or memory budget fails now, not after the whole corpus is encoded.
+    memory = parse_memory(settings.memory)
+    vectors.create(encoder.dimension, choose_structure(settings.index_type, 1, encoder.dimension, memory))
+    carry = current is not None and _carries_over(txn, encoder, settings)
+    if not carry:
+        txn.reset()
+    if ahead is None:
+        diff = Diff(current, carry=carry, keep_upserts=keep_upserts)
+    return _Plan(encoder, diff, carry, ahead if ahead is not None else diff.changed(documents), memory)
+
+
+def _seal(txn: Transaction, writer, built, settings: IndexSettings, plan: _Plan, stages: dict[str, float]) -> None:
+    """Seal the new segment into the version (none if nothing was new: segments whose documents all changed or
+    left are no longer listed, so the new one may be all there is)."""
+    if not writer.count:
+        return
+    structure = built[2] if built else segment_structure(settings.index_type, writer.count, plan.encoder.dimension, plan.memory,
+                                                         whole=txn.replaces_all)
+    sealing = time.monotonic()
+    txn.add_segment(writer.seal(structure, built[:2] if built else None))
+    stages["seal"] = since(sealing)
+    stages.update(writer.timings)
 
 
 def _ray_engine(settings: IndexSettings, ray: RayOptions, memory: int | None):
