@@ -127,13 +127,17 @@ def encoded(documents_dir: Path, settings: IndexSettings, options: RayOptions) -
         context.enable_progress_bars = False
         for name in ("ray", "ray.data"):  # Ray's notices would bury the build's one-line report
             logging.getLogger(name).setLevel(logging.ERROR)
-        documents = ray.data.read_parquet(str(documents_dir)).select_columns(["key", "text"])
+        # A block per shard (a call's worth of documents, see ingest_on_ray): Ray Data hands a block to one replica,
+        # and reads small files as one block, which left every replica but one idle.
+        shards = len(list(documents_dir.glob("*.parquet")))
+        documents = ray.data.read_parquet(str(documents_dir)).select_columns(["key", "text"]).repartition(shards)
         vectors = documents.map_batches(
             EncodeBatch,
             batch_format="pyarrow",
-            batch_size=ROWS_PER_CALL,
+            batch_size=None,  # a call a block, not blocks bundled into one call
+            # Without a bound on the blocks queued at an actor, the first one ready takes them all.
             compute=ray.data.ActorPoolStrategy(size=size.replicas, max_concurrent_calls_per_actor=CALLS_IN_FLIGHT,
-                                               enable_true_multi_threading=True),
+                                               max_tasks_in_flight_per_actor=CALLS_IN_FLIGHT, enable_true_multi_threading=True),
             num_cpus=size.cpus_per_replica,
             num_gpus=options.gpus_per_replica or None,
             fn_constructor_kwargs={
@@ -218,7 +222,7 @@ def ingest_on_ray(documents, cached, writer, settings: IndexSettings, options: R
     from .vectors import build_from_shards, ivf_bytes
 
     work = Path(options.work_dir) / f"{writer.path.name}-{writer.folder.name}" if options.work_dir else writer.folder / "shards"
-    shards = ShardWriter(work)
+    shards = ShardWriter(work, ROWS_PER_CALL)
     try:
         for docs in document_chunks(documents):
             texts = [d.text for d in docs]

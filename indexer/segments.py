@@ -116,7 +116,7 @@ class SegmentWriter:
         if digests is not None and vectors.keeps_vectors:
             np.save(self.folder / layout.HASHES, digests)
             self.cache.release(self.number)  # what this write found in cache.db, the segment now keeps
-        elif digests is not None and built is None:  # only codes kept: the whole vectors stay in the cache
+        elif digests is not None:  # only codes kept (or lists on disk): the whole vectors stay in the cache
             self._cache_spooled(digests, None)
         self.spool.remove()
         vectors.save(self.folder / layout.VECTORS)

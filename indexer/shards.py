@@ -35,10 +35,10 @@ def vectors_of(table) -> np.ndarray:
 
 
 class ShardWriter:
-    """Writes numbered Parquet shards of the documents to encode into one folder."""
+    """Writes numbered Parquet shards of the documents to encode into one folder, ``rows`` documents a shard at most."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, rows: int):
+        self.folder, self.rows = Path(folder), rows
         self.documents_dir.mkdir(parents=True, exist_ok=True)
         self.documents_written = 0
 
@@ -50,8 +50,8 @@ class ShardWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not len(keys):
-            return
-        table = pa.table({"key": pa.array(keys, pa.int64()), "text": pa.array(list(texts), pa.string())})
-        pq.write_table(table, self.documents_dir / f"part-{self.documents_written:05d}.parquet")
-        self.documents_written += 1
+        for first in range(0, len(keys), self.rows):
+            part = slice(first, first + self.rows)
+            table = pa.table({"key": pa.array(keys[part], pa.int64()), "text": pa.array(list(texts[part]), pa.string())})
+            pq.write_table(table, self.documents_dir / f"part-{self.documents_written:05d}.parquet")
+            self.documents_written += 1

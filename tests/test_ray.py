@@ -76,9 +76,10 @@ def test_replicas_stream_back_every_texts_vector(tmp_path, encoder):
     from indexer.shards import ShardWriter
 
     texts = ["a lamp by the river", "pepper and salt", "violin lessons for beginners", "boots", "a kettle that whistles"]
-    writer = ShardWriter(tmp_path / "work")
+    writer = ShardWriter(tmp_path / "work", rows=2)
     writer.write_documents(np.arange(3), texts[:3])
     writer.write_documents(np.arange(3, 5), texts[3:])
+    assert writer.documents_written == 3
     batches = list(encoded(writer.documents_dir, IndexSettings(), RayOptions(replicas=1)))
     vectors, keys = np.concatenate([v for v, _ in batches]), np.concatenate([k for _, k in batches])
     assert vectors.dtype == np.float32 and sorted(keys.tolist()) == list(range(5))
@@ -145,6 +146,10 @@ def test_ray_build_over_the_memory_budget_keeps_ivf_lists_on_disk(tmp_path, tiny
     run_cli("check", str(index), "--all")
     with Index(index) as opened:
         assert len(opened) == 2999 and opened.get_document("d7")["text"] == "violin violin violin"
+
+    # The on-disk lists are no segment's whole vectors: those went into the cache, so another structure encodes nothing.
+    rebuilt = run_cli("build", str(source), "--index", str(index), "--model", str(tiny_model), "--index-type", "flat", "--json")
+    assert (json.loads(rebuilt.stdout)["encoded"], json.loads(rebuilt.stdout)["reused"]) == (0, 3000)
 
 
 def clustered_vectors(n: int, dimension: int, seed: int) -> np.ndarray:

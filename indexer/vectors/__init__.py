@@ -8,7 +8,7 @@ other string is a FAISS factory string. A segment records its structure
 string (``SegmentMeta.vector_index``), and ``load`` reads it with the same
 library. A new ANN library is one module here and one line in ``LIBRARIES``.
 
-- ``faiss_index``: ``FaissIndex``, the structure chooser and the sharded (Ray) build;
+- ``faiss_index``: ``FaissIndex``, the structure chooser and the IVF assembled from parts (on disk for a Ray build over its memory budget);
 - ``spool``: vectors spooled to disk while a build streams;
 - ``streamed``: the structure built in a thread while they stream;
 - ``tuning``: recall against exact search, for tuning search knobs.
