@@ -96,6 +96,7 @@ class SegmentWriter:
     def seal(self, structure: str, built: tuple[VectorIndex, dict[str, float]] | None = None) -> layout.SegmentMeta:
         """Build the FAISS ``structure`` from the spooled vectors (or take ``built``), write, checksum and publish the segment."""
         self.spool.close()
+        self.store.rows_written()  # the keyword index merges beside the structure's work
         if not self.count:  # a merge whose documents were all deleted
             built, structure = (structures.create(self.dimension), {}), "Flat"
         streamed, self.streamed = self.streamed, None

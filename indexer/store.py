@@ -80,15 +80,20 @@ class DocumentStore:
         store._keywords = KeywordFeeder(path)
         return store
 
+    def rows_written(self) -> None:
+        """Every row of a new store is in: its keyword index, once complete, merges into one b-tree (what searches
+        read fastest) in its own thread, beside what the caller does next (``finish`` waits for it)."""
+        if self._keywords is not None:
+            self._keywords.end()
+
     def finish(self) -> None:
-        """Make a new store ready to publish, once every row is in: the keyword index complete and merged into one
-        b-tree (what searches read fastest), and the unique index on ids (sources refuse a repeated id as they read)."""
+        """Make a new store ready to publish, once every row is in: the keyword index complete and merged
+        (``rows_written``), and the unique index on ids (sources refuse a repeated id as they read)."""
         if self._keywords is not None:
             self._keywords.close()
             self._keywords = None
         with self._lock, self.db.conn:
             self.db.execute(f"CREATE UNIQUE INDEX idx_{TABLE}_id ON {TABLE} (id)")
-            self.db.execute(f"INSERT INTO {KEYWORDS}({KEYWORDS}) VALUES('optimize')")
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> DocumentStore:
@@ -303,8 +308,9 @@ class KeywordFeeder:
     The two connections take SQLite's write lock in turn (WAL, a busy timeout);
     neither holds the GIL while SQLite works, so on a write of 1M documents
     the keyword index costs the write stage almost nothing of its 15 s. At
-    most ``FEEDER_DEPTH`` chunks wait. The first error is raised by the next
-    ``index`` or by ``close``.
+    most ``FEEDER_DEPTH`` chunks wait. After the last (``end``) it merges the
+    index while the segment's structure is finished. The first error is
+    raised by the next ``index`` or by ``close``.
     """
 
     def __init__(self, path: str | Path):
@@ -312,20 +318,24 @@ class KeywordFeeder:
         self._conn.execute("PRAGMA synchronous=OFF")
         self._queue: queue.Queue[str | None] = queue.Queue(FEEDER_DEPTH)
         self._error: BaseException | None = None
-        self._abandoned = False
+        self._abandoned = self._ended = False
         self._thread = threading.Thread(target=self._run, name="ingest-keywords", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (keys := self._queue.get()) is not None:
-            if self._error is not None or self._abandoned:
-                continue
-            try:
-                with self._conn:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    self._conn.execute(_INDEX_KEYWORDS, [keys])
-            except BaseException as exc:  # raised in the write stage's thread
-                self._error = exc
+            self._write(_INDEX_KEYWORDS, [keys])
+        self._write(f"INSERT INTO {KEYWORDS}({KEYWORDS}) VALUES('optimize')", [])  # the last chunk is in (``end``)
+
+    def _write(self, sql: str, parameters: list) -> None:
+        if self._error is not None or self._abandoned:
+            return
+        try:
+            with self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute(sql, parameters)
+        except BaseException as exc:  # raised in the write stage's thread
+            self._error = exc
 
     def index(self, keys: np.ndarray) -> None:
         """Index the keyword text of these committed rows (soon, in the thread)."""
@@ -337,10 +347,17 @@ class KeywordFeeder:
             error, self._error = self._error, None
             raise error
 
+    def end(self) -> None:
+        """No more chunks: once the last is indexed, the thread merges the index (SQLite's ``optimize``) and ends."""
+        if not self._ended:
+            self._ended = True
+            self._queue.put(None)
+
     def close(self, *, abandon: bool = False) -> None:
-        """Wait for the chunks queued (none if ``abandon``), end the thread and its connection; raise its error."""
+        """Wait for the chunks queued and the merge (neither if ``abandon``), end the thread and its connection;
+        raise its error."""
         self._abandoned = abandon
-        self._queue.put(None)
+        self.end()
         self._thread.join()
         self._conn.close()
         if not abandon:
