@@ -500,8 +500,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                     continue
                 record = _parse_json(line, path, number)
             where = f"{name}:{number}"
-            if isinstance(record, _Repeated):
-                raise SourceError(f"{where}: duplicate field {record.key!r}")
+            _refuse_repeats(where, record)
             if "\\u" in line and SURROGATE_ESCAPE.search(line):
                 refuse_surrogates(where, record)
             yield where, record

@@ -399,7 +399,7 @@ class Filter:
     values: tuple[Any, ...]
 
 
-_SQL_OPERATORS = {operator: "=" if operator == "in" else operator for operator in FILTER_OPERATORS}
+_SQL_OPERATORS = {operator: operator for operator in FILTER_OPERATORS}  # SQL text from this table, never from a caller
 
 
 def _bindable(value: Any) -> tuple[str, Any]:
