@@ -187,10 +187,14 @@ def test_a_chunk_is_stored_exactly_as_one_insert_per_row_stores_it(tmp_path, mon
             Document('é"\\', 'emoji 😀 \u2028 \t\n quote" back\\ \x7f \x01 ﻿', {"nested": {"a": [1, "2"]}}, {"t": ["x", "y"]}, "upsert"),
             Document("3", "", {}, {}),
             Document("日本", "テキスト", {"名": "値"}, {"text": "テキスト"})]
-    keys = [5, 9, 2**40, 0]
+    # A chunk whose metadata, fields and origin are each one value in every row (bound once, not cut per row).
+    alike = [Document(f"same{n}", f"text{n}", {"k": "x\x00y"}, {"body": f"text{n}"}, "upsert") for n in range(3)]
+    docs += alike
+    keys = [5, 9, 2**40, 0, 11, 12, 13]
     store = DocumentStore.create(tmp_path / "one.db")
-    store.add(keys, docs)
+    store.add(keys[:4], docs[:4])
     store.add([], [])
+    store.add(keys[4:], alike)
     reference = DocumentStore.create(tmp_path / "rows.db")
     with reference.db.conn:
         for key, d in zip(keys, docs):
@@ -198,7 +202,9 @@ def test_a_chunk_is_stored_exactly_as_one_insert_per_row_stores_it(tmp_path, mon
                                  [key, d.id, d.text, json.dumps(d.metadata, ensure_ascii=False), fields_json(d.text, d.fields), d.origin])
     sql = "SELECT key, id, text, metadata, fields, origin, typeof(id), typeof(text), hex(text), hex(id) FROM documents ORDER BY key"
     assert store.db.execute(sql).fetchall() == reference.db.execute(sql).fetchall()
-    assert [row["text"] for row in store.fetch(keys).values()] == [docs[3].text, docs[0].text, docs[1].text, docs[2].text]
-    assert [row["fields"] for row in store.fetch(keys).values()] == [docs[3].fields, docs[0].fields, docs[1].fields, docs[2].fields]
+    by_key = sorted(range(len(keys)), key=keys.__getitem__)
+    assert [row["text"] for row in store.fetch(keys).values()] == [docs[n].text for n in by_key]
+    assert [row["fields"] for row in store.fetch(keys).values()] == [docs[n].fields for n in by_key]
+    assert [row["metadata"] for row in store.fetch(keys).values()] == [docs[n].metadata for n in by_key]
     store.close()
     reference.close()
