@@ -34,7 +34,7 @@ from .ingest import CachedEncoder, LocalEngine, ReadAhead
 from .segments import segment_structure
 from .settings import IndexSettings, WriteOptions
 from .sources import DocumentSource
-from .vectors import choose_structure, parse_memory
+from .vectors import choose_structure, parse_memory, quantised_structure
 from .write import BuildReport, Diff, Transaction, since, transaction
 
 if TYPE_CHECKING:
@@ -184,7 +184,8 @@ def _plan(txn: Transaction, stack: contextlib.ExitStack, documents: DocumentSour
     settings.model, settings.max_length = encoder.model_name, encoder.max_length
     # A bad index type or memory budget fails now, not after the whole corpus is encoded.
     memory = parse_memory(settings.memory)
-    vectors.create(encoder.dimension, choose_structure(settings.index_type, 1, encoder.dimension, memory))
+    vectors.create(encoder.dimension, quantised_structure(choose_structure(settings.index_type, 1, encoder.dimension, memory),
+                                                          settings.vectors))
     carry = current is not None and _carries_over(txn, encoder, settings)
     if not carry:
         txn.reset()
@@ -198,8 +199,7 @@ def _seal(txn: Transaction, writer, built, settings: IndexSettings, plan: _Plan,
     left are no longer listed, so the new one may be all there is)."""
     if not writer.count:
         return
-    structure = built[2] if built else segment_structure(settings.index_type, writer.count, plan.encoder.dimension, plan.memory,
-                                                         whole=txn.replaces_all)
+    structure = built[2] if built else segment_structure(settings, writer.count, plan.encoder.dimension, whole=txn.replaces_all)
     sealing = time.monotonic()
     txn.add_segment(writer.seal(structure, built[:2] if built else None))
     stages["seal"] = since(sealing)
@@ -213,7 +213,8 @@ def _ray_engine(settings: IndexSettings, ray: RayOptions, memory: int | None):
 
 
 def _carries_over(txn: Transaction, encoder: Encoder, settings: IndexSettings) -> bool:
-    """Whether the current version's segments can stay: same embedding configuration and index type."""
+    """Whether the current version's segments can stay: same embedding configuration, index type and vector storage."""
     manifest = txn.manifest
     same_vectors = all(s.embedding == encoder.embedding.key for s in txn.segments)
-    return same_vectors and manifest.settings.index_type == settings.index_type and manifest.dimension == encoder.dimension
+    return (same_vectors and manifest.settings.index_type == settings.index_type and manifest.settings.vectors == settings.vectors
+            and manifest.dimension == encoder.dimension)

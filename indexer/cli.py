@@ -43,6 +43,7 @@ from .settings import (
     MODES,
     POOLINGS,
     PRECISIONS,
+    VECTOR_STORAGE,
     IndexSettings,
     WriteOptions,
 )
@@ -131,6 +132,7 @@ Backend = _choice("Backend", BACKENDS)
 Engine = _choice("Engine", ENGINES)
 Mode = _choice("Mode", MODES)
 Fusion = _choice("Fusion", FUSIONS)
+Storage = _choice("Storage", VECTOR_STORAGE)
 # evaluate compares modes side by side, hybrid with either fusion: hybrid-score is hybrid.
 EvaluateMode = _choice("EvaluateMode", (*MODES, *(f"hybrid-{fusion}" for fusion in FUSIONS)))
 
@@ -314,6 +316,9 @@ def build(
         str, typer.Option(help="flat (exact), hnsw, ivf, ivfpq, auto, or a FAISS factory string such as IVF1024,PQ32.")
     ] = "flat",
     memory: Annotated[str | None, typer.Option(help="Memory budget for --index-type auto, e.g. 2GB.")] = None,
+    vectors: Annotated[Storage, typer.Option(
+        help="Vectors in memory: float32 (whole), int8 or binary codes (4x, 32x less), whose best candidates are "
+             "rescored with the whole vectors kept on disk.")] = IndexSettings.vectors,
     device: DeviceOption = None,
     keep: KeepOption = WriteOptions.keep,
     wait: WaitOption = WriteOptions.wait,
@@ -332,7 +337,7 @@ def build(
     parse_memory(memory)  # a bad budget fails before the model loads
     settings = _settings(
         model, pooling, max_length, batch_size, batch_tokens, precision, id_field, text_field, backend=_value(backend),
-        index_type=index_type, memory=memory,
+        index_type=index_type, memory=memory, vectors=_value(vectors),
         max_document_bytes=max_document_bytes,
     )
     ray = _ray_options(engine, ray_address, replicas, gpus_per_replica, ray_work_dir)

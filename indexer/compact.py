@@ -35,7 +35,6 @@ from .ingest import CachedEncoder
 from .segments import Segment, segment_structure
 from .settings import IndexSettings, WriteOptions
 from .sources import Document
-from .vectors import parse_memory
 from .write import BuildReport, Transaction, disk_full, existing_index, since, transaction
 
 if TYPE_CHECKING:
@@ -134,7 +133,7 @@ def merge(txn: Transaction, names: list[str], settings: IndexSettings, *, encode
                         writer.add(docs, found, digests=digests)
             finally:
                 segment.close()
-        structure = segment_structure(settings.index_type, writer.count, dimension, parse_memory(settings.memory), whole=whole)
+        structure = segment_structure(settings, writer.count, dimension, whole=whole)
         meta = writer.seal(structure)
     finally:
         if own_cache:

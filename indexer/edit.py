@@ -23,7 +23,6 @@ from .ingest import CachedEncoder, LocalEngine
 from .segments import segment_structure
 from .settings import WriteOptions
 from .sources import Document, DocumentSource
-from .vectors import parse_memory
 from .write import BuildReport, Diff, existing_index, since, transaction
 
 if TYPE_CHECKING:
@@ -76,8 +75,7 @@ def upsert_documents(
                 report.published = False
             else:
                 txn.delete(diff.replaced())
-                structure = segment_structure(settings.index_type, writer.count, encoder.dimension, parse_memory(settings.memory),
-                                              whole=txn.replaces_all)
+                structure = segment_structure(settings, writer.count, encoder.dimension, whole=txn.replaces_all)
                 txn.add_segment(writer.seal(structure))
                 txn.publish(settings, encoder.dimension, encoder.fingerprint, report, options.keep)
                 after_write(txn, report, settings, options.keep, encoder=encoder)

@@ -332,6 +332,13 @@ def seal_segment(path: Path, staging: Path, meta: SegmentMeta) -> Path:
     return target
 
 
+def vector_files(meta: SegmentMeta) -> list[str]:
+    """The files of a segment's vector structure: ``VECTORS`` and those beside it named after it (inverted lists
+    kept on disk, the whole vectors of quantised codes)."""
+    stem = Path(VECTORS).stem
+    return [VECTORS, *sorted(n for n in meta.files if n != VECTORS and n.startswith(stem))]
+
+
 def segment_problems(folder: Path, meta: SegmentMeta, *, checksums: bool, names: Iterable[str] | None = None,
                      memo: bool = False) -> list[str]:
     """What is wrong with a segment's files (``names``, default all): missing, a size or (with ``checksums``) a checksum that differs.

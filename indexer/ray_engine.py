@@ -237,8 +237,8 @@ def ingest_on_ray(documents, cached, writer, settings: IndexSettings, options: R
                 writer.add_vectors(vectors, keys, fresh=keys)
         if not writer.count:
             return None
-        structure = segment_structure(settings.index_type, writer.count, cached.dimension, memory, whole=whole)
-        if memory is None or (ivf_bytes(structure, writer.count, cached.dimension) or 0) <= memory:
+        structure = segment_structure(settings, writer.count, cached.dimension, whole=whole)
+        if memory is None or settings.vectors != "float32" or (ivf_bytes(structure, writer.count, cached.dimension) or 0) <= memory:
             return None
         writer.spool.close()
         parts = [functools.partial(writer.spool.chunks, start=first, stop=min(first + SPILL_PART, writer.count))

@@ -23,8 +23,19 @@ from . import layout
 from . import vectors as structures
 from .cache import EmbeddingCache, digest_keys
 from .errors import IndexCorruptError
+from .settings import IndexSettings
 from .store import DocumentStore
-from .vectors import ONDISK_SUFFIX, TUNING_RECALL, StreamedBuild, VectorIndex, VectorSpool, build_from_spool, choose_structure
+from .vectors import (
+    ONDISK_SUFFIX,
+    TUNING_RECALL,
+    StreamedBuild,
+    VectorIndex,
+    VectorSpool,
+    build_from_spool,
+    choose_structure,
+    parse_memory,
+    quantised_structure,
+)
 
 # A segment made by a small write or a merge of small segments is exact (Flat) below this many documents,
 # whatever the index type: searching it costs less than a graph would, and it needs no tuning.
@@ -219,7 +230,7 @@ class HeldVectors:
         """The segment's vector structure, once its files have matched their checksums; None if they do not."""
         if meta.name not in self._vectors:
             folder = layout.segment_dir(self.path, meta.name)
-            problems = layout.segment_problems(folder, meta, checksums=True, names=(layout.HASHES, layout.KEYS, layout.VECTORS),
+            problems = layout.segment_problems(folder, meta, checksums=True, names=(layout.HASHES, layout.KEYS, *layout.vector_files(meta)),
                                                memo=True)
             loaded = None
             if problems:
@@ -257,15 +268,19 @@ def _glibc():
 _LIBC = _glibc()
 
 
-def segment_structure(index_type: str, count: int, dimension: int, memory: int | None, *, whole: bool) -> str:
-    """The FAISS structure of a segment of ``count`` documents: the index type's, or Flat for a small partial segment.
+def segment_structure(settings: IndexSettings, count: int, dimension: int, *, whole: bool) -> str:
+    """The structure of a segment of ``count`` documents: the index type's (within the memory budget), keeping its
+    vectors as ``settings.vectors`` says; or Flat for a small partial segment.
 
     ``whole`` is a segment that holds the whole index (a build, a full
-    compaction): it gets the index type's structure at any size.
+    compaction): it gets the index type's structure at any size. A small
+    partial one is searched in the pool of small segments, float32 whatever
+    ``vectors`` says, until a compaction merges it.
     """
     if not whole and count < SMALL_SEGMENT:
         return "Flat"
-    return choose_structure(index_type, count, dimension, memory)
+    structure = choose_structure(settings.index_type, count, dimension, parse_memory(settings.memory))
+    return quantised_structure(structure, settings.vectors)
 
 
 @dataclass
@@ -317,7 +332,8 @@ class Segment:
         """Faults of the files the open did not read through: the store and the vectors against their checksums."""
         if not self.meta.files:  # a format-1 version folder: its manifest's checksums, checked by the snapshot
             return []
-        return layout.segment_problems(self.folder, self.meta, checksums=True, names=(layout.DOCUMENTS, layout.VECTORS), memo=True)
+        return layout.segment_problems(self.folder, self.meta, checksums=True, names=(layout.DOCUMENTS, *layout.vector_files(self.meta)),
+                                       memo=True)
 
     def holds(self, keys: np.ndarray) -> np.ndarray:
         """Which of ``keys`` are this segment's."""

@@ -18,6 +18,9 @@ MAX_LENGTH_CAP = 512
 # kept here, free of heavy imports, so the command line can offer them as choices.
 MODES = ("dense", "keyword", "hybrid")
 FUSIONS = ("score", "rrf")
+# How a segment keeps its vectors in memory (``indexer.vectors.rescored``): whole, or int8 or binary codes
+# whose candidates are rescored with the whole vectors kept on disk.
+VECTOR_STORAGE = ("float32", "int8", "binary")
 ENGINES = ("local", "ray")
 # A document's text is refused above this size: beyond the model's few hundred
 # tokens only the stored text grows, and a 50 MB "document" is usually a mistake.
@@ -44,6 +47,7 @@ class IndexSettings:
     backend: str = "torch"
     index_type: str = "flat"
     memory: str | None = None
+    vectors: str = "float32"
     id_field: str | None = None
     text_fields: list[str] = field(default_factory=list)
     source: str | None = None

@@ -172,7 +172,7 @@ class Transaction:
         """A writer for a new segment whose keys follow every key in use; ``cache``: see ``SegmentWriter``. With
         ``settings``, its structure is built while it is written where the index type allows (``streamed_structure``)."""
         plan = None
-        if settings is not None:
+        if settings is not None and settings.vectors == "float32":  # codes are trained on a sample of every vector
             index_type, memory = settings.index_type, parse_memory(settings.memory)
             plan = functools.partial(streamed_structure, index_type, dimension=dimension, memory=memory)
         writer = SegmentWriter(self.path, self.allocate(), self.next_key, dimension, embedding, cache, plan, self.warnings)

@@ -9,6 +9,7 @@ string (``SegmentMeta.vector_index``), and ``load`` reads it with the same
 library. A new ANN library is one module here and one line in ``LIBRARIES``.
 
 - ``faiss_index``: ``FaissIndex``, the structure chooser and the IVF assembled from parts (on disk for a Ray build over its memory budget);
+- ``rescored``: int8 or binary codes searched first, rescored with the whole vectors kept on disk (``--vectors``);
 - ``spool``: vectors spooled to disk while a build streams;
 - ``streamed``: the structure built in a thread while they stream;
 - ``tuning``: recall against exact search, for tuning search knobs.
@@ -34,6 +35,7 @@ from .faiss_index import (
     sample_from_shards,
     streamed_structure,
 )
+from .rescored import STORAGE, RescoredIndex, quantised_structure, whole_files
 from .spool import VectorSpool
 from .streamed import StreamedBuild
 from .tuning import TUNING_QUERIES, TUNING_RECALL, exact_neighbours, midpoint_queries, recall_at_k
@@ -82,7 +84,7 @@ class VectorIndex(Protocol):
 
 
 # Library name -> its VectorIndex class. The first is the default: structure strings without a registered prefix.
-LIBRARIES: dict[str, type] = {"faiss": FaissIndex}
+LIBRARIES: dict[str, type] = {"faiss": FaissIndex, "rescore": RescoredIndex}
 
 
 def library(structure: str) -> tuple[type, str]:
@@ -137,7 +139,8 @@ def parse_memory(text: str | None) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
-__all__ = ["LIBRARIES", "ONDISK_SUFFIX", "TUNING_QUERIES", "TUNING_RECALL", "FaissIndex", "VectorIndex", "VectorSpool",
+__all__ = ["LIBRARIES", "ONDISK_SUFFIX", "STORAGE", "TUNING_QUERIES", "TUNING_RECALL", "FaissIndex", "RescoredIndex",
+           "VectorIndex", "VectorSpool",
            "StreamedBuild", "build_from_shards", "build_from_spool", "choose_structure", "create", "exact_neighbours",
-           "ivf_bytes", "library", "load", "midpoint_queries", "parse_memory", "recall_at_k", "sample_from_shards",
-           "streamed_structure"]
+           "ivf_bytes", "library", "load", "midpoint_queries", "parse_memory", "quantised_structure", "recall_at_k",
+           "sample_from_shards", "streamed_structure", "whole_files"]

@@ -315,36 +315,50 @@ class FaissIndex:
         from a brute-force pass over ``vector_chunks()``, which yields
         (vectors, keys) chunks. Stores the choice as the default search params.
         """
-        inner = self.inner
-        if isinstance(inner, faiss.IndexHNSW):
-            name, values = "efSearch", [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
-        elif isinstance(inner, faiss.IndexIVF):
-            # At most a quarter of the lists: past that the structure costs what exact search does (vectors without
-            # cluster structure), and the tuning as much as the build (see benchmarks/ingest.py's random vectors).
-            name, values = "nprobe", sorted({min(2**i, max(inner.nlist // IVF_PROBED_SHARE, 1)) for i in range(0, 20)})
-        else:
+        if self.knob() is None:
             return {}
         queries = midpoint_queries(sample, TUNING_QUERIES)
         k = min(k, len(self))
-        truth = exact_neighbours(queries, vector_chunks(), k)
-        tried: list[tuple[int, float]] = []
-        for value in values:
-            _, found = self.search(queries, k, **{name: value})
-            tried.append((value, recall_at_k(found, truth)))
-            if tried[-1][1] >= TUNING_RECALL:
-                break
-            # Quantised vectors (PQ) cap recall below the target: stop where more search stops helping.
-            if len(tried) >= 3 and tried[-1][1] - tried[-3][1] < 0.002:
-                break
-        best = max(recall for _, recall in tried)
-        value, recall = next((v, r) for v, r in tried if r >= min(TUNING_RECALL, best - 0.002))
-        self.search_params = {name: value}
-        # Every value tried and still short: the bound stopped it (structureless vectors), not a cap of quantised ones.
-        bounded = len(tried) == len(values) and best < TUNING_RECALL and value == values[-1]
-        return {name: value, "tuned_recall": round(recall, 4), "at_bound": float(bounded)}
+        return self.tune_to(queries, exact_neighbours(queries, vector_chunks(), k))
+
+    def knob(self) -> tuple[str, list[int]] | None:
+        """The search knob of this structure and the values tuning tries, cheapest first; None for exact search."""
+        inner = self.inner
+        if isinstance(inner, faiss.IndexHNSW):
+            return "efSearch", [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
+        if isinstance(inner, faiss.IndexIVF):
+            # At most a quarter of the lists: past that the structure costs what exact search does (vectors without
+            # cluster structure), and the tuning as much as the build (see benchmarks/ingest.py's random vectors).
+            return "nprobe", sorted({min(2**i, max(inner.nlist // IVF_PROBED_SHARE, 1)) for i in range(0, 20)})
+        return None
+
+    def tune_to(self, queries: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        """``tune`` against these queries and their exact top-k keys (``truth``)."""
+        name, values = self.knob()
+        result = tune_knob(lambda value: recall_at_k(self.search(queries, truth.shape[1], **{name: value})[1], truth), values)
+        self.search_params = {name: int(result.pop("value"))}
+        return {name: self.search_params[name], **result}
 
     def save(self, path: str | Path) -> None:
         faiss.write_index(self.index, str(path))
+
+
+def tune_knob(recall_at, values: list[int]) -> dict[str, float]:
+    """The cheapest of ``values`` whose ``recall_at(value)`` reaches TUNING_RECALL, tried in order: ``value``,
+    ``tuned_recall``, and ``at_bound`` (1.0 where the last value was tried and still fell short)."""
+    tried: list[tuple[int, float]] = []
+    for value in values:
+        tried.append((value, recall_at(value)))
+        if tried[-1][1] >= TUNING_RECALL:
+            break
+        # Quantised vectors (PQ) cap recall below the target: stop where more search stops helping.
+        if len(tried) >= 3 and tried[-1][1] - tried[-3][1] < 0.002:
+            break
+    best = max(recall for _, recall in tried)
+    value, recall = next((v, r) for v, r in tried if r >= min(TUNING_RECALL, best - 0.002))
+    # Every value tried and still short: the bound stopped it (structureless vectors), not a cap of quantised ones.
+    bounded = len(tried) == len(values) and best < TUNING_RECALL and value == values[-1]
+    return {"value": value, "tuned_recall": round(recall, 4), "at_bound": float(bounded)}
 
 
 @contextlib.contextmanager
