@@ -9,6 +9,7 @@ from test_vectors import clustered_vectors, spooled
 
 from indexer import Index, IndexSettings, build_index, check_index, compact_index, delete_documents, upsert_documents
 from indexer.vectors import build_from_spool, exact_neighbours, load, quantised_structure, recall_at_k, whole_files
+from indexer.vectors.rescored import DiskVectors
 
 
 @pytest.mark.parametrize("storage, structure", [("int8", "Flat"), ("int8", "IVF128,Flat"), ("int8", "HNSW32"),
@@ -28,7 +29,7 @@ def test_codes_rescored_reach_the_recall_of_exact_search_in_less_memory(tmp_path
     # Ids and HNSW's links (256 bytes a vector, as many as 64 float32s) are not quantised.
     assert held < {"int8": 0.7 if structure == "HNSW32" else 0.35, "binary": 0.1}[storage]
     loaded = load(tmp_path / "vectors.faiss", spec, vectors.search_params)
-    assert isinstance(loaded._whole()[0], np.memmap)
+    assert isinstance(loaded._whole()[0], DiskVectors)  # read from disk at each search, not held
     queries = clustered_vectors(300, dimension, seed=12)  # held out: not the tuning queries
     truth = exact_neighbours(queries, spool.chunks(), 10)
     scores, found = loaded.search(queries, 10)

@@ -6,8 +6,10 @@ binary`` keeps one bit a dimension (the sign; FAISS ``IndexBinaryFlat``,
 searched by Hamming distance), a 32nd. Either finds
 ``k x oversample`` candidates, whose exact inner products are then computed
 from the float32 vectors, kept beside the structure in key order
-(``vectors-full.npy``, their keys in ``vectors-keys.npy``) and memory-mapped: a
-search reads only its candidates' rows, so they stay on disk, not in RAM.
+(``vectors-full.npy``, their keys in ``vectors-keys.npy``) and read a run of
+rows at a time (``DiskVectors``): a search reads only its candidates' rows,
+so they stay on disk, not in RAM. (Not a memory map: each fault there maps the
+64 KB around the row, and 50 questions over 100k vectors took 100 MB of RSS.)
 ``oversample`` is tuned like ``efSearch`` (after the structure's own knob) to
 reach TUNING_RECALL of exact float32 search, and recorded with the others.
 
@@ -17,6 +19,7 @@ The structure string is ``rescore:<spec>``, ``spec`` a FAISS factory string
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -67,7 +70,7 @@ class BinaryCodes:
     def create(cls, dimension: int, spec: str) -> BinaryCodes:
         if dimension % 8:
             raise ArgumentError(f"--vectors binary needs a dimension divisible by 8, not {dimension}")
-        return cls(faiss.IndexBinaryIDMap2(faiss.index_binary_factory(dimension, spec)))
+        return cls(faiss.IndexBinaryIDMap(faiss.index_binary_factory(dimension, spec)))  # no reverse map: 50 bytes a key
 
     @staticmethod
     def codes(vectors: np.ndarray) -> np.ndarray:
@@ -144,7 +147,7 @@ class RescoredIndex:
         params = {k: v for k, v in (search_params or {}).items() if k != "oversample"}
         try:
             coarse = BinaryCodes.load(path, params) if binary else FaissIndex.load(path, params, mmap)
-            full, keys = (np.load(whole_files(path)[n], mmap_mode="r") for n in (0, 1))
+            full, keys = DiskVectors(whole_files(path)[0]), np.load(whole_files(path)[1], mmap_mode="r")
         except (RuntimeError, OSError, ValueError) as exc:
             raise IndexCorruptError(f"{path}: unreadable quantised vectors ({str(exc).splitlines()[0]})") from None
         if full.shape != (len(keys), coarse.dimension) or len(keys) != len(coarse):
@@ -182,7 +185,8 @@ class RescoredIndex:
         return False
 
     def all_vectors(self) -> np.ndarray:
-        return np.asarray(self._whole()[0])
+        full, keys = self._whole()
+        return take(full, np.arange(len(keys)))
 
     def keys(self) -> np.ndarray:
         return np.asarray(self._whole()[1])
@@ -195,13 +199,13 @@ class RescoredIndex:
         rows = np.minimum(np.searchsorted(full_keys, keys), max(len(full_keys) - 1, 0))
         if not len(full_keys) or (full_keys[rows] != keys).any():
             raise KeyError("a key these vectors do not hold")
-        return np.asarray(full[rows])
+        return take(full, rows)
 
-    def _whole(self) -> tuple[np.ndarray, np.ndarray]:
+    def _whole(self) -> tuple[np.ndarray | DiskVectors, np.ndarray]:
         """The whole vectors in key order and their keys; vectors added since are sorted in first, a chunk at a
         time (memory: all of them, once, and a chunk)."""
         if self._added:
-            self._added.insert(0, (self._full, self._full_keys))
+            self._added.insert(0, (take(self._full, np.arange(len(self._full_keys))), self._full_keys))
             keys = np.concatenate([k for _, k in self._added])
             order = np.argsort(keys, kind="stable")
             place = np.empty_like(order)
@@ -226,11 +230,9 @@ class RescoredIndex:
         full, full_keys = self._whole()
         found = candidates >= 0
         rows = np.searchsorted(full_keys, np.where(found, candidates, full_keys[0] if len(full_keys) else 0))
-        unique, inverse = np.unique(rows[found], return_inverse=True)  # each row read once, in file order
-        vectors = np.asarray(full[unique]) if len(unique) else np.empty((0, self.dimension), dtype=np.float32)
         scores = np.full(candidates.shape, MISSING, dtype=np.float32)
         owners = np.nonzero(found)[0]
-        scores[found] = np.einsum("nd,nd->n", vectors[inverse], queries[owners])
+        scores[found] = np.einsum("nd,nd->n", take(full, rows[found]), queries[owners])
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(candidates, order, axis=1)
 
@@ -254,8 +256,44 @@ class RescoredIndex:
         self.coarse.save(path)
         full, keys = self._whole()
         vectors_path, keys_path = whole_files(path)
-        np.save(vectors_path, full)
+        np.save(vectors_path, take(full, np.arange(len(keys))))
         np.save(keys_path, keys)
+
+
+class DiskVectors:
+    """The rows of a float32 ``.npy`` file, read by ``take`` a run of consecutive rows at a time (``os.pread``: no
+    file position, so threads share it), never held."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")  # noqa: SIM115 - open as long as the vectors are (closed when collected)
+        version = np.lib.format.read_magic(self._file)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = header(self._file)
+        if len(shape) != 2 or fortran or dtype != np.float32:
+            raise ValueError(f"{path.name} holds {dtype} of shape {shape}, not rows of float32")
+        self.shape, self._offset = shape, self._file.tell()
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of sorted, distinct ``rows``."""
+        width = self.shape[1] * 4
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        if not len(rows):
+            return out
+        starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)  # where each run of consecutive rows begins
+        for first, last in zip(starts.tolist(), [*starts[1:].tolist(), len(rows)]):
+            data = os.pread(self._file.fileno(), (last - first) * width, self._offset + int(rows[first]) * width)
+            if len(data) != (last - first) * width:
+                raise IndexCorruptError(f"{self._file.name}: shorter than its {self.shape[0]} vectors")
+            out[first:last] = np.frombuffer(data, dtype=np.float32).reshape(last - first, -1)
+        return out
+
+
+def take(full: np.ndarray | DiskVectors, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` of whole vectors in memory or on disk (read there in file order, each once)."""
+    if isinstance(full, np.ndarray):
+        return full[rows]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return full.take(unique)[inverse]
 
 
 def whole_files(path: Path) -> tuple[Path, Path]:
