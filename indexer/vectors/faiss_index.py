@@ -315,11 +315,15 @@ class FaissIndex:
         from a brute-force pass over ``vector_chunks()``, which yields
         (vectors, keys) chunks. Stores the choice as the default search params.
         """
-        if self.knob() is None:
+        if (knob := self.knob()) is None:
             return {}
+        name, values = knob
         queries = midpoint_queries(sample, TUNING_QUERIES)
         k = min(k, len(self))
-        return self.tune_to(queries, exact_neighbours(queries, vector_chunks(), k))
+        truth = exact_neighbours(queries, vector_chunks(), k)
+        result = tune_knob(lambda value: recall_at_k(self.search(queries, k, **{name: value})[1], truth), values)
+        self.search_params = {name: int(result.pop("value"))}
+        return {name: self.search_params[name], **result}
 
     def knob(self) -> tuple[str, list[int]] | None:
         """The search knob of this structure and the values tuning tries, cheapest first; None for exact search."""
@@ -331,13 +335,6 @@ class FaissIndex:
             # cluster structure), and the tuning as much as the build (see benchmarks/ingest.py's random vectors).
             return "nprobe", sorted({min(2**i, max(inner.nlist // IVF_PROBED_SHARE, 1)) for i in range(0, 20)})
         return None
-
-    def tune_to(self, queries: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-        """``tune`` against these queries and their exact top-k keys (``truth``)."""
-        name, values = self.knob()
-        result = tune_knob(lambda value: recall_at_k(self.search(queries, truth.shape[1], **{name: value})[1], truth), values)
-        self.search_params = {name: int(result.pop("value"))}
-        return {name: self.search_params[name], **result}
 
     def save(self, path: str | Path) -> None:
         faiss.write_index(self.index, str(path))

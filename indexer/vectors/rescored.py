@@ -33,6 +33,7 @@ from .tuning import TUNING_QUERIES, exact_neighbours, midpoint_queries, recall_a
 
 NAME = "rescore"
 OVERSAMPLING = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+KNOB_OVERSAMPLE = 4  # candidates a hit while the structure's own knob is tuned
 FULL_SUFFIX, KEYS_SUFFIX = "-full.npy", "-keys.npy"
 MISSING = -np.finfo(np.float32).max  # the score FAISS gives a missing hit (key -1)
 
@@ -237,16 +238,25 @@ class RescoredIndex:
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(candidates, order, axis=1)
 
     def tune(self, sample: np.ndarray, vector_chunks, k: int = 10) -> dict[str, float]:
-        """The structure's own knob against exact search, then the least ``oversample`` whose rescored recall@k
-        reaches TUNING_RECALL (see ``faiss_index.tune_knob``)."""
+        """The structure's own knob (nprobe, efSearch), the cheapest whose rescored recall@k reaches TUNING_RECALL
+        with ``KNOB_OVERSAMPLE`` candidates a hit; then the least ``oversample`` that does at that knob (see
+        ``faiss_index.tune_knob``). The knob is judged after rescoring, not on the codes' own ranking: rescoring
+        repairs the order the codes get wrong (1M near-duplicates: nprobe 256 on the codes alone, 64 rescored)."""
         queries = midpoint_queries(sample, TUNING_QUERIES)
         k = min(k, len(self))
         if not k:
             return {}
         truth = exact_neighbours(queries, vector_chunks(), k)
-        tuned = self.coarse.tune_to(queries, truth) if self.coarse.knob() is not None else {}
-        coarse = {name: value for name, value in tuned.items() if name not in ("tuned_recall", "at_bound")}
-        result = tune_knob(lambda value: recall_at_k(self.search(queries, k, oversample=value)[1], truth), OVERSAMPLING)
+
+        def recall(**knobs: int) -> float:
+            return recall_at_k(self.search(queries, k, **knobs)[1], truth)
+
+        coarse: dict[str, int] = {}
+        if (knob := self.coarse.knob()) is not None:
+            name, values = knob
+            coarse = {name: int(tune_knob(lambda value: recall(oversample=KNOB_OVERSAMPLE, **{name: value}), values)["value"])}
+            self.coarse.search_params = dict(coarse)
+        result = tune_knob(lambda value: recall(oversample=value, **coarse), OVERSAMPLING)
         self.search_params = {**coarse, "oversample": int(result.pop("value"))}
         return {**self.search_params, **result}
 
