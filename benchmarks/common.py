@@ -130,13 +130,14 @@ def call(base: str, path: str, payload: dict | None = None, method: str = "POST"
 
 
 @contextmanager
-def serve(index: Path, key: str, start_timeout: float = 300) -> Iterator[str]:
-    """Run ``indexer serve INDEX`` on a free loopback port with API ``key``; yield its base URL once /health answers."""
+def serve(index: Path, key: str, start_timeout: float = 300, *options: str) -> Iterator[str]:
+    """Run ``indexer serve INDEX [options]`` on a free loopback port with API ``key``; yield its base URL once /health
+    answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "indexer", "serve", str(index), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "indexer", "serve", str(index), "--port", str(port), *options],
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "INDEXER_API_KEY": key},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

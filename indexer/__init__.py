@@ -21,6 +21,7 @@ from .errors import (
     IndexLockedError,
     IndexNotFoundError,
     ModelError,
+    ShardUnavailableError,
     SourceError,
 )
 from .settings import DEFAULT_MODEL, IndexSettings, WriteOptions
@@ -88,6 +89,7 @@ __all__ = [
     "IndexerError",
     "ModelError",
     "RayOptions",
+    "ShardUnavailableError",
     "SourceError",
     "WriteOptions",
     "build_index",

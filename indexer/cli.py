@@ -12,6 +12,7 @@ import contextlib
 import enum
 import functools
 import gc
+import importlib.util
 import json
 import re
 import sys
@@ -556,13 +557,23 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     rebuild_every: Annotated[str | None, typer.Option(help="Rebuild from the recorded source every 30m, 6h, ...")] = None,
+    engine: Annotated[Engine, typer.Option(
+        help="Where the vectors are searched: local (each worker holds them all) or ray (--shards deployments on Ray "
+             "Serve; the ray extra).")] = "local",
+    shards: Annotated[int, typer.Option(min=1, help="With --engine ray: shards, each holding a share of the segments.")] = 1,
+    replicas: Annotated[int, typer.Option(min=1, help="With --engine ray: replicas of each shard.")] = 1,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Serve an index over HTTP (FastAPI; needs the server extra). API key from INDEXER_API_KEY."""
     try:
         from .server import serve as run_server
     except ImportError:
         raise ArgumentError("the server needs FastAPI and uvicorn: pip install 'indexer[server]'") from None
-    run_server(index, host, port, workers, rebuild_every)
+    sharded = _value(engine) == "ray"
+    if sharded and importlib.util.find_spec("ray") is None:
+        raise ArgumentError("--engine ray needs Ray Serve: pip install 'indexer[ray]'")
+    run_server(index, host, port, workers, rebuild_every, shards=shards if sharded else None, replicas=replicas,
+               ray_address=ray_address)
 
 
 @app.command(cls=Command)

@@ -65,6 +65,13 @@ class DocumentNotFoundError(ArgumentError):
     http_status = 404
 
 
+class ShardUnavailableError(IndexerError):
+    """A shard of a sharded service did not answer (its replicas are starting or gone); asking again may succeed."""
+
+    exit_code = 9
+    http_status = 503
+
+
 class DiskFullError(IndexerError):
     """The disk (or quota) ran out while writing; nothing was published."""
 

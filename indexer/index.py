@@ -21,6 +21,7 @@ from .snapshot import Snapshot
 if TYPE_CHECKING:
     from .encoder import Encoder
     from .external import ExternalEncoder
+    from .sharded import ShardPool
 
 # When an opened index proves its files (stores and vectors) against their checksums: before the first search, or
 # in a thread while searches are served (the server: it starts at once; /health says when the check is done).
@@ -78,14 +79,15 @@ class Index:
     """
 
     def __init__(self, path: str | Path, model: str | None = None, device: str | None = None, *,
-                 encoder: Encoder | ExternalEncoder | None = None, verify: str = "open"):
+                 encoder: Encoder | ExternalEncoder | None = None, verify: str = "open", shards: ShardPool | None = None):
         if verify not in VERIFY_MODES:
             raise ArgumentError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         self.path = layout.index_path(path)
         self.device = device
         self._fault: tuple[str, str] | None = None  # (version, what is wrong with it), found by a background check
         self._checking: threading.Thread | None = None
-        self._served = Snapshot.open(self.path)
+        self._shards = shards  # with a pool, the vectors are searched there (see indexer.sharded)
+        self._served = self._open()
         try:
             self._check_files(self._served, background=verify == "background")
         except BaseException:
@@ -167,7 +169,7 @@ class Index:
                 return False
             # Segments this version shares with the one served are reused, so a small write loads only its small segment.
             loaded = {segment.meta.uid: segment for segment in self._served.segments}
-            served = Snapshot.open(self.path, loaded=loaded)
+            served = self._open(loaded)
             # A new version is served only once its files are proven (shared segments were, and are not read again).
             self._check_files(served, background=False)
             encoder = load_query_encoder(served.manifest.settings, served.manifest.model_fingerprint, served.stored_sample,
@@ -176,6 +178,17 @@ class Index:
             # The old version's own segments are left to the garbage collector: searches may still be reading them.
             self._served, self._encoder = served, encoder
             return True
+
+    def _open(self, loaded: dict[str, Any] | None = None) -> Snapshot:
+        """The current version; with shards, opened without vectors here and by every shard before it is served."""
+        if self._shards is None:
+            return Snapshot.open(self.path, loaded=loaded)
+        opened = Snapshot.open(self.path, loaded=loaded, vectors=False)
+        try:
+            return self._shards.open(opened)
+        except BaseException:
+            opened.close(keep=loaded)
+            raise
 
     def get_document(self, doc_id: str) -> dict[str, Any] | None:
         """``{"id", "text", "metadata", "fields"}`` of one document by its own id, or None.
@@ -256,10 +269,9 @@ class Index:
         if is_external(encoder.model_name):  # ours would need its weights hashed: a query process never pays for that
             check_encoder(encoder, served.manifest.model_fingerprint, self.path)
         for segment in served.segments:
-            if encoder.dimension != segment.vectors.dimension:
-                raise IndexCorruptError(
-                    f"{self.path}: model gives {encoder.dimension}-d vectors but segment {segment.name} holds {segment.vectors.dimension}-d"
-                )
+            held = segment.vectors.dimension if segment.vectors is not None else segment.meta.dimension  # sharded: in the shards
+            if encoder.dimension != held:
+                raise IndexCorruptError(f"{self.path}: model gives {encoder.dimension}-d vectors but segment {segment.name} holds {held}-d")
 
     # Reconstructing from an IVF structure builds its id map on first use; two threads must not build it at once.
     _reconstruct_lock = threading.Lock()
@@ -268,7 +280,8 @@ class Index:
         """(the ids found, their unit vectors as rows in that order) for the documents with these ids; ids not in the index are left out.
 
         A structure that keeps vectors whole (``VectorIndex.keeps_vectors``) gives them back as stored; a quantised one
-        (PQ, SQ codes, lists on disk) keeps no exact vectors, so those documents' texts are embedded again.
+        (PQ, SQ codes, lists on disk) keeps no exact vectors, nor does a sharded index's ingress, so those documents'
+        texts are embedded again.
         """
         served, encoder = self._served, self._encoder
         self._refuse_damaged(served)
@@ -280,7 +293,7 @@ class Index:
             mine = np.flatnonzero(segment.holds(keys))
             if not len(mine):
                 continue
-            if segment.vectors.keeps_vectors:
+            if segment.vectors is not None and segment.vectors.keeps_vectors:
                 with self._reconstruct_lock:
                     vectors[mine] = segment.vectors.reconstruct(keys[mine])
             else:

@@ -97,13 +97,14 @@ class StrictJSONRoute(APIRoute):
 class Service:
     """What the routes share: the index served from ``path`` (resolved), the API key, the metrics and the last fault."""
 
-    def __init__(self, path: Path, api_key: str | None, public: bool, max_response_bytes: int, metrics: Any):
+    def __init__(self, path: Path, api_key: str | None, public: bool, max_response_bytes: int, metrics: Any, shards: Any = None):
         self.path = path  # every write gets this absolute Path, never the text the user typed
         self.api_key = api_key
         self.public = public
         self.max_response_bytes = max_response_bytes
         self.metrics = metrics
-        self.searcher = Index(path, verify="background")  # answers at once; /health says when the files are proven
+        # Answers at once; /health says when the files are proven. With ``shards`` (a ShardPool) the vectors are there.
+        self.searcher = Index(path, verify="background", shards=shards)
         self.fault: str | None = None
         self.page = PAGE.read_text(encoding="utf-8").replace("__MODES__", json.dumps(list(MODES)))
 

@@ -35,6 +35,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -46,6 +47,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import layout
 from .build import rebuild_index
 from .errors import ArgumentError, IndexerError
+
+if TYPE_CHECKING:
+    from .sharded import ShardPool
 from .routes import (
     MAX_DOCUMENTS,
     MAX_K,
@@ -207,14 +211,15 @@ async def too_deep(request: Request, exc: RecursionError) -> Response:
 
 
 def create_app(index: str | Path, api_key: str | None = None, public: bool = False,
-               max_response_bytes: int = MAX_RESPONSE_BYTES) -> FastAPI:
-    """The FastAPI application serving ``index``; ``public`` means bound beyond loopback."""
+               max_response_bytes: int = MAX_RESPONSE_BYTES, shards: ShardPool | None = None) -> FastAPI:
+    """The FastAPI application serving ``index``; ``public`` means bound beyond loopback; ``shards``: the pool whose
+    shards hold the vectors (``indexer.sharded``)."""
     if public and not api_key:
         raise ArgumentError("refusing to listen beyond loopback without an API key (set INDEXER_API_KEY)")
     # Resolved once: every write gets this absolute Path, never the text the user typed.
     path = layout.index_path(index).resolve()
     app = FastAPIOffline(title="indexer", description="Semantic search over one index.", version="1")
-    app.state.service = Service(path, api_key, public, max_response_bytes, Metrics())
+    app.state.service = Service(path, api_key, public, max_response_bytes, Metrics(), shards)
     app.router.route_class = StrictJSONRoute
     app.include_router(router)
     app.add_middleware(BodyLimit)
@@ -249,9 +254,11 @@ def rebuild_periodically(index: str | Path, every: float, stop: threading.Event)
 
 
 def serve(
-    index: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, rebuild_every: str | None = None
+    index: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, rebuild_every: str | None = None,
+    *, shards: int | None = None, replicas: int = 1, ray_address: str | None = None,
 ) -> None:
-    """Run the service with uvicorn until interrupted (graceful shutdown on SIGTERM/SIGINT)."""
+    """Run the service with uvicorn until interrupted (graceful shutdown on SIGTERM/SIGINT); with ``shards``, the
+    vectors in that many shard deployments on Ray Serve of ``replicas`` each (``indexer.sharded``)."""
     import uvicorn
 
     check_address(host, port)
@@ -262,7 +269,19 @@ def serve(
     if rebuild_every:
         stop = threading.Event()
         threading.Thread(target=rebuild_periodically, args=(index, parse_duration(rebuild_every), stop), daemon=True).start()
-    if workers > 1:
+    if shards is not None:
+        if workers > 1:
+            raise ArgumentError("--workers serves the whole index from each process; with --engine ray use --replicas")
+        if public and not api_key:
+            raise ArgumentError("refusing to listen beyond loopback without an API key (set INDEXER_API_KEY)")
+        from .sharded import ShardPool
+
+        pool = ShardPool(index, shards=shards, replicas=replicas, address=ray_address)
+        try:
+            uvicorn.run(create_app(index, api_key, public, shards=pool), host=host, port=port, access_log=False)
+        finally:
+            pool.close()
+    elif workers > 1:
         os.environ["INDEXER_SERVE_INDEX"] = str(index)
         os.environ["INDEXER_SERVE_PUBLIC"] = "1" if public else ""
         if public and not api_key:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +64,13 @@ class Snapshot:
 
     @classmethod
     def open(cls, path: Path, version: str | None = None, *, vectors: bool = True,
-             loaded: dict[str, Segment] | None = None) -> Snapshot:
+             loaded: dict[str, Segment] | None = None, only: Collection[str] | None = None) -> Snapshot:
         """Open ``version`` (default the current one) of the index at ``path``.
 
         ``loaded`` holds segments already open, by uid, to reuse instead of
-        reading them again (``Index.refresh`` opens only the new segments). A
+        reading them again (``Index.refresh`` opens only the new segments);
+        ``only`` names the segments to open (a shard's), with the version's
+        whole deletion set. A
         writer may publish, and prune the version just read from ``CURRENT``,
         between reading the pointer and opening the folder; then read it again.
         """
@@ -76,20 +78,23 @@ class Snapshot:
             pointer = layout.read_pointer(path)
             try:
                 name = version or layout.current_version(path)
-                return cls._open(path, layout.read_manifest(layout.version_dir(path, name)), vectors, loaded or {})
+                return cls._open(path, layout.read_manifest(layout.version_dir(path, name)), vectors, loaded or {}, only)
             except IndexCorruptError:
                 if version or attempt == OPEN_ATTEMPTS - 1 or layout.read_pointer(path) == pointer:
                     raise
         raise AssertionError("unreachable")
 
     @classmethod
-    def _open(cls, path: Path, manifest: layout.Manifest, vectors: bool, loaded: dict[str, Segment]) -> Snapshot:
+    def _open(cls, path: Path, manifest: layout.Manifest, vectors: bool, loaded: dict[str, Segment],
+              only: Collection[str] | None = None) -> Snapshot:
         if manifest.legacy:
             return cls(path, manifest, [Segment.open(layout.version_dir(path, manifest.version), vectors=vectors, legacy=manifest)],
                        np.empty(0, dtype=np.int64))
         segments: list[Segment] = []
         try:
             for folder in layout.segment_folders(path, manifest):
+                if only is not None and folder.name not in only:
+                    continue
                 meta = layout.read_segment_meta(folder)
                 known = loaded.get(meta.uid)
                 segments.append(known if known is not None and (known.vectors is not None or not vectors)
@@ -207,11 +212,7 @@ class Snapshot:
             keys_parts.append(keys)
         if not keys_parts:
             return [([], []) for _ in range(len(embedded))]
-        scores, keys = np.hstack(scores_parts), np.hstack(keys_parts)
-        scores = np.where(keys >= 0, scores, -np.inf)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        scores, keys = np.take_along_axis(scores, order, axis=1), np.take_along_axis(keys, order, axis=1)
-        return [(row_keys[row_keys >= 0].tolist(), row_scores[row_keys >= 0].tolist()) for row_scores, row_keys in zip(scores, keys)]
+        return merge_hits(np.hstack(scores_parts), np.hstack(keys_parts), k)
 
     def _pooled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(vectors, keys, live) of the small Flat segments, stacked; None unless there are at least two."""
@@ -277,6 +278,15 @@ class Snapshot:
         for segment in self.segments:
             if not keep or segment.meta.uid not in keep:
                 segment.close()
+
+
+def merge_hits(scores: np.ndarray, keys: np.ndarray, k: int) -> list[tuple[list[int], list[float]]]:
+    """(keys, scores) of the best ``k`` of each row of hits (key -1: none), ties by key: however the hits were split
+    (segments, shards), the same answer."""
+    scores = np.where(keys >= 0, scores, -np.inf)
+    order = np.lexsort((keys, -scores), axis=1)[:, :k]
+    scores, keys = np.take_along_axis(scores, order, axis=1), np.take_along_axis(keys, order, axis=1)
+    return [(row_keys[row_keys >= 0].tolist(), row_scores[row_keys >= 0].tolist()) for row_scores, row_keys in zip(scores, keys)]
 
 
 def check_cosines(path: Path, segment: str, scores: np.ndarray, keys: np.ndarray) -> None:
