@@ -1,7 +1,8 @@
 """Sharded serving: `indexer serve` against `serve --engine ray --shards 1` and `--shards 2` on the same index.
 
 Builds the first --documents Debian descriptions with the default model
-(once, in a temporary folder), then for each way of serving: starts the
+(once, in a temporary folder, as two segments: a build of the first half,
+an upsert of the rest), then for each way of serving: starts the
 server, runs --clients threads that POST /search (dense, k=10, Debian
 synopses) for --seconds, and reports searches/s, p50/p99 latency, the
 resident memory of the server process and of each shard replica (Ray Serve's
@@ -87,10 +88,14 @@ def main() -> None:
     questions = [q for q, _ in debian_queries({r["_id"] for r in corpus}, 500)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        source = write_jsonl(Path(tmp) / "corpus.jsonl", [{"id": r["_id"], "text": r["text"]} for r in corpus])
+        records = [{"id": r["_id"], "text": r["text"]} for r in corpus]
+        half = len(records) // 2
         index = Path(tmp) / "idx"
-        subprocess.run([sys.executable, "-m", "indexer", "build", str(source), "--index", str(index)], check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+        # Two segments of half the documents each (a build, then an upsert), so that two shards hold one each.
+        first, rest = write_jsonl(Path(tmp) / "first.jsonl", records[:half]), write_jsonl(Path(tmp) / "rest.jsonl", records[half:])
+        for command in (["build", str(first), "--index", str(index)], ["upsert", str(index), str(rest)]):
+            subprocess.run([sys.executable, "-m", "indexer", *command], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                           capture_output=True)
         for name, options in WAYS.items():
             with serve(index, KEY, 600, *options) as base:
                 port = base.rsplit(":", 1)[1]

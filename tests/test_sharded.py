@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import write_jsonl
+from helpers import one_line_error, run_cli, write_jsonl
 
 from indexer import Index, IndexSettings, build_index, delete_documents, upsert_documents
 from indexer.errors import ShardUnavailableError
@@ -136,3 +136,9 @@ def test_a_killed_replica_is_replaced_and_no_answer_is_wrong(index, pool):
             assert same(got, expected)
             answered += 1
         assert answered == 3 and pool.result(pool.call(1, "pid")) != pid
+
+
+def test_workers_do_not_combine_with_shards(index):
+    result = run_cli("serve", str(index), "--engine", "ray", "--shards", "2", "--workers", "2", check=False)
+    one_line_error(result, 2, "--workers", "--replicas")
+
