@@ -134,8 +134,7 @@ class ShardPool:
         self.path, self.shards, self.replicas = Path(path).resolve(), shards, replicas
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "")}})
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
         serve.start(proxy_location="Disabled")  # the ingress is our own server; Serve's HTTP proxy would take its port
         deployment = serve.deployment(ShardSnapshot, ray_actor_options={"num_cpus": 0})
         self.name = f"indexer-{abs(hash(str(self.path))):x}"
