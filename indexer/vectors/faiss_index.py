@@ -298,14 +298,7 @@ class FaissIndex:
             return None
         else:
             params = faiss.SearchParameters()
-        if allowed is not None:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-            params.sel, params._selector = selector, selector  # keep it alive as long as the parameters
-        elif excluded is not None:
-            batch = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
-            selector = faiss.IDSelectorNot(batch)
-            params.sel, params._selector = selector, (selector, batch)
-        return params
+        return selecting(params, allowed, excluded)
 
     def tune(self, sample: np.ndarray, vector_chunks, k: int = 10) -> dict[str, float]:
         """Pick the cheapest nprobe / efSearch whose recall@k against exact search reaches TUNING_RECALL.
@@ -338,6 +331,18 @@ class FaissIndex:
 
     def save(self, path: str | Path) -> None:
         faiss.write_index(self.index, str(path))
+
+
+def selecting(params, allowed: np.ndarray | None, excluded: np.ndarray | None):
+    """``params`` (FAISS search parameters) restricted to the keys ``allowed``, or to all but ``excluded``."""
+    if allowed is not None:
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        params.sel, params._selector = selector, selector  # keep it alive as long as the parameters
+    elif excluded is not None:
+        batch = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
+        selector = faiss.IDSelectorNot(batch)
+        params.sel, params._selector = selector, (selector, batch)
+    return params
 
 
 def tune_knob(recall_at, values: list[int]) -> dict[str, float]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ArgumentError, IndexCorruptError
 from ..settings import VECTOR_STORAGE as STORAGE
-from .faiss_index import FaissIndex, tune_knob
+from .faiss_index import FaissIndex, selecting, tune_knob
 from .tuning import TUNING_QUERIES, exact_neighbours, midpoint_queries, recall_at_k
 
 NAME = "rescore"
@@ -103,14 +103,7 @@ class BinaryCodes:
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, excluded: np.ndarray | None = None,
                **knobs: int | None) -> tuple[np.ndarray, np.ndarray]:
-        params = faiss.SearchParameters()
-        if allowed is not None:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-            params.sel, params._selector = selector, selector  # kept alive as long as the parameters
-        elif excluded is not None:
-            batch = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
-            selector = faiss.IDSelectorNot(batch)
-            params.sel, params._selector = selector, (selector, batch)
+        params = selecting(faiss.SearchParameters(), allowed, excluded)
         return self.index.search(self.codes(queries), k, params=params)
 
     def save(self, path: str | Path) -> None:
