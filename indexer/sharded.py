@@ -8,17 +8,20 @@ page, keys, limits and metrics: it embeds a question once, asks every shard
 for its top k (each excludes the version's deleted documents and keeps only
 the keys a filter allowed, so k hits come back while k live documents
 match) and merges them by score, ties by key, as one process merges its
-segments (``snapshot.merge_hits``). Keyword search, filters and documents
-need no vectors: the ingress reads them from the index's files (SQLite and
-FTS5 on the shared path) exactly as one process does, so BM25 uses the
-index-wide statistics and hybrid fuses the merged lists.
+segments (``snapshot.merge_hits``). Keyword search runs in the shards
+too, with the index-wide statistics: the live documents and tokens (the
+ingress knows them) and each term's document frequency (asked of the
+shards first), so a shard's BM25 scores are the whole index's; hybrid fuses
+the merged lists. Filters and documents the ingress reads from the index's
+files on the shared path (SQLite), as one process does; each shard gets the
+keys a filter allowed among its own.
 
 Every call to a shard names the version and the segments to search; a
 replica opens what it does not hold yet from the shared path and keeps the
 ``SHARD_VERSIONS`` latest versions, so a query is answered from one version
 on every shard, a replica that Ray Serve starts in place of a dead one
 serves at once, and the ingress switches to a new version only after every
-shard has opened it (``ShardPool.prepare``).
+shard has opened it (``ShardPool.open``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ArgumentError, IndexerError, ShardUnavailableError
-from .snapshot import Snapshot, merge_hits
+from .snapshot import Snapshot, bm25, frequencies, merge_hits, query_terms
 
 SHARD_VERSIONS = 2  # versions a replica keeps open: the one served and the one being switched to
 
@@ -88,34 +91,67 @@ class ShardSnapshot:
         """``Snapshot.dense`` over this shard's segments of ``version``."""
         return self._snapshot(version, names).dense(embedded, k, allowed, knobs)
 
+    def frequencies(self, version: str, names: list[str], terms: list[str]) -> dict[str, int]:
+        """Each term's document frequency among this shard's live documents of ``version``."""
+        return frequencies(self._snapshot(version, names).postings(terms))
+
+    def keyword(self, version: str, names: list[str], terms: list[str], frequency: dict[str, int], live: int, tokens: int,
+                k: int, allowed: np.ndarray | None) -> tuple[list[int], list[float]]:
+        """This shard's top-``k`` by BM25 with the whole version's statistics (``snapshot.bm25``)."""
+        return bm25(self._snapshot(version, names).postings(terms), frequency, live, tokens, k, allowed)
+
     def pid(self) -> int:
         return os.getpid()
 
 
 class ShardedSnapshot(Snapshot):
-    """A version opened without vectors by the ingress, whose dense search asks the shards of ``pool``."""
+    """A version opened without vectors by the ingress, whose dense and keyword searches ask the shards of ``pool``."""
 
     def __init__(self, opened: Snapshot, pool: ShardPool, placement: dict[str, int]):
         super().__init__(opened.path, opened.manifest, opened.segments, opened.deleted)
         self.pool, self.placement = pool, placement
 
-    def dense(self, embedded: np.ndarray, k: int, allowed: np.ndarray | None,
-              knobs: dict[str, int | None]) -> list[tuple[list[int], list[float]]]:
-        calls = []
+    def _asked(self, allowed: np.ndarray | None) -> list[tuple[int, list[str], np.ndarray | None]]:
+        """(shard, its segments, the allowed keys among theirs) of each shard with something to search."""
+        asked = []
         for shard in range(self.pool.shards):
             mine = [s for s in self.segments if self.placement.get(s.name) == shard]
             part = None
             if allowed is not None:
                 part = allowed[np.any([s.holds(allowed) for s in mine], axis=0)] if mine else allowed[:0]
             if mine and (part is None or len(part)):
-                calls.append(self.pool.call(shard, "dense", self.version, [s.name for s in mine], embedded, k, part, knobs))
-        answers = [self.pool.result(call) for call in calls]
+                asked.append((shard, [s.name for s in mine], part))
+        return asked
+
+    def _ask(self, asked, method: str, *before: Any, after=lambda part: ()) -> list[Any]:
+        """Every shard's answer to ``method(version, its segments, *before, *after(its allowed keys))``, asked at once."""
+        calls = [self.pool.call(shard, method, self.version, names, *before, *after(part)) for shard, names, part in asked]
+        return [self.pool.result(call) for call in calls]
+
+    def dense(self, embedded: np.ndarray, k: int, allowed: np.ndarray | None,
+              knobs: dict[str, int | None]) -> list[tuple[list[int], list[float]]]:
+        answers = self._ask(self._asked(allowed), "dense", embedded, k, after=lambda part: (part, knobs))
         rows = []
         for query in range(len(embedded)):
             keys = [key for answer in answers for key in answer[query][0]]
             scores = [score for answer in answers for score in answer[query][1]]
             rows.append(merge_hits(np.array([scores], dtype=np.float64), np.array([keys], dtype=np.int64), k)[0])
         return rows
+
+    def keyword(self, query: str, k: int, allowed: np.ndarray | None = None) -> tuple[list[int], list[float]]:
+        """BM25 in the shards, with the whole version's statistics: its live documents and tokens (known here), and each
+        term's document frequency (summed over the shards first)."""
+        terms = query_terms(query)
+        if not terms or not len(self):
+            return [], []
+        counted = self._ask(self._asked(None), "frequencies", terms)
+        frequency = {term: sum(counts.get(term, 0) for counts in counted) for term in terms}
+        answers = self._ask(self._asked(allowed), "keyword", terms, frequency, len(self), self.tokens, k,
+                            after=lambda part: (part,))
+        keys = np.array([key for found, _ in answers for key in found], dtype=np.int64)
+        scores = np.array([score for _, found in answers for score in found], dtype=np.float64)
+        order = np.lexsort((keys, -scores))[:k]
+        return keys[order].tolist(), scores[order].tolist()
 
     def stored_sample(self, count: int) -> None:
         return None  # the vectors are in the shards

@@ -230,10 +230,13 @@ class Snapshot:
     def keyword(self, query: str, k: int, allowed: np.ndarray | None = None) -> tuple[list[int], list[float]]:
         """Top-``k`` (keys, BM25 scores) for the words of ``query`` (any of them), best first; ``allowed`` restricts the documents."""
         terms = query_terms(query)
-        live = len(self)
-        if not terms or not live:
+        if not terms or not len(self):
             return [], []
-        average = self.tokens / live
+        found = self.postings(terms)
+        return bm25(found, frequencies(found), len(self), self.tokens, k, allowed)
+
+    def postings(self, terms: Sequence[str]) -> dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """Per term, per segment: the live documents' keys holding it, its count in each and their token lengths."""
         per_term: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {term: [] for term in terms}
         for segment, gone in zip(self.segments, self._deleted):
             for term, (keys, counts) in segment.store.postings(terms).items():
@@ -242,26 +245,7 @@ class Snapshot:
                     keys, counts = keys[keep], counts[keep]
                 lengths = segment.lengths[np.searchsorted(segment.keys, keys)]
                 per_term[term].append((keys, counts, lengths))
-        all_keys, all_scores = [], []
-        for parts in per_term.values():
-            frequency = sum(len(keys) for keys, _, _ in parts)
-            if not frequency:
-                continue
-            idf = math.log((live - frequency + 0.5) / (frequency + 0.5))
-            idf = idf if idf > 0 else 1e-6  # FTS5's floor: a term in most documents still counts a little
-            for keys, counts, lengths in parts:
-                if allowed is not None:
-                    keep = np.isin(keys, allowed)
-                    keys, counts, lengths = keys[keep], counts[keep], lengths[keep]
-                tf = counts.astype(np.float64)
-                all_keys.append(keys)
-                all_scores.append(idf * tf * (BM25_K1 + 1) / (tf + BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)))
-        if not all_keys:
-            return [], []
-        keys, inverse = np.unique(np.concatenate(all_keys), return_inverse=True)
-        scores = np.bincount(inverse, weights=np.concatenate(all_scores), minlength=len(keys))
-        order = np.lexsort((keys, -scores))[:k]
-        return keys[order].tolist(), scores[order].tolist()
+        return per_term
 
     def stored_sample(self, count: int) -> tuple[list[str], np.ndarray] | None:
         """Up to ``count`` stored texts and their vectors as a segment keeps them whole; None if no segment does."""
@@ -278,6 +262,38 @@ class Snapshot:
         for segment in self.segments:
             if not keep or segment.meta.uid not in keep:
                 segment.close()
+
+
+def frequencies(postings: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> dict[str, int]:
+    """Each term's document frequency in ``postings`` (``Snapshot.postings``)."""
+    return {term: sum(len(keys) for keys, _, _ in parts) for term, parts in postings.items()}
+
+
+def bm25(postings: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], frequency: dict[str, int], live: int,
+         tokens: int, k: int, allowed: np.ndarray | None) -> tuple[list[int], list[float]]:
+    """Top-``k`` (keys, BM25 scores) of the documents in ``postings``, among ``allowed`` if given, with the collection
+    statistics of ``live`` documents of ``tokens`` tokens in all, and each term's document ``frequency`` among them
+    (those of the whole version: a shard's postings score as the whole index's would)."""
+    average = tokens / live
+    all_keys, all_scores = [], []
+    for term, parts in postings.items():
+        if not frequency.get(term):
+            continue
+        idf = math.log((live - frequency[term] + 0.5) / (frequency[term] + 0.5))
+        idf = idf if idf > 0 else 1e-6  # FTS5's floor: a term in most documents still counts a little
+        for keys, counts, lengths in parts:
+            if allowed is not None:
+                keep = np.isin(keys, allowed)
+                keys, counts, lengths = keys[keep], counts[keep], lengths[keep]
+            tf = counts.astype(np.float64)
+            all_keys.append(keys)
+            all_scores.append(idf * tf * (BM25_K1 + 1) / (tf + BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)))
+    if not all_keys:
+        return [], []
+    keys, inverse = np.unique(np.concatenate(all_keys), return_inverse=True)
+    scores = np.bincount(inverse, weights=np.concatenate(all_scores), minlength=len(keys))
+    order = np.lexsort((keys, -scores))[:k]
+    return keys[order].tolist(), scores[order].tolist()
 
 
 def merge_hits(scores: np.ndarray, keys: np.ndarray, k: int) -> list[tuple[list[int], list[float]]]:
