@@ -75,7 +75,9 @@ class Index:
     (an ``Encoder`` or ``ExternalEncoder``) is used instead of loading one when
     it embeds as the index does, and is required for an index made with an
     external encoder. Searches are safe from many threads; ``refresh()``
-    switches to a newly published version without blocking them.
+    switches to a newly published version without blocking them. With
+    ``shards`` (an ``indexer.sharded.ShardPool``) the vectors are searched in
+    its shards and this process holds none.
     """
 
     def __init__(self, path: str | Path, model: str | None = None, device: str | None = None, *,

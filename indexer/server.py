@@ -47,9 +47,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import layout
 from .build import rebuild_index
 from .errors import ArgumentError, IndexerError
-
-if TYPE_CHECKING:
-    from .sharded import ShardPool
 from .routes import (
     MAX_DOCUMENTS,
     MAX_K,
@@ -63,6 +60,9 @@ from .routes import (
     UpsertRequest,
     router,
 )
+
+if TYPE_CHECKING:
+    from .sharded import ShardPool
 
 # Names the routes module holds, importable from here as before.
 __all__ = [
