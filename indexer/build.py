@@ -34,7 +34,7 @@ from .ingest import CachedEncoder, LocalEngine, ReadAhead
 from .segments import segment_structure
 from .settings import IndexSettings, WriteOptions
 from .sources import DocumentSource
-from .vectors import choose_structure, parse_memory, quantised_structure
+from .vectors import parse_memory
 from .write import BuildReport, Diff, Transaction, since, transaction
 
 if TYPE_CHECKING:
@@ -184,8 +184,7 @@ def _plan(txn: Transaction, stack: contextlib.ExitStack, documents: DocumentSour
     settings.model, settings.max_length = encoder.model_name, encoder.max_length
     # A bad index type or memory budget fails now, not after the whole corpus is encoded.
     memory = parse_memory(settings.memory)
-    vectors.create(encoder.dimension, quantised_structure(choose_structure(settings.index_type, 1, encoder.dimension, memory),
-                                                          settings.vectors))
+    vectors.create(encoder.dimension, segment_structure(settings, 1, encoder.dimension, whole=True))
     carry = current is not None and _carries_over(txn, encoder, settings)
     if not carry:
         txn.reset()

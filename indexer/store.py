@@ -457,15 +457,16 @@ def _insert_sql(shared: tuple[bool, ...]) -> str:
     ifnull); then the rows as JSON [key, start, length, ...] (a start and length for each such column); then each
     shared column's one value.
     """
-    cut = [n for n, one in enumerate(shared) if not one]
-    rows = len(cut) + 1  # the parameter holding the rows' JSON; the shared values follow it
-    constants = iter(range(rows + 1, rows + 1 + len(shared)))
-    values = []
-    for n, one in enumerate(shared):
-        place = cut.index(n) + 1 if not one else None
-        values.append(f"?{next(constants)}" if one else
-                      f"ifnull(CAST(substr(?{place}, json_extract(value, '$[{2 * place - 1}]'), "
-                      f"json_extract(value, '$[{2 * place}]')) AS TEXT), '')")
+    rows = shared.count(False) + 1  # the parameter holding the rows' JSON; the shared values follow it
+    values, cut, constant = [], 0, rows
+    for one in shared:
+        if one:
+            constant += 1
+            values.append(f"?{constant}")
+        else:
+            cut += 1
+            values.append(f"ifnull(CAST(substr(?{cut}, json_extract(value, '$[{2 * cut - 1}]'), "
+                          f"json_extract(value, '$[{2 * cut}]')) AS TEXT), '')")
     return (f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT json_extract(value, '$[0]'), {', '.join(values)} "
             f"FROM json_each(?{rows})")
 

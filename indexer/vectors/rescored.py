@@ -110,8 +110,8 @@ class BinaryCodes:
         faiss.write_index_binary(self.index, str(path))
 
     @classmethod
-    def load(cls, path: Path, search_params: dict[str, int] | None = None) -> BinaryCodes:
-        return cls(faiss.read_index_binary(str(path)), search_params)
+    def load(cls, path: Path) -> BinaryCodes:
+        return cls(faiss.read_index_binary(str(path)))
 
 
 class RescoredIndex:
@@ -132,15 +132,14 @@ class RescoredIndex:
 
     @classmethod
     def load(cls, path: str | Path, search_params: dict[str, int] | None = None, mmap: bool = False) -> RescoredIndex:
-        """The codes in ``path`` (read into memory) and the whole vectors beside it (memory-mapped)."""
+        """The codes in ``path`` (read into memory) and the whole vectors beside it (read as searches need them)."""
         path = Path(path)
         if not path.is_file():
             raise IndexCorruptError(f"{path}: vector file is missing")
         with path.open("rb") as file:
             binary = file.read(2) == b"IB"  # FAISS's tag of a binary index
-        params = {k: v for k, v in (search_params or {}).items() if k != "oversample"}
-        try:
-            coarse = BinaryCodes.load(path, params) if binary else FaissIndex.load(path, params, mmap)
+        try:  # the codes' own search parameters are set from ``search_params`` by __init__
+            coarse = BinaryCodes.load(path) if binary else FaissIndex.load(path, None, mmap)
             full, keys = DiskVectors(whole_files(path)[0]), np.load(whole_files(path)[1], mmap_mode="r")
         except (RuntimeError, OSError, ValueError) as exc:
             raise IndexCorruptError(f"{path}: unreadable quantised vectors ({str(exc).splitlines()[0]})") from None
@@ -179,8 +178,7 @@ class RescoredIndex:
         return False
 
     def all_vectors(self) -> np.ndarray:
-        full, keys = self._whole()
-        return take(full, np.arange(len(keys)))
+        return every_row(self._whole()[0])
 
     def keys(self) -> np.ndarray:
         return np.asarray(self._whole()[1])
@@ -199,7 +197,7 @@ class RescoredIndex:
         """The whole vectors in key order and their keys; vectors added since are sorted in first, a chunk at a
         time (memory: all of them, once, and a chunk)."""
         if self._added:
-            self._added.insert(0, (take(self._full, np.arange(len(self._full_keys))), self._full_keys))
+            self._added.insert(0, (every_row(self._full), self._full_keys))
             keys = np.concatenate([k for _, k in self._added])
             order = np.argsort(keys, kind="stable")
             place = np.empty_like(order)
@@ -259,7 +257,7 @@ class RescoredIndex:
         self.coarse.save(path)
         full, keys = self._whole()
         vectors_path, keys_path = whole_files(path)
-        np.save(vectors_path, take(full, np.arange(len(keys))))
+        np.save(vectors_path, every_row(full))  # in memory after a build: saved as it is, not copied (1.5 GB at 1M)
         np.save(keys_path, keys)
 
 
@@ -297,6 +295,11 @@ def take(full: np.ndarray | DiskVectors, rows: np.ndarray) -> np.ndarray:
         return full[rows]
     unique, inverse = np.unique(rows, return_inverse=True)
     return full.take(unique)[inverse]
+
+
+def every_row(full: np.ndarray | DiskVectors) -> np.ndarray:
+    """All the whole vectors, in key order: the array itself if they are in memory, else read from disk."""
+    return full if isinstance(full, np.ndarray) else full.take(np.arange(full.shape[0]))
 
 
 def whole_files(path: Path) -> tuple[Path, Path]:
