@@ -254,12 +254,16 @@ def _write_options(device: str | None = None, keep: int = WriteOptions.keep, wai
     return WriteOptions(device=device, keep=keep, wait=wait, progress=sys.stderr.isatty())
 
 
-def _ray_options(engine: Any, address: str | None, replicas: int | None, gpus: float, work_dir: str | None):
-    ray_only = {"--ray-address": address, "--replicas": replicas, "--gpus-per-replica": gpus, "--ray-work-dir": work_dir}
+def _on_ray(engine: Any, ray_only: dict[str, Any]) -> bool:
+    """Whether ``engine`` is ray; ArgumentError for an option of ``ray_only`` (name: value) given without it."""
     given = [name for name, value in ray_only.items() if value]
-    if _value(engine) == "local":
-        if given:
-            raise ArgumentError(f"{given[0]} needs --engine ray")
+    if _value(engine) == "local" and given:
+        raise ArgumentError(f"{given[0]} needs --engine ray")
+    return _value(engine) == "ray"
+
+
+def _ray_options(engine: Any, address: str | None, replicas: int | None, gpus: float, work_dir: str | None):
+    if not _on_ray(engine, {"--ray-address": address, "--replicas": replicas, "--gpus-per-replica": gpus, "--ray-work-dir": work_dir}):
         return None
     from .ray_engine import RayOptions
 
@@ -560,8 +564,9 @@ def serve(
     engine: Annotated[Engine, typer.Option(
         help="Where the vectors are searched: local (each worker holds them all) or ray (--shards deployments on Ray "
              "Serve; the ray extra).")] = "local",
-    shards: Annotated[int, typer.Option(min=1, help="With --engine ray: shards, each holding a share of the segments.")] = 1,
-    replicas: Annotated[int, typer.Option(min=1, help="With --engine ray: replicas of each shard.")] = 1,
+    shards: Annotated[int | None, typer.Option(min=1, help="With --engine ray: shards, each holding a share of the segments "
+                                                        "(default 1).")] = None,
+    replicas: Annotated[int | None, typer.Option(min=1, help="With --engine ray: replicas of each shard (default 1).")] = None,
     ray_address: RayAddressOption = None,
 ) -> None:
     """Serve an index over HTTP (FastAPI; needs the server extra). API key from INDEXER_API_KEY."""
@@ -569,10 +574,10 @@ def serve(
         from .server import serve as run_server
     except ImportError:
         raise ArgumentError("the server needs FastAPI and uvicorn: pip install 'indexer[server]'") from None
-    sharded = _value(engine) == "ray"
+    sharded = _on_ray(engine, {"--shards": shards, "--replicas": replicas, "--ray-address": ray_address})
     if sharded and importlib.util.find_spec("ray") is None:
         raise ArgumentError("--engine ray needs Ray Serve: pip install 'indexer[ray]'")
-    run_server(index, host, port, workers, rebuild_every, shards=shards if sharded else None, replicas=replicas,
+    run_server(index, host, port, workers, rebuild_every, shards=(shards or 1) if sharded else None, replicas=replicas or 1,
                ray_address=ray_address)
 
 

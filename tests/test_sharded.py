@@ -138,7 +138,8 @@ def test_a_killed_replica_is_replaced_and_no_answer_is_wrong(index, pool):
         assert answered == 3 and pool.result(pool.call(1, "pid")) != pid
 
 
-def test_workers_do_not_combine_with_shards(index):
+def test_workers_do_not_combine_with_shards_nor_shards_with_a_local_engine(index):
     result = run_cli("serve", str(index), "--engine", "ray", "--shards", "2", "--workers", "2", check=False)
     one_line_error(result, 2, "--workers", "--replicas")
+    one_line_error(run_cli("serve", str(index), "--shards", "2", check=False), 2, "--shards needs --engine ray")
 
