@@ -53,7 +53,9 @@ def test_sqlite_key_is_faiss_id_and_vectors_are_the_texts(sample_index, encoder)
     faiss_index = faiss.read_index(str(folder / layout.VECTORS))
     db = sqlite3.connect(folder / layout.DOCUMENTS)
     rows = db.execute("SELECT key, id, text, metadata FROM documents ORDER BY key").fetchall()
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # Sealed whole: no journal or WAL left beside it for a reader (immutable, lock-free) to miss.
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(layout.DOCUMENTS + "-")]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
     assert faiss_index.ntotal == len(rows) == 99
     assert isinstance(faiss_index, faiss.IndexIDMap2)
     assert faiss.downcast_index(faiss_index.index).metric_type == faiss.METRIC_INNER_PRODUCT
