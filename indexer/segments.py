@@ -131,17 +131,20 @@ class SegmentWriter:
         elif digests is not None:  # only codes kept (or lists on disk): the whole vectors stay in the cache
             self._cache_spooled(digests, None)
         self.spool.remove()
-        vectors.save(self.folder / layout.VECTORS)
-        search_params = vectors.search_params
-        del vectors, built  # the structure (1.5 GB at 1M) is on disk: not held while SQLite sorts and merges
-        self.store.finish()
-        keys, lengths = self.store.token_lengths()
-        self.store.close()
-        np.save(self.folder / layout.KEYS, keys)
-        np.save(self.folder / layout.LENGTHS, lengths.astype(np.int32))
-        meta = layout.SegmentMeta(self.name, self.base, self.count, self.dimension, self.embedding, structure,
-                                  search_params, tuning.get("tuned_recall"))
-        layout.seal_segment(self.path, self.folder, meta)
+        with layout.EarlyChecksums() as early:
+            vectors.save(self.folder / layout.VECTORS)
+            # The structure's files (and the digests) are complete: checksummed while SQLite finishes.
+            early.add(p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(layout.DOCUMENTS))
+            search_params = vectors.search_params
+            del vectors, built  # the structure (1.5 GB at 1M) is on disk: not held while SQLite sorts and merges
+            self.store.finish()
+            keys, lengths = self.store.token_lengths()
+            self.store.close()
+            np.save(self.folder / layout.KEYS, keys)
+            np.save(self.folder / layout.LENGTHS, lengths.astype(np.int32))
+            meta = layout.SegmentMeta(self.name, self.base, self.count, self.dimension, self.embedding, structure,
+                                      search_params, tuning.get("tuned_recall"))
+            layout.seal_segment(self.path, self.folder, meta, early=early)
         return meta
 
     def _all_digests(self) -> np.ndarray | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 
@@ -65,6 +66,22 @@ def test_sqlite_key_is_faiss_id_and_vectors_are_the_texts(sample_index, encoder)
     source_ids = [json.loads(line)["product_id"] for line in (DATASET / "corpus.jsonl").read_text().splitlines()]
     assert [r[1] for r in rows] == source_ids
     assert json.loads(rows[0][3]).keys() == {"category", "price"}
+
+
+@pytest.mark.parametrize("vectors", ["float32", "int8"])
+def test_a_sealed_segment_lists_each_of_its_files_with_its_sha256_and_size(tmp_path, tiny_model, vectors):
+    # The structure's files are checksummed while SQLite finishes (EarlyChecksums), the rest at the seal: all alike.
+    path = tmp_path / "idx"
+    build_index(write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": f"document {i} about {i % 7}"} for i in range(300)]),
+                path, IndexSettings(model=str(tiny_model), vectors=vectors))
+    folder = layout.segment_dir(path, "s000001")
+    meta = layout.read_segment_meta(folder)
+    on_disk = {p.name for p in folder.iterdir()} - {layout.SEGMENT_META}
+    assert set(meta.files) == on_disk and len(on_disk) >= (5 if vectors == "float32" else 7)
+    for name in on_disk:
+        assert meta.files[name] == hashlib.sha256((folder / name).read_bytes()).hexdigest(), name
+        assert meta.sizes[name] == (folder / name).stat().st_size, name
+    assert layout.segment_problems(folder, meta, checksums=True) == []
 
 
 def test_manifest_records_how_the_index_was_built(sample_index):
