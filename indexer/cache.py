@@ -117,9 +117,9 @@ class EmbeddingCache:
 
     def _open(self) -> None:
         # The ingest pipeline looks vectors up in its reading thread and stores them in its writing thread.
-        import sqlite_utils  # here: searches import this module (segments) and must not pay for sqlite_utils and pandas
+        from .store import database  # sqlite_utils only here: searches import this module (segments) and must not pay for it
 
-        self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), check_same_thread=False))
+        self.db = database(sqlite3.connect(str(self.path), check_same_thread=False))
         self.db.enable_wal()
         # WAL with NORMAL never corrupts the file; a power cut may lose the last commits, which are only a cache's.
         self.db.execute("PRAGMA synchronous=NORMAL")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -78,6 +79,13 @@ def test_commands_without_a_model_import_no_model_library(index_with_two_version
     assert "now serving v000001" in outputs["rollback"]
     assert "deleted from" in outputs["delete"] and "98 documents" in outputs["delete"]
     assert "exported v000003 (98 documents" in outputs["export"] and "imported v000003 as v000003" in outputs["import"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pandas") is None, reason="pandas is not installed here")
+def test_a_write_imports_sqlite_utils_without_pandas(tmp_path, tiny_model):
+    result, modules = run_traced("build", CORPUS, "--index", str(tmp_path / "idx"), "--model", str(tiny_model))
+    assert result.returncode == 0, result.stderr
+    assert "sqlite_utils" in modules and not [m for m in modules if m.split(".")[0] == "pandas"]
 
 
 def test_import_indexer_is_lazy():
