@@ -137,6 +137,7 @@ class SegmentWriter:
             early.add(p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(layout.DOCUMENTS))
             search_params = vectors.search_params
             del vectors, built  # the structure (1.5 GB at 1M) is on disk: not held while SQLite sorts and merges
+            trim_heap()  # and its memory goes back to the system, not to malloc's free lists
             self.store.finish()
             keys, lengths = self.store.token_lengths()
             self.store.close()
