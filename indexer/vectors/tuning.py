@@ -9,6 +9,8 @@ import numpy as np
 # Tuning aims above the target so that queries unlike the tuning sample still reach it.
 TUNING_RECALL = 0.97
 TUNING_QUERIES = 256
+# Rows of vectors scored against the tuning queries at a time (see exact_neighbours).
+EXACT_ROWS = 4096
 
 
 def midpoint_queries(sample: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
