@@ -487,7 +487,8 @@ def database(conn: sqlite3.Connection) -> sqlite_utils.Database:
     it), only to accept DataFrames, which nothing here gives it: 0.25 s and
     70 MB of every write process (at 1M documents, a twentieth of the peak).
     So pandas, unless some other code imported it already, reads as missing
-    while sqlite_utils is first imported.
+    while sqlite_utils is first imported (nothing of ours imports pandas, so
+    no other thread of ours meets the stand-in).
     """
     if "sqlite_utils" not in sys.modules and "pandas" not in sys.modules:
         sys.modules["pandas"] = None  # type: ignore[assignment]  # the import system's "not installed"
