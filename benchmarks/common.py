@@ -39,11 +39,17 @@ def debian_corpus(limit: int | None = None, folder: Path = DEBIAN) -> list[dict]
     return [{"_id": r["_id"], "text": r["text"]} for r in read_jsonl(folder / "corpus.jsonl.gz", limit)]
 
 
+COPY = " (copy "
+
+
+def copied_texts(base: list[str], count: int) -> list[str]:
+    """``count`` distinct texts: ``base``, then ``base`` again with a copy number (" (copy 1)", ...), as often as it takes."""
+    return [base[i % len(base)] + (f"{COPY}{i // len(base)})" if i >= len(base) else "") for i in range(count)]
+
+
 def debian_documents(n: int) -> list[dict]:
     """``n`` documents ``{"id", "text"}``: the Debian descriptions, then again with a copy number (all texts distinct)."""
-    base = debian_corpus()
-    return [{"id": f"d{i}", "text": base[i % len(base)]["text"] + (f" (copy {i // len(base)})" if i >= len(base) else "")}
-            for i in range(n)]
+    return [{"id": f"d{i}", "text": text} for i, text in enumerate(copied_texts([r["text"] for r in debian_corpus()], n))]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -47,7 +47,7 @@ from itertools import repeat
 from pathlib import Path
 
 import numpy as np
-from common import HERE, RESULTS, cpu_flags, debian_corpus, debian_documents, machine, save, tiny_model, write_jsonl
+from common import COPY, HERE, RESULTS, copied_texts, cpu_flags, debian_corpus, debian_documents, machine, save, tiny_model, write_jsonl
 
 ROOT = HERE.parent
 BEFORE = "ddd6b45698aabbdec213d627f6537d334091828e"  # the code issue 29 measures the tiny-model build against
@@ -74,13 +74,7 @@ def hand_rolled(source: Path, folder: Path) -> float:
     return time.perf_counter() - started
 
 
-COPY = " (copy "
 NOISE_ROWS = 8191  # a prime, so the (original, copy) pairs spread over all rows; 12.5 MB
-
-
-def free_texts(base: list[str], count: int) -> list[str]:
-    """``count`` distinct texts: ``base``, then again with a copy number."""
-    return [base[i % len(base)] + (f"{COPY}{i // len(base)})" if i >= len(base) else "") for i in range(count)]
 
 
 def real_vectors(base: int) -> Path:
@@ -175,7 +169,7 @@ def in_process(call: str, tmp: Path) -> tuple[dict, float, int]:
 def free_builds(sizes: list[tuple[int, str, str]], base: int, tmp: Path) -> list[dict]:
     """Each size built by ``free_build`` in a fresh process (wall, peak RSS, disk besides its report), then its
     recall measured by ``free_recall`` in another."""
-    texts = free_texts([r["text"] for r in debian_corpus(base)], max(n for n, _, _ in sizes))
+    texts = copied_texts([r["text"] for r in debian_corpus(base)], max(n for n, _, _ in sizes))
     real_vectors(base)
     rows = []
     for count, index_type, vectors_kind in sizes:

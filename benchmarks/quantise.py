@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import HERE, cpu_flags, debian_corpus, debian_queries, machine, ndcg_at_10, percentile, save, write_jsonl
+from common import HERE, copied_texts, cpu_flags, debian_corpus, debian_queries, machine, ndcg_at_10, percentile, save, write_jsonl
 
 ROOT = HERE.parent
 STORAGE = ("float32", "int8", "binary")
@@ -166,7 +166,7 @@ def main() -> None:
         relevant.write_text(json.dumps([ids[doc] for _, doc in pairs]))
         rows = []
         if args.documents:
-            rows += measure("free", ingest.free_texts(texts, args.documents), args.base, questions, None, tmp)
+            rows += measure("free", copied_texts(texts, args.documents), args.base, questions, None, tmp)
         rows += measure("debian", texts[: args.debian], args.base, questions, None, tmp)
         rows += measure("debian-5k", texts[:5000], args.base, ndcg_questions, relevant, tmp)
     print(f"\n{'set':<10} {'docs':>8} {'vectors':<8} {'build s':>8} {'disk MB':>8} {'codes MB':>9} {'RSS MB':>7} "
