@@ -34,6 +34,7 @@ from .ingest import CachedEncoder, LocalEngine, ReadAhead
 from .segments import segment_structure
 from .settings import IndexSettings, WriteOptions
 from .sources import DocumentSource
+from .store import import_sqlite_utils
 from .vectors import parse_memory
 from .write import BuildReport, Diff, Transaction, since, transaction
 
@@ -172,7 +173,8 @@ def _plan(txn: Transaction, stack: contextlib.ExitStack, documents: DocumentSour
         tokenizer = load_tokenizer(settings, device)
     if tokenizer is not None:
         # Nothing to compare with or carry over: every document is written, so reading and tokenising
-        # them starts now, beside the model's load.
+        # them starts now, beside the model's load (sqlite_utils first, while this is the only thread).
+        import_sqlite_utils()
         diff = Diff(None, carry=False, keep_upserts=keep_upserts)
         ahead = stack.enter_context(ReadAhead(diff.changed(documents), tokenizer.tokenize))
     if current is not None and ray is None:  # the model loads once a text must be encoded (writes that change little)

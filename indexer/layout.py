@@ -353,7 +353,7 @@ def seal_segment(path: Path, staging: Path, meta: SegmentMeta, *, early: EarlyCh
     done = early.pending if early is not None else {}
     files = sorted(p for p in staging.iterdir() if p.is_file())
     rest = [p for p in files if p.name not in done]
-    # hashlib lets go of the GIL while it hashes: the structure and the store (most of the bytes) at once.
+    # hashlib lets go of the GIL while it hashes: the files not checksummed early (the store, the most bytes) side by side.
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="checksum") as pool:
         checksums = dict(zip((p.name for p in rest), pool.map(file_checksum, rest)))
     checksums.update((name, future.result()) for name, future in done.items())

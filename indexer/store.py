@@ -127,6 +127,8 @@ class DocumentStore:
         groups = (np.cumsum(sizes) - sizes) // INSERT_BYTES
         bounds = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(documents)]
         sql = _insert_sql(shared)
+        if self._keywords is not None:  # a failed feeder's error first: its rollback left the file as it stood
+            self._keywords.raise_error()
         with self._lock, self.db.conn:
             for first, last in zip(bounds, bounds[1:]):
                 columns = [c[first:last] for c in encoded]
@@ -343,10 +345,11 @@ class KeywordFeeder:
 
     def index(self, keys: np.ndarray) -> None:
         """Index the keyword text of these committed rows (soon, in the thread)."""
-        self._raise()
+        self.raise_error()
         self._queue.put(json.dumps(np.asarray(keys).tolist()))
 
-    def _raise(self) -> None:
+    def raise_error(self) -> None:
+        """Raise the thread's first error, if it met one."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -365,7 +368,7 @@ class KeywordFeeder:
         self._thread.join()
         self._conn.close()
         if not abandon:
-            self._raise()
+            self.raise_error()
 
 
 class Reader:
@@ -480,17 +483,19 @@ def _insert_values(keys: np.ndarray, columns: list[list[bytes]], lengths: np.nda
     return [*(b"".join(column) for column in columns), json.dumps(rows.tolist())]
 
 
-def database(conn: sqlite3.Connection) -> sqlite_utils.Database:
-    """``sqlite_utils.Database(conn)``, with sqlite_utils imported without pandas.
+def import_sqlite_utils():
+    """The sqlite_utils module, imported without pandas where that is safe.
 
     sqlite_utils imports pandas where it is installed (Ray's data extra brings
     it), only to accept DataFrames, which nothing here gives it: 0.25 s and
     70 MB of every write process (at 1M documents, a twentieth of the peak).
-    So pandas, unless some other code imported it already, reads as missing
-    while sqlite_utils is first imported (nothing of ours imports pandas, so
-    no other thread of ours meets the stand-in).
+    So while this is the process's only thread (none other can be importing
+    pandas or asking whether it is installed), pandas reads as missing during
+    sqlite_utils' import; elsewhere (a server's worker, an application's
+    thread) sqlite_utils is imported as it is. A first build imports it before
+    its read-ahead thread starts.
     """
-    if "sqlite_utils" not in sys.modules and "pandas" not in sys.modules:
+    if "sqlite_utils" not in sys.modules and "pandas" not in sys.modules and threading.active_count() == 1:
         sys.modules["pandas"] = None  # type: ignore[assignment]  # the import system's "not installed"
         try:
             import sqlite_utils
@@ -498,11 +503,15 @@ def database(conn: sqlite3.Connection) -> sqlite_utils.Database:
             del sys.modules["pandas"]
     import sqlite_utils
 
-    return sqlite_utils.Database(conn)
+    return sqlite_utils
+
+
+def database(conn: sqlite3.Connection) -> sqlite_utils.Database:
+    """``sqlite_utils.Database(conn)`` (see ``import_sqlite_utils``)."""
+    return import_sqlite_utils().Database(conn)
 
 
 def _open_writable(path: str | Path) -> sqlite_utils.Database:
-    # A URI connection, so that immutable stores of other versions can be ATTACHed read-only.
     # Waits for the keyword feeder's connection (KeywordFeeder), which holds the write lock for a chunk at a time.
     conn = sqlite3.connect(Path(path).resolve().as_uri(), uri=True, check_same_thread=False, timeout=600)
     return database(_staging(conn))
@@ -512,8 +521,9 @@ def _staging(conn: sqlite3.Connection) -> sqlite3.Connection:
     """A connection to a new store, which nothing reads until it is sealed.
 
     Sealing fsyncs every file, so commits need not wait for the disk. And a
-    store is never rolled back: any error fails its write, whose staging
-    folder is then removed whole, so it keeps no journal at all. Every page is
+    store is never used after a failed statement: any error fails its write,
+    whose staging folder is then removed whole, so it keeps no journal at all
+    (a rollback leaves the file as the statement left it). Every page is
     written once (WAL wrote it twice, to the log and back): 0.90x the wall
     time of a 200k-document build with a free encoder. A journal in memory
     would hold the pages FTS5's final merge rewrites: 190 MB more at the peak
