@@ -9,7 +9,7 @@ import numpy as np
 # Tuning aims above the target so that queries unlike the tuning sample still reach it.
 TUNING_RECALL = 0.97
 TUNING_QUERIES = 256
-# Rows of vectors scored against the tuning queries at a time (see exact_neighbours).
+# Rows a build reads from its spool at a time for tuning's exact neighbours (vectors.build_from_spool).
 EXACT_ROWS = 4096
 
 
